@@ -1,0 +1,163 @@
+//! The envelope every transport carries, and its MessagePack wire form.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::address::{Address, MachineId};
+use crate::error::{Error, Result};
+use crate::payload::Payload;
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Metadata that travels with every event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Headers {
+    /// Ties a reply to its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<u64>,
+    /// Where a reply should go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MachineId>,
+    /// Set on replies so they complete the pending request instead of reaching the handler.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_reply: bool,
+    /// When the sender created the event, microseconds since the Unix epoch.
+    #[serde(default)]
+    pub sent_at_us: u64,
+    /// Higher is more urgent; transports that cannot reorder ignore it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u8,
+    /// After this instant (microseconds since the Unix epoch) the event is dropped, never delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_us: Option<u64>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+/// One event on its way from a source machine to an address.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    /// Unique per sending session.
+    pub id: u64,
+    /// The sending machine.
+    pub source: MachineId,
+    /// Where it goes.
+    pub target: Address,
+    /// The event name, e.g. `"ORDER_PLACED"`.
+    pub event: Arc<str>,
+    /// The data.
+    pub payload: Payload,
+    /// Correlation, reply-to, timing, priority, expiry.
+    pub headers: Headers,
+    /// Name of the transport that delivered it (set on delivery).
+    pub carried_by: Option<&'static str>,
+}
+
+impl Envelope {
+    /// A new envelope stamped with the current time.
+    pub fn new(
+        id: u64,
+        source: MachineId,
+        target: Address,
+        event: Arc<str>,
+        payload: Payload,
+    ) -> Envelope {
+        Envelope {
+            id,
+            source,
+            target,
+            event,
+            payload,
+            headers: Headers {
+                sent_at_us: now_micros(),
+                ..Headers::default()
+            },
+            carried_by: None,
+        }
+    }
+
+    /// The event name.
+    pub fn name(&self) -> &str {
+        &self.event
+    }
+
+    /// Reads the payload as a `T` (see [`Payload::read_cloned`]); a mismatch is [`Error::PayloadType`].
+    pub fn data<T: DeserializeOwned + Clone + 'static>(&self) -> Result<T> {
+        self.payload.read_cloned()
+    }
+
+    /// Sets an expiry `ttl` from now.
+    pub fn with_ttl(mut self, ttl: Duration) -> Envelope {
+        self.headers.expires_at_us = Some(now_micros().saturating_add(ttl.as_micros() as u64));
+        self
+    }
+
+    /// Whether the expiry has passed at `now_us`.
+    pub fn is_expired_at(&self, now_us: u64) -> bool {
+        self.headers.expires_at_us.is_some_and(|t| now_us > t)
+    }
+
+    /// Encodes the envelope as one MessagePack map (see docs/PROTOCOL.md).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let wire = WireEnvelope {
+            id: self.id,
+            source: self.source.clone(),
+            target: self.target.clone(),
+            event: self.event.clone(),
+            payload: self.payload.to_msgpack()?,
+            headers: self.headers.clone(),
+        };
+        rmp_serde::to_vec_named(&wire).map_err(|e| Error::Encode(e.to_string()))
+    }
+
+    /// Decodes an envelope produced by [`Envelope::encode`]; malformed bytes give [`Error::Decode`].
+    pub fn decode(bytes: &[u8]) -> Result<Envelope> {
+        let wire: WireEnvelope =
+            rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(Envelope {
+            id: wire.id,
+            source: wire.source,
+            target: wire.target,
+            event: wire.event,
+            payload: Payload::Encoded(wire.payload),
+            headers: wire.headers,
+            carried_by: None,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireEnvelope {
+    id: u64,
+    source: MachineId,
+    target: Address,
+    event: Arc<str>,
+    #[serde(with = "bytes_as_bin")]
+    payload: Bytes,
+    headers: Headers,
+}
+
+mod bytes_as_bin {
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let v: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        Ok(Bytes::from(v.into_vec()))
+    }
+}

@@ -1,0 +1,1116 @@
+//! The conformance suite: one behaviour suite written against the Node API and
+//! the `Transport` capabilities, instantiated once per transport with
+//! [`conformance_suite!`]. A transport that lacks a capability must fail with
+//! the documented error, which the suite checks instead of skipping.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchyard::{
+    Balance, Builder, Capabilities, ContextId, Envelope, Error, FullPolicy, Location,
+    MachineBuilder, MachineId, Node, RegistryEvent, Session, SubscribeOptions,
+};
+use tokio::sync::mpsc;
+
+/// How long a test waits for an event before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// How to build sessions and place machines so that one transport carries the traffic.
+#[derive(Clone)]
+pub struct Fixture {
+    /// The transport that must carry every message (`Envelope::carried_by`).
+    pub transport: &'static str,
+    /// The location the selector must compute between two machines of one world.
+    pub location: Location,
+    configure: Arc<dyn Fn(Builder) -> Builder + Send + Sync>,
+    same_context: bool,
+}
+
+impl Fixture {
+    /// Same-thread: only the direct transport, every machine in one context.
+    pub fn direct() -> Fixture {
+        Fixture {
+            transport: "direct",
+            location: Location::SameThread,
+            configure: Arc::new(|b| b.selector(|s| s.without(["memory"]))),
+            same_context: true,
+        }
+    }
+
+    /// Same-process: only the memory transport, no shared context.
+    pub fn memory() -> Fixture {
+        Fixture {
+            transport: "memory",
+            location: Location::SameProcess,
+            configure: Arc::new(|b| b.selector(|s| s.without(["direct"]))),
+            same_context: false,
+        }
+    }
+
+    /// A world with default session settings.
+    pub fn world(&self) -> World {
+        self.world_with(|b| b)
+    }
+
+    /// A world whose session builder is adjusted by `f` (after the fixture's own settings).
+    pub fn world_with(&self, f: impl FnOnce(Builder) -> Builder) -> World {
+        let session = f((self.configure)(switchyard::builder()))
+            .build()
+            .expect("session builds inside a runtime");
+        let ctx = self.same_context.then(|| session.context());
+        World {
+            fx: self.clone(),
+            session,
+            ctx,
+        }
+    }
+}
+
+/// The sessions of one test and where its machines go.
+pub struct World {
+    /// The fixture that made it.
+    pub fx: Fixture,
+    /// The session.
+    pub session: Session,
+    ctx: Option<ContextId>,
+}
+
+impl World {
+    /// Starts a machine placed as the fixture requires.
+    pub fn machine(&self, id: &str, machine_type: &str) -> MachineBuilder {
+        let b = self.session.machine(id, machine_type);
+        match self.ctx {
+            Some(c) => b.context(c),
+            None => b,
+        }
+    }
+
+    /// The capabilities of the transport under test.
+    pub fn caps(&self) -> Capabilities {
+        self.session
+            .router()
+            .transports()
+            .iter()
+            .find(|t| t.name() == self.fx.transport)
+            .expect("the fixture's transport is configured")
+            .capabilities()
+            .clone()
+    }
+
+    /// A machine that records what it receives.
+    pub async fn recorder(&self, id: &str, machine_type: &str) -> (Node, Recorder) {
+        let (rec, h) = Recorder::new();
+        let node = self
+            .machine(id, machine_type)
+            .handler(h)
+            .build()
+            .await
+            .expect("machine builds");
+        (node, rec)
+    }
+
+    /// A machine that answers `PING` with `PONG` (as a reply) and records everything.
+    pub async fn ponger(&self, id: &str, machine_type: &str) -> (Node, Recorder) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = self
+            .machine(id, machine_type)
+            .handler(move |node, ev| {
+                if ev.name() == "PING" {
+                    node.post_reply(&ev, "PONG", ev.payload.read::<u32>().unwrap_or(0))
+                        .expect("reply accepted");
+                }
+                let _ = tx.send(ev);
+            })
+            .build()
+            .await
+            .expect("machine builds");
+        (node, Recorder { rx })
+    }
+}
+
+/// Receives what a recording machine got.
+pub struct Recorder {
+    rx: mpsc::UnboundedReceiver<Envelope>,
+}
+
+impl Recorder {
+    /// A recorder and the handler that feeds it.
+    pub fn new() -> (Recorder, impl Fn(&Node, Envelope) + Send + Sync + 'static) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Recorder { rx }, move |_: &Node, ev: Envelope| {
+            let _ = tx.send(ev);
+        })
+    }
+
+    /// The next event; fails the test after [`WAIT`].
+    pub async fn next(&mut self) -> Envelope {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("an event arrives in time")
+            .expect("the machine is alive")
+    }
+
+    /// The next `n` events.
+    pub async fn take(&mut self, n: usize) -> Vec<Envelope> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.next().await);
+        }
+        v
+    }
+
+    /// Whatever has arrived already, without waiting.
+    pub fn drain_now(&mut self) -> Vec<Envelope> {
+        let mut v = Vec::new();
+        while let Ok(e) = self.rx.try_recv() {
+            v.push(e);
+        }
+        v
+    }
+}
+
+/// Runs each behaviour of the suite as its own test for one fixture.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($fixture:expr) => {
+        $crate::conformance_suite!(@tests $fixture;
+            connect_establishes_bidirectional_link, disconnect_stops_communication,
+            multiple_independent_connections, send_delivers_to_target, broadcast_delivers_to_all_connected,
+            payload_preserved, send_to_unregistered_is_error, strict_missing_link_is_error,
+            duplicate_registration_is_error, symmetric_ping_pong, simultaneous_messages_no_deadlock,
+            session_isolation, session_cleanup_on_drop, register_and_discover_by_type,
+            auto_connect_same_type, discover_by_pattern, any_of_type_spreads_load, random_of_type_spreads_load,
+            type_based_ping_pong, list_machine_types, health_turns_unhealthy_without_heartbeats,
+            mesh_of_ten_all_to_all, request_reply, request_timeout, delayed_send_not_before_delay, self_send,
+            group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, full_mailbox_policies,
+            expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine);
+    };
+    (@tests $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::conformance::$name($fixture).await;
+            }
+        )*
+    };
+}
+
+fn assert_carried(w: &World, ev: &Envelope) {
+    assert_eq!(
+        ev.carried_by,
+        Some(w.fx.transport),
+        "event {} carried by the wrong transport",
+        ev.name()
+    );
+}
+
+fn strict(fx: &Fixture) -> World {
+    fx.world_with(|b| b.session(|s| s.strict_links(true)))
+}
+
+pub async fn connect_establishes_bidirectional_link(fx: Fixture) {
+    let w = strict(&fx);
+    let (a, mut ra) = w.recorder("a", "T").await;
+    let (b, mut rb) = w.recorder("b", "T").await;
+    a.connect("b");
+    assert!(a.is_connected(b.id()) && b.is_connected(a.id()));
+    a.send("b", "HELLO", 1u32).await.unwrap();
+    b.send("a", "HELLO", 2u32).await.unwrap();
+    let eb = rb.next().await;
+    let ea = ra.next().await;
+    assert_eq!((eb.source.as_str(), eb.data::<u32>().unwrap()), ("a", 1));
+    assert_eq!((ea.source.as_str(), ea.data::<u32>().unwrap()), ("b", 2));
+    assert_carried(&w, &ea);
+}
+
+pub async fn disconnect_stops_communication(fx: Fixture) {
+    let w = strict(&fx);
+    let (a, _ra) = w.recorder("a", "T").await;
+    let (b, mut rb) = w.recorder("b", "T").await;
+    a.connect("b");
+    a.send("b", "BEFORE", ()).await.unwrap();
+    assert_eq!(rb.next().await.name(), "BEFORE");
+    assert!(b.disconnect("a"));
+    assert!(matches!(
+        a.send("b", "AFTER", ()).await,
+        Err(Error::NotLinked { .. })
+    ));
+    assert!(matches!(
+        b.send("a", "AFTER", ()).await,
+        Err(Error::NotLinked { .. })
+    ));
+    assert!(!a.disconnect("b"), "the link is already gone");
+}
+
+pub async fn multiple_independent_connections(fx: Fixture) {
+    let w = strict(&fx);
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    let (c, _) = w.recorder("c", "T").await;
+    let (_d, mut rd) = w.recorder("d", "T").await;
+    a.connect("b");
+    c.connect("d");
+    a.send("b", "AB", ()).await.unwrap();
+    c.send("d", "CD", ()).await.unwrap();
+    assert_eq!(rb.next().await.source.as_str(), "a");
+    assert_eq!(rd.next().await.source.as_str(), "c");
+    assert!(matches!(
+        a.send("d", "X", ()).await,
+        Err(Error::NotLinked { .. })
+    ));
+    assert!(matches!(
+        c.send("b", "X", ()).await,
+        Err(Error::NotLinked { .. })
+    ));
+    assert_eq!(a.connections(), vec![MachineId::from("b")]);
+}
+
+pub async fn send_delivers_to_target(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (b, mut rb) = w.recorder("b", "T").await;
+    let (_c, mut rc) = w.recorder("c", "T").await;
+    a.send("b", "GO", "payload".to_string()).await.unwrap();
+    a.send("c", "MARK", ()).await.unwrap();
+    let ev = rb.next().await;
+    assert_eq!(ev.name(), "GO");
+    assert_eq!(ev.data::<String>().unwrap(), "payload");
+    assert_eq!(ev.source, *a.id());
+    assert_eq!(ev.target.machine(), Some(b.id()));
+    assert_carried(&w, &ev);
+    assert_eq!(rc.next().await.name(), "MARK", "c gets only its own event");
+    let (_, loc) = a.locate(b.id()).await.unwrap();
+    assert_eq!(loc, w.fx.location);
+}
+
+pub async fn broadcast_delivers_to_all_connected(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let mut recs = Vec::new();
+    for id in ["b", "c", "d"] {
+        let (_n, r) = w.recorder(id, "T").await;
+        a.connect(id);
+        recs.push((_n, r));
+    }
+    let (_e, mut re) = w.recorder("e", "T").await;
+    assert_eq!(a.broadcast("NEWS", 7u32).await.unwrap(), 3);
+    for (_, r) in &mut recs {
+        let ev = r.next().await;
+        assert_eq!((ev.name(), ev.data::<u32>().unwrap()), ("NEWS", 7));
+    }
+    a.send("e", "MARK", ()).await.unwrap();
+    assert_eq!(
+        re.next().await.name(),
+        "MARK",
+        "an unlinked machine gets no broadcast"
+    );
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Inner {
+    tags: Vec<String>,
+    score: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Nested {
+    id: u64,
+    name: String,
+    inner: Inner,
+    map: BTreeMap<String, i32>,
+    #[serde(with = "serde_bytes")]
+    blob: Vec<u8>,
+}
+
+pub async fn payload_preserved(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    let nested = Nested {
+        id: u64::MAX,
+        name: "ünïcødé ✓ 漢字 🚂".into(),
+        inner: Inner {
+            tags: vec!["x".into(), String::new()],
+            score: Some(-1.5),
+        },
+        map: [("k".to_string(), -3)].into_iter().collect(),
+        blob: (0..=255).collect(),
+    };
+    a.send("b", "NESTED", nested.clone()).await.unwrap();
+    a.send(
+        "b",
+        "BINARY",
+        serde_bytes::ByteBuf::from(vec![0u8, 1, 2, 255]),
+    )
+    .await
+    .unwrap();
+    a.send("b", "UNICODE", "こんにちは 🌍".to_string())
+        .await
+        .unwrap();
+    a.send("b", "EMPTY", ()).await.unwrap();
+    let evs = rb.take(4).await;
+    assert_eq!(evs[0].data::<Nested>().unwrap(), nested);
+    assert_eq!(
+        evs[0].payload.read::<Nested>().unwrap(),
+        nested,
+        "the MessagePack form reads back the same"
+    );
+    assert_eq!(
+        evs[1].data::<serde_bytes::ByteBuf>().unwrap().into_vec(),
+        vec![0u8, 1, 2, 255]
+    );
+    assert_eq!(evs[2].data::<String>().unwrap(), "こんにちは 🌍");
+    evs[3].data::<()>().unwrap();
+    assert_eq!(evs[3].data::<Option<u32>>().unwrap(), None);
+    assert!(
+        matches!(evs[2].data::<u64>(), Err(Error::PayloadType { .. })),
+        "a type mismatch is a typed error"
+    );
+}
+
+pub async fn send_to_unregistered_is_error(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    assert!(
+        matches!(a.send("ghost", "X", ()).await, Err(Error::UnknownTarget(id)) if id.as_str() == "ghost")
+    );
+    let (b, _) = w.recorder("b", "T").await;
+    b.close().await.unwrap();
+    assert!(
+        matches!(a.send("b", "X", ()).await, Err(Error::UnknownTarget(_))),
+        "a closed machine is gone"
+    );
+}
+
+pub async fn strict_missing_link_is_error(fx: Fixture) {
+    let w = strict(&fx);
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, _) = w.recorder("b", "T").await;
+    let err = a.send("b", "X", ()).await.unwrap_err();
+    assert!(matches!(err, Error::NotLinked { .. }));
+    assert!(
+        err.to_string().contains("connect"),
+        "the message says what to do: {err}"
+    );
+}
+
+pub async fn duplicate_registration_is_error(fx: Fixture) {
+    let w = fx.world();
+    let (_a, _) = w.recorder("a", "T").await;
+    let dup = w.machine("a", "Other").build().await;
+    assert!(matches!(dup, Err(Error::DuplicateId(id)) if id.as_str() == "a"));
+}
+
+pub async fn symmetric_ping_pong(fx: Fixture) {
+    let w = fx.world();
+    let (a, mut ra) = w.ponger("a", "Peer").await;
+    let (b, mut rb) = w.ponger("b", "Peer").await;
+    for i in 0..3u32 {
+        a.send("b", "PING", i).await.unwrap();
+        b.send("a", "PING", i).await.unwrap();
+    }
+    let count = |evs: &[Envelope], name: &str| evs.iter().filter(|e| e.name() == name).count();
+    // Each side gets the other's 3 PINGs and the 3 PONGs answering its own.
+    let ea = ra.take(6).await;
+    let eb = rb.take(6).await;
+    assert_eq!((count(&ea, "PING"), count(&ea, "PONG")), (3, 3));
+    assert_eq!((count(&eb, "PING"), count(&eb, "PONG")), (3, 3));
+    assert!(
+        ea.iter()
+            .chain(&eb)
+            .all(|e| e.carried_by == Some(w.fx.transport))
+    );
+    a.send("b", "MARK", ()).await.unwrap();
+    b.send("a", "MARK", ()).await.unwrap();
+    assert_eq!(
+        ra.next().await.name(),
+        "MARK",
+        "exactly 6 events each, nothing more"
+    );
+    assert_eq!(rb.next().await.name(), "MARK");
+}
+
+pub async fn simultaneous_messages_no_deadlock(fx: Fixture) {
+    let w = fx.world();
+    let (a, mut ra) = w.ponger("a", "Peer").await;
+    let (b, mut rb) = w.ponger("b", "Peer").await;
+    const N: usize = 300;
+    let (a2, b2) = (a.clone(), b.clone());
+    let t1 = tokio::spawn(async move {
+        for i in 0..N as u32 {
+            a2.send("b", "PING", i).await.unwrap();
+        }
+    });
+    let t2 = tokio::spawn(async move {
+        for i in 0..N as u32 {
+            b2.send("a", "PING", i).await.unwrap();
+        }
+    });
+    tokio::time::timeout(WAIT, async {
+        t1.await.unwrap();
+        t2.await.unwrap()
+    })
+    .await
+    .expect("no deadlock");
+    // Each side gets N PINGs and N PONGs (replies to plain events are plain events).
+    let ea = ra.take(2 * N).await;
+    let eb = rb.take(2 * N).await;
+    for evs in [&ea, &eb] {
+        assert_eq!(evs.iter().filter(|e| e.name() == "PING").count(), N);
+        assert_eq!(evs.iter().filter(|e| e.name() == "PONG").count(), N);
+    }
+}
+
+pub async fn session_isolation(fx: Fixture) {
+    let w1 = fx.world();
+    let w2 = fx.world();
+    let (a1, _) = w1.recorder("a", "T").await;
+    let (_a2, _) = w2.recorder("a", "T").await;
+    let (_only2, _) = w2.recorder("only-in-2", "Hidden").await;
+    assert!(matches!(
+        a1.send("only-in-2", "X", ()).await,
+        Err(Error::UnknownTarget(_))
+    ));
+    assert!(a1.discover("Hidden").await.unwrap().is_empty());
+    assert_eq!(
+        w1.session.registry().types().await.unwrap(),
+        vec!["T".to_string()]
+    );
+}
+
+struct DropSignal(Option<tokio::sync::oneshot::Sender<()>>);
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn session_cleanup_on_drop(fx: Fixture) {
+    let w = fx.world();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let guard = DropSignal(Some(tx));
+    let b = w
+        .machine("b", "T")
+        .handler(move |_, _| {
+            let _ = &guard;
+        })
+        .build()
+        .await
+        .unwrap();
+    let (a, _) = w.recorder("a", "T").await;
+    a.send("b", "X", ()).await.unwrap();
+    let World { session, .. } = w;
+    drop(session);
+    assert!(matches!(
+        a.send("b", "X", ()).await,
+        Err(Error::SessionClosed)
+    ));
+    drop(b);
+    tokio::time::timeout(WAIT, rx)
+        .await
+        .expect("the handler is released once the session is dropped")
+        .unwrap();
+}
+
+pub async fn register_and_discover_by_type(fx: Fixture) {
+    let w = fx.world();
+    let ping = w
+        .machine("", "PingService")
+        .version("1.2.0")
+        .accepts(["PONG"])
+        .metadata("zone", "a")
+        .build()
+        .await
+        .unwrap();
+    let id = ping.id().as_str();
+    let parts: Vec<&str> = id.rsplitn(3, '-').collect();
+    assert_eq!(
+        parts.len(),
+        3,
+        "generated id {id} is {{type}}-{{n}}-{{8 hex}}"
+    );
+    assert_eq!(parts[2], "PingService");
+    assert!(parts[0].len() == 8 && parts[0].chars().all(|c| c.is_ascii_hexdigit()));
+    let (_p1, _) = w.recorder("pong-1", "PongService").await;
+    let (_p2, _) = w.recorder("pong-2", "PongService").await;
+    let found = ping.discover("PongService").await.unwrap();
+    let ids: Vec<_> = found.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, vec!["pong-1", "pong-2"]);
+    let me = &ping.discover("PingService").await.unwrap()[0];
+    assert_eq!(me.version.as_deref(), Some("1.2.0"));
+    assert_eq!(me.accepts, vec!["PONG".to_string()]);
+    assert_eq!(me.metadata.get("zone").map(String::as_str), Some("a"));
+    assert!(ping.discover("Nope").await.unwrap().is_empty());
+}
+
+pub async fn auto_connect_same_type(fx: Fixture) {
+    let w = fx.world_with(|b| b.session(|s| s.strict_links(true).auto_link_same_type(true)));
+    let (w1, _) = w.recorder("w1", "Worker").await;
+    let (_w2, mut r2) = w.recorder("w2", "Worker").await;
+    let (w3, mut r3) = w.recorder("w3", "Worker").await;
+    let (o, _) = w.recorder("other", "Other").await;
+    assert_eq!(
+        w1.connections(),
+        vec![MachineId::from("w2"), MachineId::from("w3")]
+    );
+    assert_eq!(w1.broadcast_to_same_type("HI", ()).await.unwrap(), 2);
+    assert_eq!(r2.next().await.name(), "HI");
+    assert_eq!(r3.next().await.name(), "HI");
+    assert!(matches!(
+        o.send("w1", "X", ()).await,
+        Err(Error::NotLinked { .. })
+    ));
+    let found = o.discover_and_connect("Worker").await.unwrap();
+    assert_eq!(found.len(), 3);
+    o.send("w3", "NOW", ()).await.unwrap();
+    assert_eq!(r3.next().await.name(), "NOW");
+    let _ = w3;
+}
+
+pub async fn discover_by_pattern(fx: Fixture) {
+    let w = fx.world();
+    for (id, t) in [
+        ("1", "Service_1"),
+        ("2", "service_Alpha_2"),
+        ("3", "MyService_1"),
+        ("4", "a.b"),
+        ("5", "axb"),
+        ("6", "Svc_Alpha_X"),
+    ] {
+        w.machine(id, t).build().await.unwrap();
+    }
+    let reg = w.session.registry();
+    let types = |v: Vec<switchyard::MachineEntry>| {
+        let mut t: Vec<String> = v.into_iter().map(|e| e.machine_type.to_string()).collect();
+        t.sort();
+        t
+    };
+    assert_eq!(
+        types(reg.discover_pattern("Service_*").await.unwrap()),
+        vec!["Service_1", "service_Alpha_2"]
+    );
+    assert_eq!(
+        types(reg.discover_pattern("*_Alpha_*").await.unwrap()),
+        vec!["Svc_Alpha_X", "service_Alpha_2"]
+    );
+    assert_eq!(
+        types(reg.discover_pattern("a.b").await.unwrap()),
+        vec!["a.b"]
+    );
+    assert_eq!(
+        types(reg.discover_pattern("a?b").await.unwrap()),
+        vec!["a.b", "axb"]
+    );
+    assert_eq!(
+        types(reg.discover_pattern("SERVICE_?").await.unwrap()),
+        vec!["Service_1"]
+    );
+    assert!(matches!(
+        reg.discover_pattern("").await,
+        Err(Error::InvalidPattern { .. })
+    ));
+}
+
+async fn spread(fx: Fixture, balance: Balance) {
+    let w = fx.world();
+    let mut recs = Vec::new();
+    for i in 0..4 {
+        let (n, r) = w.recorder(&format!("w{i}"), "Worker").await;
+        recs.push((n, r));
+    }
+    let sender = w
+        .machine("boss", "Worker")
+        .balance(balance)
+        .build()
+        .await
+        .unwrap();
+    let mut counts: HashMap<MachineId, usize> = HashMap::new();
+    for i in 0..1000u32 {
+        let to = sender
+            .send_to_any_of_type("Worker", "JOB", i)
+            .await
+            .unwrap();
+        assert_ne!(&to, sender.id(), "never to itself");
+        *counts.entry(to).or_default() += 1;
+    }
+    let mut received = 0;
+    for (n, r) in &mut recs {
+        let got = counts.get(n.id()).copied().unwrap_or(0);
+        let evs = r.take(got).await;
+        received += evs.len();
+        assert!(got > 0, "{} got none of 1000", n.id());
+        assert!(got < 1000, "{} got all", n.id());
+        assert!(evs.iter().all(|e| e.name() == "JOB"));
+    }
+    assert_eq!(received, 1000);
+    if balance == Balance::RoundRobin {
+        assert!(
+            counts.values().all(|c| *c == 250),
+            "round robin is even: {counts:?}"
+        );
+    }
+}
+
+pub async fn any_of_type_spreads_load(fx: Fixture) {
+    spread(fx, Balance::RoundRobin).await;
+}
+
+pub async fn random_of_type_spreads_load(fx: Fixture) {
+    spread(fx, Balance::Random).await;
+}
+
+pub async fn type_based_ping_pong(fx: Fixture) {
+    let w = fx.world();
+    let (_pong, mut rpong) = w.ponger("", "PongService").await;
+    let ping = w.machine("", "PingService").build().await.unwrap();
+    assert!(matches!(
+        ping.send_to_any_of_type("Missing", "PING", 1u32).await,
+        Err(Error::NoMachineOfType(_))
+    ));
+    let pongs = ping.discover("PongService").await.unwrap();
+    assert_eq!(pongs.len(), 1);
+    for i in 0..5u32 {
+        let reply = ping
+            .request(pongs[0].id.clone(), "PING", i, WAIT)
+            .await
+            .unwrap();
+        assert_eq!((reply.name(), reply.data::<u32>().unwrap()), ("PONG", i));
+    }
+    let to = ping
+        .send_to_any_of_type("PongService", "PING", 9u32)
+        .await
+        .unwrap();
+    assert_eq!(to, pongs[0].id);
+    assert_eq!(
+        rpong
+            .take(6)
+            .await
+            .iter()
+            .filter(|e| e.name() == "PING")
+            .count(),
+        6
+    );
+}
+
+pub async fn list_machine_types(fx: Fixture) {
+    let w = fx.world();
+    for (id, t) in [("a", "Zeta"), ("b", "Alpha"), ("c", "Alpha"), ("d", "Mid")] {
+        w.machine(id, t).build().await.unwrap();
+    }
+    assert_eq!(
+        w.session.registry().types().await.unwrap(),
+        vec!["Alpha", "Mid", "Zeta"]
+    );
+}
+
+pub async fn health_turns_unhealthy_without_heartbeats(fx: Fixture) {
+    let w = fx.world_with(|b| {
+        b.session(|s| {
+            s.health_ttl(Duration::from_millis(200))
+                .heartbeat_interval(None)
+        })
+    });
+    let reg = w.session.registry().clone();
+    let mut watch = reg.watch();
+    let (a, _) = w.recorder("a", "T").await;
+    a.heartbeat().await.unwrap();
+    assert!(reg.is_healthy(a.id()).await.unwrap());
+    let ev = tokio::time::timeout(WAIT, async {
+        loop {
+            match watch.recv().await.unwrap() {
+                e @ RegistryEvent::HealthChanged { .. } => break e,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("health changes once heartbeats stop");
+    assert_eq!(
+        ev,
+        RegistryEvent::HealthChanged {
+            id: a.id().clone(),
+            healthy: false
+        }
+    );
+    assert!(!reg.is_healthy(a.id()).await.unwrap());
+    a.heartbeat().await.unwrap();
+    assert!(reg.is_healthy(a.id()).await.unwrap());
+    loop {
+        if let RegistryEvent::HealthChanged { healthy, .. } = watch.recv().await.unwrap() {
+            assert!(healthy, "a heartbeat revives the machine");
+            break;
+        }
+    }
+}
+
+pub async fn mesh_of_ten_all_to_all(fx: Fixture) {
+    let w = fx.world();
+    let mut nodes = Vec::new();
+    for i in 0..10 {
+        nodes.push(w.recorder(&format!("m{i}"), "Mesh").await);
+    }
+    for (n, _) in &nodes {
+        for (m, _) in &nodes {
+            if n.id() != m.id() {
+                n.send(m.id().clone(), "HELLO", n.id().as_str().to_string())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let mut total = 0;
+    for (n, r) in &mut nodes {
+        let evs = r.take(9).await;
+        let from: HashSet<String> = evs.iter().map(|e| e.data::<String>().unwrap()).collect();
+        assert_eq!(from.len(), 9, "{} hears each other machine once", n.id());
+        assert!(!from.contains(n.id().as_str()));
+        total += evs.len();
+        assert!(r.drain_now().is_empty());
+    }
+    assert_eq!(total, 90);
+}
+
+pub async fn request_reply(fx: Fixture) {
+    let w = fx.world();
+    let _server = w
+        .machine("calc", "Calc")
+        .handler(|node, ev| {
+            let (a, b): (i64, i64) = ev.data().unwrap();
+            node.post_reply(&ev, "SUM", a + b).unwrap();
+        })
+        .build()
+        .await
+        .unwrap();
+    let client = w.machine("client", "Client").build().await.unwrap();
+    for i in 0..20i64 {
+        let r = client
+            .request("calc", "ADD", (i, 100i64), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.data::<i64>().unwrap(), i + 100);
+        assert_carried(&w, &r);
+    }
+    let (c2, c1) = tokio::join!(
+        client.request("calc", "ADD", (1i64, 1i64), WAIT),
+        client.request("calc", "ADD", (2i64, 2i64), WAIT)
+    );
+    assert_eq!(
+        (
+            c2.unwrap().data::<i64>().unwrap(),
+            c1.unwrap().data::<i64>().unwrap()
+        ),
+        (2, 4)
+    );
+}
+
+pub async fn request_timeout(fx: Fixture) {
+    let w = fx.world();
+    let (_silent, mut rs) = w.recorder("silent", "Silent").await;
+    let client = w.machine("client", "Client").build().await.unwrap();
+    let err = client
+        .request("silent", "ASK", (), Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert_eq!(
+        rs.next().await.name(),
+        "ASK",
+        "the request itself was delivered"
+    );
+    assert!(matches!(
+        client.request("ghost", "ASK", (), WAIT).await,
+        Err(Error::UnknownTarget(_))
+    ));
+}
+
+pub async fn delayed_send_not_before_delay(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    let delay = Duration::from_millis(80);
+    let start = tokio::time::Instant::now();
+    a.send_delayed("b", "LATER", 1u8, delay).await.unwrap();
+    let cancelled = a.send_delayed("b", "CANCELLED", 2u8, delay).await.unwrap();
+    cancelled.cancel();
+    a.send("b", "NOW", 0u8).await.unwrap();
+    assert_eq!(rb.next().await.name(), "NOW");
+    let ev = rb.next().await;
+    assert_eq!(ev.name(), "LATER");
+    assert!(
+        start.elapsed() >= delay,
+        "arrived after {:?}, before its delay",
+        start.elapsed()
+    );
+    a.send("b", "MARK", ()).await.unwrap();
+    assert_eq!(
+        rb.next().await.name(),
+        "MARK",
+        "the cancelled send never arrives"
+    );
+    assert!(matches!(
+        a.send_delayed("ghost", "X", (), delay).await,
+        Err(Error::UnknownTarget(_))
+    ));
+}
+
+pub async fn self_send(fx: Fixture) {
+    let w = fx.world();
+    let (a, mut ra) = w.recorder("a", "T").await;
+    a.send_self("TICK", 3u8).await.unwrap();
+    let ev = ra.next().await;
+    assert_eq!(
+        (ev.name(), ev.source.as_str(), ev.data::<u8>().unwrap()),
+        ("TICK", "a", 3)
+    );
+}
+
+pub async fn group_delivers_to_exactly_one_member(fx: Fixture) {
+    let w = fx.world();
+    let (p, _) = w.recorder("producer", "P").await;
+    if !w.caps().groups {
+        assert!(matches!(
+            p.join_group("g").await,
+            Err(Error::NotSupported { .. })
+        ));
+        return;
+    }
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let (n, r) = w.recorder(&format!("c{i}"), "C").await;
+        n.join_group("workers").await.unwrap();
+        members.push((n, r));
+    }
+    let (outsider, mut ro) = w.recorder("outsider", "C").await;
+    outsider.join_group("others").await.unwrap();
+    for i in 0..30u32 {
+        assert_eq!(p.publish_to_group("workers", "JOB", i).await.unwrap(), 1);
+    }
+    let mut seen = Vec::new();
+    for (_, r) in &mut members {
+        let evs = r.take(10).await;
+        assert_carried(&w, &evs[0]);
+        seen.extend(evs.iter().map(|e| e.data::<u32>().unwrap()));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..30).collect::<Vec<_>>(),
+        "each message reached exactly one member"
+    );
+    p.publish_to_group("others", "MARK", 0u32).await.unwrap();
+    assert_eq!(ro.next().await.name(), "MARK");
+    assert_eq!(p.publish_to_group("nobody", "X", ()).await.unwrap(), 0);
+}
+
+pub async fn topic_wildcards_and_content_filter(fx: Fixture) {
+    let w = fx.world();
+    let (p, _) = w.recorder("pub", "P").await;
+    if !w.caps().topics {
+        assert!(matches!(
+            p.subscribe("a.*").await,
+            Err(Error::NotSupported { .. })
+        ));
+        return;
+    }
+    let (one, mut r_one) = w.recorder("one", "S").await;
+    let (many, mut r_many) = w.recorder("many", "S").await;
+    let (filt, mut r_filt) = w.recorder("filtered", "S").await;
+    one.subscribe("orders.*").await.unwrap();
+    many.subscribe("orders.#").await.unwrap();
+    let big_only: switchyard::Filter =
+        Arc::new(|e: &Envelope| e.data::<u32>().is_ok_and(|v| v >= 100));
+    filt.subscribe_with(
+        "orders.#",
+        SubscribeOptions {
+            group: None,
+            filter: Some(big_only),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        one.subscribe("orders..x").await,
+        Err(Error::InvalidPattern { .. })
+    ));
+    assert!(matches!(
+        p.publish("orders.*", "X", ()).await,
+        Err(Error::InvalidPattern { .. })
+    ));
+    assert_eq!(p.publish("orders", "O0", 1u32).await.unwrap(), 1);
+    assert_eq!(p.publish("orders.new", "O1", 5u32).await.unwrap(), 2);
+    assert_eq!(p.publish("orders.new.eu", "O2", 500u32).await.unwrap(), 2);
+    assert_eq!(p.publish("other.new", "O3", 500u32).await.unwrap(), 0);
+    assert_eq!(r_one.next().await.name(), "O1");
+    let names: Vec<String> = r_many
+        .take(3)
+        .await
+        .iter()
+        .map(|e| e.name().to_string())
+        .collect();
+    assert_eq!(names, ["O0", "O1", "O2"]);
+    let ev = r_filt.next().await;
+    assert_eq!(ev.name(), "O2");
+    assert!(matches!(&ev.target, switchyard::Address::Topic(t) if &**t == "orders.new.eu"));
+    assert_carried(&w, &ev);
+}
+
+pub async fn full_mailbox_policies(fx: Fixture) {
+    for policy in [
+        FullPolicy::Wait,
+        FullPolicy::DropNewest,
+        FullPolicy::DropOldest,
+        FullPolicy::Fail,
+    ] {
+        full_mailbox(fx.clone(), policy).await;
+    }
+}
+
+async fn full_mailbox(fx: Fixture, policy: FullPolicy) {
+    let w = fx.world();
+    let mailboxes = w.caps().mailboxes;
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, mut got) = mpsc::unbounded_channel::<u32>();
+    let g = gate.clone();
+    let slow = w
+        .machine("slow", "Slow")
+        .mailbox(2, policy)
+        .handler_async(move |_, ev| {
+            let (g, started_tx, tx) = (g.clone(), started_tx.clone(), tx.clone());
+            async move {
+                let v: u32 = ev.data().unwrap();
+                if v == 0 {
+                    let _ = started_tx.send(());
+                    g.acquire().await.unwrap().forget();
+                }
+                let _ = tx.send(v);
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let p = w.machine("p", "P").build().await.unwrap();
+    if !mailboxes {
+        // Synchronous hand-off: nothing queues, so nothing is ever full; every event is handled.
+        gate.add_permits(1);
+        for v in 0..4u32 {
+            p.send("slow", "E", v).await.unwrap();
+        }
+        for v in 0..4u32 {
+            assert_eq!(got.recv().await, Some(v));
+        }
+        return;
+    }
+    p.send("slow", "E", 0u32).await.unwrap();
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+    p.send("slow", "E", 1u32).await.unwrap();
+    p.send("slow", "E", 2u32).await.unwrap();
+    let expected: Vec<u32> = match policy {
+        FullPolicy::Wait => {
+            use futures_util::FutureExt;
+            let mut third = Box::pin(p.send("slow", "E", 3u32));
+            assert!(
+                (&mut third).now_or_never().is_none(),
+                "Wait: the sender waits while the mailbox is full"
+            );
+            gate.add_permits(1);
+            tokio::time::timeout(WAIT, third).await.unwrap().unwrap();
+            vec![0, 1, 2, 3]
+        }
+        FullPolicy::DropNewest => {
+            p.send("slow", "E", 3u32).await.unwrap();
+            gate.add_permits(1);
+            vec![0, 1, 2]
+        }
+        FullPolicy::DropOldest => {
+            p.send("slow", "E", 3u32).await.unwrap();
+            gate.add_permits(1);
+            vec![0, 2, 3]
+        }
+        FullPolicy::Fail => {
+            assert!(matches!(
+                p.send("slow", "E", 3u32).await,
+                Err(Error::MailboxFull(_))
+            ));
+            gate.add_permits(1);
+            vec![0, 1, 2]
+        }
+    };
+    let mut seen = Vec::new();
+    for _ in 0..expected.len() {
+        seen.push(
+            tokio::time::timeout(WAIT, got.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    p.send("slow", "E", 99u32).await.unwrap();
+    assert_eq!(
+        got.recv().await,
+        Some(99),
+        "{policy:?}: nothing else was queued"
+    );
+    assert_eq!(seen, expected, "{policy:?}");
+    let dropped = if matches!(policy, FullPolicy::DropNewest | FullPolicy::DropOldest) {
+        1
+    } else {
+        0
+    };
+    assert_eq!(
+        slow.stats().dropped,
+        dropped,
+        "{policy:?} counts what it drops"
+    );
+}
+
+pub async fn expired_event_is_dropped_and_counted(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (b, mut rb) = w.recorder("b", "T").await;
+    let mut stale = a.envelope(switchyard::Address::Machine(b.id().clone()), "STALE", ());
+    stale.headers.expires_at_us = Some(1);
+    a.send_envelope(b.id(), stale).await.unwrap();
+    let fresh = a
+        .envelope(switchyard::Address::Machine(b.id().clone()), "FRESH", ())
+        .with_ttl(Duration::from_secs(60));
+    a.send_envelope(b.id(), fresh).await.unwrap();
+    assert_eq!(
+        rb.next().await.name(),
+        "FRESH",
+        "the expired event is never delivered"
+    );
+    assert_eq!(b.stats().expired, 1);
+}
+
+pub async fn handler_panic_does_not_kill_machine(fx: Fixture) {
+    let w = fx.world();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _b = w
+        .machine("b", "T")
+        .handler(move |_, ev| {
+            if ev.name() == "BOOM" {
+                panic!("handler failure under test");
+            }
+            let _ = tx.send(ev.name().to_string());
+        })
+        .build()
+        .await
+        .unwrap();
+    let (a, _) = w.recorder("a", "T").await;
+    a.send("b", "BOOM", ()).await.unwrap();
+    a.send("b", "AFTER", ()).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        "AFTER"
+    );
+}
