@@ -1,0 +1,1 @@
+//! Switchyard statecharts (work in progress).

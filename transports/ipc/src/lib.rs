@@ -1,0 +1,1 @@
+//! Switchyard `ipc` transport (work in progress).
