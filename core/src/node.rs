@@ -780,11 +780,32 @@ impl Node {
 
     async fn publish_envelope(&self, env: Envelope) -> Result<usize> {
         self.check_open()?;
+        if matches!(env.target, Address::Group(_)) {
+            // One transport owns each group so that exactly one member receives.
+            return match self.group_transport() {
+                Some(t) => t.publish(env).await,
+                None => Err(Error::NotSupported {
+                    transport: "session",
+                    capability: "groups (no transport with consumer groups is enabled)",
+                }),
+            };
+        }
         let mut n = 0;
         for t in self.0.session.router.pubsub() {
             n += t.publish(env.clone()).await?;
         }
         Ok(n)
+    }
+
+    /// The widest-reaching transport with groups (the last one in the router's pub/sub order).
+    fn group_transport(&self) -> Option<&Arc<dyn Transport>> {
+        self.0
+            .session
+            .router
+            .pubsub()
+            .iter()
+            .rev()
+            .find(|t| t.capabilities().groups)
     }
 
     /// Subscribes this machine to topics matching `pattern` (`*` one segment, `#` zero or more).
@@ -834,8 +855,24 @@ impl Node {
                 capability: "topics (no transport with pub/sub is enabled)",
             });
         }
+        // Topic subscriptions go to every pub/sub transport (each covers its own reach);
+        // group memberships go to the one transport that owns groups, so that
+        // each message reaches exactly one member across all of them.
+        let chosen: Vec<Arc<dyn Transport>> = if opts.group.is_some() {
+            match self.group_transport() {
+                Some(t) => vec![t.clone()],
+                None => {
+                    return Err(Error::NotSupported {
+                        transport: "session",
+                        capability: "groups (no transport with consumer groups is enabled)",
+                    });
+                }
+            }
+        } else {
+            transports.to_vec()
+        };
         let mut ids = Vec::new();
-        for t in transports {
+        for t in &chosen {
             let sub = Subscription {
                 topic: topic.clone(),
                 group: opts.group.clone(),
