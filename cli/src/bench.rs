@@ -1,12 +1,266 @@
-//! `switchyard bench` (not built yet).
+//! `switchyard bench`: every enabled transport beside the raw library underneath it, in one run.
+//!
+//! Each transport is a [`provider::Provider`]: its workloads run once on the
+//! raw library and once through Switchyard, alternating, in the same process,
+//! with the same message size and queue bounds (docs: BENCHMARKING.md). The
+//! table gives each figure's ratio to its raw baseline.
+
+mod direct;
+mod measure;
+mod memory;
+mod ours;
+mod provider;
+mod report;
+mod svg;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::CliResult;
+use measure::RunConfig;
+use provider::{Provider, Side, Workload};
+use report::{Conditions, Row, Stats};
+
+/// Every transport name `--transports` accepts: the ones measured here and the ones planned.
+const KNOWN: [&str; 6] = ["direct", "memory", "ipc", "zeromq", "rabbitmq", "redis"];
+
+/// Largest `--size` accepted: every queue holds up to 1024 messages of it, per consumer.
+const MAX_SIZE: usize = 1 << 20;
 
 /// Options of `switchyard bench`.
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Transports to measure, comma-separated (default: every enabled one).
+    #[arg(long, value_delimiter = ',', value_name = "NAMES", value_parser = parse_transport)]
+    transports: Vec<String>,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64, value_name = "BYTES", value_parser = parse_size)]
+    size: usize,
+    /// Measurement window of each run, after its warm-up (e.g. 2s, 500ms) [default: 1s, --quick: 200ms].
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// A short run for CI and a first look: short windows, one round.
+    #[arg(long)]
+    quick: bool,
+    /// Raw/ours alternations per workload; throughput is their median [default: 3, --quick: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=50))]
+    rounds: Option<u32>,
+    /// Subscribers in the fan-out workload.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    fanout: u32,
+    /// Workers in the any-of-type workload.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
+    /// Also write the results as JSON, one object per (transport, workload).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Also draw throughput and latency per transport as an SVG bar chart.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+fn parse_transport(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if KNOWN.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown transport; known transports: {}",
+            KNOWN.join(", ")
+        ))
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if n > MAX_SIZE {
+        return Err(format!("at most {MAX_SIZE} bytes"));
+    }
+    Ok(n)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.strip_suffix("ms") {
+        Some(n) => (n, 1e-3),
+        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 2s, 500ms)"))?;
+    let secs = v * unit;
+    if !(0.01..=600.0).contains(&secs) {
+        return Err("a duration between 10ms and 600s".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Every transport this binary can measure, in report order.
+fn providers() -> Vec<Box<dyn Provider>> {
+    vec![Box::new(direct::Direct), Box::new(memory::Memory)]
+}
+
+/// The chosen providers, and the names asked for that this build does not have.
+type Selection = (Vec<Box<dyn Provider>>, Vec<String>);
+
+/// The providers named on the command line (all by default; clap has checked the names).
+fn select(all: Vec<Box<dyn Provider>>, names: &[String]) -> Selection {
+    if names.is_empty() {
+        return (all, Vec::new());
+    }
+    let mut wanted: Vec<&String> = Vec::new();
+    for n in names {
+        if !wanted.contains(&n) {
+            wanted.push(n);
+        }
+    }
+    let mut not_built = Vec::new();
+    let mut chosen = Vec::new();
+    let mut pool: Vec<Option<Box<dyn Provider>>> = all.into_iter().map(Some).collect();
+    for n in wanted {
+        match pool
+            .iter_mut()
+            .find(|p| p.as_ref().is_some_and(|p| p.name() == n.as_str()))
+        {
+            Some(slot) => chosen.extend(slot.take()),
+            None => not_built.push(n.clone()),
+        }
+    }
+    (chosen, not_built)
+}
 
 /// Runs `switchyard bench`.
-pub async fn run(_args: BenchArgs) -> CliResult {
-    Err("`switchyard bench` is not built yet".into())
+pub async fn run(args: BenchArgs) -> CliResult {
+    let duration = args.duration.unwrap_or(if args.quick {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    });
+    let warmup = (duration / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }) as usize;
+    let cfg = RunConfig::new(
+        args.size,
+        warmup,
+        duration,
+        args.fanout as usize,
+        args.workers as usize,
+    );
+    let (selected, not_built) = select(providers(), &args.transports);
+    for n in not_built {
+        println!("{n}: skipped: this build has no `{n}` transport yet");
+    }
+    let mut ready = Vec::new();
+    for p in selected {
+        match p.check().await {
+            Ok(()) => ready.push(p),
+            Err(why) => println!("{}: skipped: {why}", p.name()),
+        }
+    }
+    if ready.is_empty() {
+        return Err("no transport to measure".into());
+    }
+
+    let conditions = Conditions::here(&cfg, rounds);
+    println!("{}", conditions.describe());
+
+    let mut plan = Vec::new();
+    let mut notes = Vec::new();
+    for p in &ready {
+        for w in Workload::ALL {
+            match p.supports(w) {
+                Ok(()) => plan.push((p.as_ref(), w)),
+                Err(why) => notes.push(format!("{} {w}: n/a: {why}", p.name())),
+            }
+        }
+    }
+
+    let bar = progress_bar((plan.len() * rounds * 2) as u64);
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for (p, w) in plan {
+        match measure_pair(p, w, &cfg, rounds, &bar).await {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                let line = format!("{} {w}: failed: {e}", p.name());
+                bar.println(&line);
+                failures.push(line);
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    report::print_table(&rows, &notes);
+    if let Some(path) = &args.json {
+        report::write_json(path, &rows)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        report::write_svg(path, &rows, &conditions)?;
+        println!("wrote {}", path.display());
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.remove(0).into()),
+        n => Err(format!("{n} runs failed (see above)").into()),
+    }
+}
+
+/// Runs one workload on raw and ours, alternating which goes first each round.
+async fn measure_pair(
+    p: &dyn Provider,
+    w: Workload,
+    cfg: &RunConfig,
+    rounds: usize,
+    bar: &ProgressBar,
+) -> Result<Row, String> {
+    let mut raw = Vec::with_capacity(rounds);
+    let mut ours = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Side::Raw, Side::Ours]
+        } else {
+            [Side::Ours, Side::Raw]
+        };
+        for side in order {
+            bar.set_message(format!(
+                "{} {w} ({side}, round {}/{rounds})",
+                p.name(),
+                round + 1
+            ));
+            let sample = p
+                .run(side, w, cfg)
+                .await
+                .map_err(|e| format!("{side}: {e}"))?;
+            match side {
+                Side::Raw => raw.push(sample),
+                Side::Ours => ours.push(sample),
+            }
+            bar.inc(1);
+        }
+    }
+    Ok(Row::new(
+        p.name(),
+        p.baseline(),
+        w,
+        cfg.size,
+        Stats::combine(&ours),
+        Stats::combine(&raw),
+    ))
+}
+
+/// A progress bar on stderr while stdout is a terminal; hidden otherwise (pipes, files, CI).
+fn progress_bar(len: u64) -> ProgressBar {
+    if !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar
 }

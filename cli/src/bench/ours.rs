@@ -1,0 +1,249 @@
+//! The workloads on Switchyard itself, through `Node` and the selector, for any deployment.
+
+use std::sync::Arc;
+
+use switchyard::{ContextId, MachineBuilder, MachineId, Node, Session, SubscriptionHandle};
+use tokio::sync::Notify;
+
+use super::measure::{BenchError, BenchMsg, BenchResult, DRAIN_LIMIT, Probe, RunConfig, Sample};
+
+/// Producers yield this often so that consumers sharing their worker get to run.
+pub const YIELD_EVERY: u64 = 1024;
+
+/// Where the machines of a run live.
+pub struct Deployment {
+    /// The producer's (or pinger's) session.
+    pub senders: Session,
+    /// The consumers' session; `None` means the producer's.
+    pub receivers: Option<Session>,
+    /// Pins every machine to one single-threaded context (same-thread transports).
+    pub context: Option<ContextId>,
+}
+
+impl Deployment {
+    /// One session whose selector keeps only the transport `name`.
+    pub fn single(name: &'static str, same_thread: bool) -> BenchResult<Deployment> {
+        let senders = only_transport(name)?;
+        let context = same_thread.then(|| senders.context());
+        Ok(Deployment {
+            senders,
+            receivers: None,
+            context,
+        })
+    }
+
+    fn rx(&self) -> &Session {
+        self.receivers.as_ref().unwrap_or(&self.senders)
+    }
+
+    fn machine(&self, s: &Session, id: impl Into<MachineId>, ty: &str) -> MachineBuilder {
+        let b = s.machine(id, ty);
+        match self.context {
+            Some(c) => b.context(c),
+            None => b,
+        }
+    }
+}
+
+/// A session whose selector keeps only the transport `name` (automatic heartbeats off: they are noise here).
+pub fn only_transport(name: &'static str) -> BenchResult<Session> {
+    Ok(switchyard::builder()
+        .selector(|s| {
+            let others: Vec<&'static str> = s
+                .transport_names()
+                .into_iter()
+                .filter(|n| *n != name)
+                .collect();
+            s.without(others)
+        })
+        .session(|s| s.heartbeat_interval(None))
+        .build()?)
+}
+
+/// Spawns a producer that sends `cfg.msg(seq)` with `$send` until the window closes; yields the count sent.
+macro_rules! produce {
+    ($probe:expr, |$msg:ident| $send:expr) => {{
+        let probe = $probe.clone();
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !probe.stopped() {
+                let $msg = probe.cfg().msg(seq);
+                $send;
+                seq += 1;
+                if seq.is_multiple_of($crate::bench::ours::YIELD_EVERY) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok::<u64, $crate::bench::measure::BenchError>(seq)
+        })
+    }};
+}
+pub(crate) use produce;
+
+/// Closes the window, collects the producer's count and the losses.
+pub async fn finish(
+    probe: &Arc<Probe>,
+    clock: super::measure::Clock,
+    producer: tokio::task::JoinHandle<Result<u64, BenchError>>,
+    per_message: u64,
+) -> BenchResult<Sample> {
+    let window = clock.finish().await;
+    probe.stop();
+    let sent = producer
+        .await
+        .map_err(|e| format!("the producer task failed: {e}"))??;
+    let window = window?;
+    let lost = probe.drain(sent * per_message, DRAIN_LIMIT).await;
+    Ok(Sample::new(&window, probe, lost))
+}
+
+fn counting(
+    probe: &Arc<Probe>,
+    i: usize,
+) -> impl Fn(&Node, switchyard::Envelope) + Send + Sync + 'static {
+    let probe = probe.clone();
+    move |_, ev| probe.received_payload(i, &ev.payload)
+}
+
+/// One producer, one consumer.
+pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
+    let probe = Probe::new(1, cfg)?;
+    let sink = dep
+        .machine(dep.rx(), "sink", "Sink")
+        .handler(counting(&probe, 0))
+        .build()
+        .await?;
+    let source = dep
+        .machine(&dep.senders, "source", "Source")
+        .build()
+        .await?;
+    source.locate(sink.id()).await?;
+    let to = sink.id().clone();
+    let event: Arc<str> = "E".into();
+    let clock = probe.start_clock();
+    let producer = produce!(probe, |msg| source
+        .send(to.clone(), event.clone(), msg)
+        .await?);
+    finish(&probe, clock, producer, 1).await
+}
+
+/// Closed-loop ping-pong; the pinger stamps each ping just before sending it and records the round trip.
+pub async fn pingpong(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
+    let probe = Probe::new(1, cfg)?;
+    let done = Arc::new(Notify::new());
+    let ping: Arc<str> = "PING".into();
+    let pong: Arc<str> = "PONG".into();
+    let ponger = dep
+        .machine(dep.rx(), "ponger", "Ponger")
+        .handler({
+            let pong = pong.clone();
+            move |node, ev| {
+                if let Some(m) = BenchMsg::from_payload(&ev.payload)
+                    && let Err(e) = node.post(ev.source.clone(), pong.clone(), m)
+                {
+                    tracing::warn!(error = %e, "ponger could not answer");
+                }
+            }
+        })
+        .build()
+        .await?;
+    let pinger = dep
+        .machine(&dep.senders, "pinger", "Pinger")
+        .handler({
+            let (probe, done, ping, to) = (
+                probe.clone(),
+                done.clone(),
+                ping.clone(),
+                ponger.id().clone(),
+            );
+            move |node, ev| {
+                let cfg = probe.cfg();
+                let arrived = cfg.now_ns();
+                let Some(m) = BenchMsg::from_payload(&ev.payload) else {
+                    return;
+                };
+                probe.round_trip(0, arrived.saturating_sub(m.stamp_ns));
+                if probe.stopped() {
+                    done.notify_one();
+                    return;
+                }
+                let next = cfg.msg_at(m.seq + 1, cfg.now_ns());
+                if let Err(e) = node.post(to.clone(), ping.clone(), next) {
+                    tracing::warn!(error = %e, "pinger could not send");
+                    done.notify_one();
+                }
+            }
+        })
+        .build()
+        .await?;
+    pinger.locate(ponger.id()).await?;
+    ponger.locate(pinger.id()).await?;
+    let clock = probe.start_clock();
+    let first = cfg.msg_at(0, cfg.now_ns());
+    // On a same-thread transport this runs the whole exchange inline and returns when the window closes.
+    let kick = pinger.send(ponger.id().clone(), ping, first).await;
+    let window = clock.finish().await;
+    probe.stop();
+    kick?;
+    let window = window?;
+    tokio::time::timeout(DRAIN_LIMIT, done.notified())
+        .await
+        .map_err(|_| "ping-pong stalled: the last round trip never came back")?;
+    Ok(Sample::new(&window, &probe, 0))
+}
+
+/// One publisher, `cfg.fanout` topic subscribers.
+pub async fn fanout(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
+    let n = cfg.fanout.max(1);
+    let probe = Probe::new(n, cfg)?;
+    let mut subs: Vec<(Node, SubscriptionHandle)> = Vec::with_capacity(n);
+    for i in 0..n {
+        let node = dep
+            .machine(dep.rx(), format!("sub-{i}"), "Subscriber")
+            .handler(counting(&probe, i))
+            .build()
+            .await?;
+        let handle = node.subscribe("bench.fanout").await?;
+        subs.push((node, handle));
+    }
+    let source = dep
+        .machine(&dep.senders, "source", "Source")
+        .build()
+        .await?;
+    let event: Arc<str> = "E".into();
+    let clock = probe.start_clock();
+    let producer = produce!(probe, |msg| source
+        .publish("bench.fanout", event.clone(), msg)
+        .await?);
+    let r = finish(&probe, clock, producer, n as u64).await;
+    drop(subs);
+    r
+}
+
+/// One producer, `cfg.workers` machines of one type; each message reaches one of them.
+pub async fn any_of_type(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
+    let n = cfg.workers.max(1);
+    let probe = Probe::new(n, cfg)?;
+    let mut workers = Vec::with_capacity(n);
+    for i in 0..n {
+        workers.push(
+            dep.machine(dep.rx(), format!("worker-{i}"), "BenchWorker")
+                .handler(counting(&probe, i))
+                .build()
+                .await?,
+        );
+    }
+    let source = dep
+        .machine(&dep.senders, "source", "Source")
+        .build()
+        .await?;
+    for w in &workers {
+        source.locate(w.id()).await?;
+    }
+    let event: Arc<str> = "E".into();
+    let clock = probe.start_clock();
+    let producer = produce!(probe, |msg| source
+        .send_to_any_of_type("BenchWorker", event.clone(), msg)
+        .await?);
+    finish(&probe, clock, producer, 1).await
+}

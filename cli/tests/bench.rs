@@ -1,0 +1,133 @@
+//! `switchyard bench` run as a user runs it; only the shape of the results is checked, never the timing.
+
+use std::process::Command;
+
+fn switchyard(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .expect("the switchyard binary runs")
+}
+
+const FIELDS: [&str; 10] = [
+    "transport",
+    "workload",
+    "size",
+    "msgs_per_sec",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "raw_msgs_per_sec",
+    "raw_p50_us",
+    "ratio",
+];
+
+#[test]
+fn quick_bench_writes_one_json_object_per_transport_and_workload() {
+    let path = std::env::temp_dir().join(format!("switchyard-bench-{}.json", std::process::id()));
+    let path_str = path.to_str().expect("temp path is UTF-8");
+    let out = switchyard(&["bench", "--quick", "--size", "32", "--json", path_str]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).expect("the JSON file was written");
+    let _ = std::fs::remove_file(&path);
+    let rows: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let rows = rows.as_array().expect("a JSON array");
+
+    let mut pairs = Vec::new();
+    for row in rows {
+        for f in FIELDS {
+            assert!(row.get(f).is_some(), "field `{f}` missing in {row}");
+        }
+        let transport = row["transport"].as_str().expect("transport is a string");
+        let workload = row["workload"].as_str().expect("workload is a string");
+        assert_eq!(row["size"].as_u64(), Some(32), "{row}");
+        for f in ["msgs_per_sec", "raw_msgs_per_sec", "ratio"] {
+            let v = row[f].as_f64().expect("a number");
+            assert!(v > 0.0 && v.is_finite(), "{f} = {v} in {row}");
+        }
+        for f in ["p50_us", "p99_us", "p999_us", "raw_p50_us"] {
+            let v = row[f].as_f64().expect("a number");
+            assert!(v >= 0.0 && v.is_finite(), "{f} = {v} in {row}");
+        }
+        assert!(
+            row["p50_us"].as_f64() <= row["p99_us"].as_f64()
+                && row["p99_us"].as_f64() <= row["p999_us"].as_f64(),
+            "percentiles out of order in {row}"
+        );
+        // In-process transports with waiting mailboxes lose nothing.
+        assert_eq!(row["lost"].as_u64(), Some(0), "{row}");
+        pairs.push((transport.to_string(), workload.to_string()));
+    }
+    for t in ["direct", "memory"] {
+        for w in ["one-way", "ping-pong", "any-of-type"] {
+            assert!(
+                pairs.contains(&(t.into(), w.into())),
+                "no row for {t} {w}: {pairs:?}"
+            );
+        }
+    }
+    assert!(
+        pairs.contains(&("memory".into(), "fan-out".into())),
+        "{pairs:?}"
+    );
+    let mut unique = pairs.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        pairs.len(),
+        "one object per (transport, workload)"
+    );
+    // The table names each measured transport with its ratio.
+    assert!(
+        stdout.contains("| direct") && stdout.contains("| memory"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_rejects_bad_arguments_with_a_usage_error() {
+    for args in [
+        &["bench", "--size", "lots"][..],
+        &["bench", "--duration", "forever"],
+        &["bench", "--transports", "carrier-pigeon"],
+        &["bench", "--no-such-flag"],
+    ] {
+        let out = switchyard(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        // clap's own error: one `error:` line, then usage or a pointer to --help.
+        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("Usage:") || stderr.contains("--help"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = switchyard(&["bench", "--transports", "carrier-pigeon"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("direct, memory"),
+        "lists the known transports: {stderr}"
+    );
+}
+
+#[test]
+fn a_transport_that_cannot_run_is_skipped_with_one_line() {
+    let out = switchyard(&["bench", "--quick", "--transports", "rabbitmq"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let skipped: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("rabbitmq: skipped"))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{stdout}");
+    // Nothing else to measure: a one-line error, no panic.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
