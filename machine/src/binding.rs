@@ -1,0 +1,575 @@
+//! A machine bound to a [`Node`]: addressable by id and type, fed by whatever transport
+//! carried the event, its state changes published on `state.<id>.<path>`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchyard_core::{Address, Error, MachineBuilder, MachineId, Node, Session};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use crate::actions::{Effect, Event, Origin};
+use crate::error::{Failure, MachineError};
+use crate::interpreter::{
+    ERROR_ACTION, Interpreter, MachineState, Snapshot, TimerCommand, TimerId,
+};
+
+/// The event a machine receives when one of its sends failed (data: [`SendFailure`]).
+pub const ERROR_COMMUNICATION: &str = "error.communication";
+/// Prefix of the event carrying a request's reply: `done.request.<request event>`.
+pub const DONE_REQUEST: &str = "done.request.";
+/// Prefix of the event reporting a failed request or timeout: `error.request.<request event>`.
+pub const ERROR_REQUEST: &str = "error.request.";
+/// Default bound of a machine's own event queue.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+
+/// Data of `error.communication` and `error.request.<event>`: a send that failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendFailure {
+    /// The target (machine id, type, or topic).
+    pub target: String,
+    /// The event that was sent.
+    pub event: String,
+    /// The error.
+    pub message: String,
+}
+
+/// Data published on `state.<machine id>.<state path>` when a machine enters an atomic state.
+///
+/// The published event's name is the topic itself, so another JSON machine can react
+/// with `on: { "state.light.red": .. }` or `on: { "state.light.*": .. }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// The machine id.
+    pub machine: String,
+    /// The dotted path of the entered atomic state.
+    pub state: String,
+    /// The whole state value after the step (XState shape).
+    pub value: Value,
+    /// The event that caused the change (`xstate.init` for the start).
+    pub event: String,
+}
+
+enum Input {
+    Event(Event),
+    Timer(TimerId),
+}
+
+struct Shared {
+    interp: Interpreter,
+    state: Mutex<MachineState>,
+    queue: Mutex<VecDeque<Input>>,
+    capacity: usize,
+    running: AtomicBool,
+    timers: Mutex<HashMap<TimerId, AbortHandle>>,
+    publish: AtomicBool,
+    changes: watch::Sender<u64>,
+    dropped: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Actions run under `catch_unwind`; the guarded state is consistent even after a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resets the drain flag even if the draining future is dropped halfway.
+struct Draining<'a>(&'a AtomicBool);
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Shared {
+    fn push(&self, input: Input) -> bool {
+        let mut q = lock(&self.queue);
+        if q.len() >= self.capacity {
+            drop(q);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        q.push_back(input);
+        true
+    }
+
+    /// [`Shared::deliver`] as a boxed `Send` future, for spawned tasks (breaks the async recursion).
+    fn deliver_owned(self: Arc<Self>, node: Node, input: Input) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.deliver(&node, input).await })
+    }
+
+    async fn deliver(self: &Arc<Self>, node: &Node, input: Input) {
+        if !self.push(input) {
+            tracing::warn!(machine = %node.id(), capacity = self.capacity, "machine event queue full; event dropped");
+            return;
+        }
+        self.drain(node).await;
+    }
+
+    /// Runs queued events one at a time; a caller that finds another drain running leaves its
+    /// event to it (no re-entrancy, no deadlock when a transport delivers inline).
+    async fn drain(self: &Arc<Self>, node: &Node) {
+        loop {
+            if self.running.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let guard = Draining(&self.running);
+            loop {
+                let next = lock(&self.queue).pop_front();
+                let Some(input) = next else { break };
+                self.process(node, input).await;
+            }
+            drop(guard);
+            if lock(&self.queue).is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn process(self: &Arc<Self>, node: &Node, input: Input) {
+        let (step, event_name, effects, timers, publications) = {
+            let mut st = lock(&self.state);
+            let (step, event_name) = match &input {
+                Input::Event(e) => (
+                    self.interp.send_with(&mut st, e, Some(node)),
+                    e.name_arc().clone(),
+                ),
+                Input::Timer(t) => (
+                    self.interp.fire_with(&mut st, *t, Some(node)),
+                    "xstate.after".into(),
+                ),
+            };
+            let effects = if st.has_effects() {
+                st.take_effects()
+            } else {
+                Vec::new()
+            };
+            let timers = if st.has_timers() {
+                st.take_timers()
+            } else {
+                Vec::new()
+            };
+            let publications = self.publications(&st, step.transitioned, &event_name);
+            (step, event_name, effects, timers, publications)
+        };
+        if step.transitioned {
+            self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        self.apply(node, timers, publications, effects).await;
+        if let Some(f) = step.failure {
+            self.report(node, f, &event_name);
+        }
+    }
+
+    fn report(&self, node: &Node, f: Failure, event_name: &str) {
+        tracing::error!(
+            machine = %node.id(), kind = ?f.kind, name = %f.name, event = %f.event, message = %f.message,
+            "statechart action failed; the event was rolled back and the machine keeps its last consistent state"
+        );
+        if event_name != ERROR_ACTION && !self.push(Input::Event(Event::with_data(ERROR_ACTION, f)))
+        {
+            tracing::warn!(machine = %node.id(), "machine event queue full; error.action dropped");
+        }
+    }
+
+    fn publications(
+        &self,
+        st: &MachineState,
+        transitioned: bool,
+        event: &str,
+    ) -> Vec<(String, StateChange)> {
+        if !transitioned || !self.publish.load(Ordering::Relaxed) || st.entered().is_empty() {
+            return Vec::new();
+        }
+        let value = self.interp.snapshot_value(st);
+        let id = st.machine_id();
+        self.interp
+            .entered_paths(st)
+            .map(|p| {
+                (
+                    format!("state.{id}.{p}"),
+                    StateChange {
+                        machine: id.to_owned(),
+                        state: p.to_owned(),
+                        value: value.clone(),
+                        event: event.to_owned(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    async fn apply(
+        self: &Arc<Self>,
+        node: &Node,
+        timers: Vec<TimerCommand>,
+        publications: Vec<(String, StateChange)>,
+        effects: Vec<Effect>,
+    ) {
+        for cmd in timers {
+            match cmd {
+                TimerCommand::Start(id, delay) => {
+                    let shared = self.clone();
+                    let n = node.clone();
+                    // Hold the map while spawning so a zero delay cannot fire before it is recorded.
+                    let mut map = lock(&self.timers);
+                    let task = tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        // Whoever removes the entry owns it: a cancelled timer does nothing.
+                        if lock(&shared.timers).remove(&id).is_none() {
+                            return;
+                        }
+                        shared.deliver_owned(n, Input::Timer(id)).await;
+                    });
+                    map.insert(id, task.abort_handle());
+                }
+                TimerCommand::Cancel(id) => {
+                    if let Some(h) = lock(&self.timers).remove(&id) {
+                        h.abort();
+                    }
+                }
+            }
+        }
+        for (topic, change) in publications {
+            match node.publish(&topic, topic.clone(), change).await {
+                Ok(_) => {}
+                Err(Error::NotSupported { .. }) => {
+                    // No pub/sub transport (e.g. direct only): state changes are simply not published.
+                    self.publish.store(false, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %node.id(), topic = %topic, error = %e, "state change not published");
+                }
+            }
+        }
+        for effect in effects {
+            self.run_effect(node, effect).await;
+        }
+    }
+
+    async fn run_effect(self: &Arc<Self>, node: &Node, effect: Effect) {
+        let (target, event, result): (String, Arc<str>, Result<(), Error>) = match effect {
+            Effect::Send { to, event, payload } => {
+                let mut env = node.envelope(Address::Machine(to.clone()), event.clone(), ());
+                env.payload = payload.into_payload();
+                let r = node.send_envelope(&to, env).await.map(|_| ());
+                (to.to_string(), event, r)
+            }
+            Effect::SendToAnyOfType {
+                machine_type,
+                event,
+                payload,
+            } => {
+                let r = payload
+                    .send_any(node.clone(), machine_type.clone(), event.clone())
+                    .await
+                    .map(|_| ());
+                (format!("any:{machine_type}"), event, r)
+            }
+            Effect::Publish {
+                topic,
+                event,
+                payload,
+            } => {
+                let r = payload
+                    .publish(node.clone(), topic.clone(), event.clone())
+                    .await
+                    .map(|_| ());
+                (format!("topic:{topic}"), event, r)
+            }
+            Effect::SendSelf { event, payload } => {
+                if !self.push(Input::Event(Event::from_payload(
+                    event.clone(),
+                    payload.into_payload(),
+                ))) {
+                    tracing::warn!(machine = %node.id(), event = %event, "machine event queue full; send_self dropped");
+                }
+                return;
+            }
+            Effect::SendDelayed {
+                to,
+                event,
+                payload,
+                delay,
+            } => {
+                let r = payload
+                    .send_delayed(node.clone(), to.clone(), event.clone(), delay)
+                    .await;
+                (to.to_string(), event, r)
+            }
+            Effect::Request {
+                to,
+                event,
+                payload,
+                timeout,
+            } => {
+                let shared = self.clone();
+                let n = node.clone();
+                tokio::spawn(async move {
+                    let r = payload
+                        .request(n.clone(), to.clone(), event.clone(), timeout)
+                        .await;
+                    let ev = match r {
+                        Ok(reply) => {
+                            let name: Arc<str> = format!("{DONE_REQUEST}{event}").into();
+                            let origin = Origin {
+                                source: reply.source.clone(),
+                                reply_to: reply.headers.reply_to.clone(),
+                                correlation_id: None,
+                            };
+                            Event::from_payload(name, reply.payload.clone()).with_origin(origin)
+                        }
+                        Err(e) => Event::with_data(
+                            format!("{ERROR_REQUEST}{event}"),
+                            SendFailure {
+                                target: to.to_string(),
+                                event: event.to_string(),
+                                message: e.to_string(),
+                            },
+                        ),
+                    };
+                    shared.deliver_owned(n, Input::Event(ev)).await;
+                });
+                return;
+            }
+            Effect::Reply {
+                origin,
+                event,
+                payload,
+            } => {
+                let to = origin.reply_to.clone().unwrap_or(origin.source.clone());
+                let mut env = node.envelope(Address::Machine(to.clone()), event.clone(), ());
+                env.payload = payload.into_payload();
+                env.headers.correlation_id = origin.correlation_id;
+                env.headers.is_reply = origin.correlation_id.is_some();
+                let r = node.send_envelope(&to, env).await.map(|_| ());
+                (to.to_string(), event, r)
+            }
+        };
+        if let Err(e) = result {
+            if matches!(e, Error::SessionClosed | Error::Closed(_)) {
+                tracing::debug!(machine = %node.id(), target = %target, "send after shutdown dropped");
+                return;
+            }
+            tracing::warn!(machine = %node.id(), target = %target, event = %event, error = %e, "send requested by an action failed");
+            let failure = SendFailure {
+                target,
+                event: event.to_string(),
+                message: e.to_string(),
+            };
+            if !self.push(Input::Event(Event::with_data(ERROR_COMMUNICATION, failure))) {
+                tracing::warn!(machine = %node.id(), "machine event queue full; error.communication dropped");
+            }
+        }
+    }
+}
+
+impl Interpreter {
+    /// Starts describing a machine that runs this statechart on a Node of `session`.
+    pub fn bind(
+        &self,
+        session: &Session,
+        id: impl Into<MachineId>,
+        machine_type: impl Into<Arc<str>>,
+    ) -> StateMachineBuilder {
+        StateMachineBuilder {
+            interp: self.clone(),
+            builder: session.machine(id, machine_type),
+            context: None,
+            publish: true,
+            capacity: DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+}
+
+/// Configures a machine before it joins the session; see [`Interpreter::bind`].
+pub struct StateMachineBuilder {
+    interp: Interpreter,
+    builder: MachineBuilder,
+    context: Option<Value>,
+    publish: bool,
+    capacity: usize,
+}
+
+impl StateMachineBuilder {
+    /// Replaces the chart's initial `context`.
+    pub fn context(mut self, context: Value) -> Self {
+        self.context = Some(context);
+        self
+    }
+    /// Adjusts the Node (single-threaded context, mailbox, metadata, version); its handler is replaced.
+    pub fn configure(mut self, f: impl FnOnce(MachineBuilder) -> MachineBuilder) -> Self {
+        self.builder = f(self.builder);
+        self
+    }
+    /// Whether state changes are published on `state.<id>.<path>` (default: on).
+    pub fn publish_states(mut self, on: bool) -> Self {
+        self.publish = on;
+        self
+    }
+    /// Bound of the machine's own event queue (default [`DEFAULT_QUEUE_CAPACITY`]); past it events are dropped and counted.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Registers the machine, enters its initial states and runs their actions.
+    pub async fn build(self) -> Result<StateMachine, MachineError> {
+        let st = match self.context {
+            Some(c) => self.interp.new_state_with_context(c),
+            None => self.interp.new_state(),
+        };
+        let shared = Arc::new(Shared {
+            interp: self.interp,
+            state: Mutex::new(st),
+            queue: Mutex::new(VecDeque::new()),
+            capacity: self.capacity,
+            // Claimed until the start is done: early events wait in the queue.
+            running: AtomicBool::new(true),
+            timers: Mutex::new(HashMap::new()),
+            publish: AtomicBool::new(self.publish),
+            changes: watch::Sender::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let s2 = shared.clone();
+        let node = self
+            .builder
+            .handler_async(move |node: Node, env| {
+                let shared = s2.clone();
+                async move {
+                    shared
+                        .deliver(&node, Input::Event(Event::from_envelope(env)))
+                        .await;
+                }
+            })
+            .build()
+            .await;
+        let node = match node {
+            Ok(n) => n,
+            Err(e) => {
+                shared.running.store(false, Ordering::Release);
+                return Err(e.into());
+            }
+        };
+        let init: Arc<str> = crate::interpreter::INIT_EVENT.into();
+        let (step, effects, timers, publications) = {
+            let mut st = lock(&shared.state);
+            st.set_machine_id(node.id().as_str());
+            let step = shared.interp.start_with(&mut st, Some(&node));
+            let effects = st.take_effects();
+            let timers = st.take_timers();
+            let publications = shared.publications(&st, step.transitioned, &init);
+            (step, effects, timers, publications)
+        };
+        if let Some(failure) = step.failure {
+            let _ = node.close().await;
+            return Err(MachineError::Start {
+                id: node.id().to_string(),
+                failure,
+            });
+        }
+        shared.changes.send_modify(|v| *v = v.wrapping_add(1));
+        {
+            let guard = Draining(&shared.running);
+            shared.apply(&node, timers, publications, effects).await;
+            drop(guard);
+        }
+        shared.drain(&node).await;
+        Ok(StateMachine { shared, node })
+    }
+}
+
+/// A running statechart bound to a Node; cheap to clone.
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+    node: Node,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("id", self.node.id())
+            .finish()
+    }
+}
+
+impl StateMachine {
+    /// The machine id.
+    pub fn id(&self) -> &MachineId {
+        self.node.id()
+    }
+    /// The Node the machine talks through.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+    /// The current state value, context and status.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = lock(&self.shared.state);
+        self.shared.interp.snapshot(&st)
+    }
+    /// Whether the state at the dotted path (`"active.paused"`) is active.
+    pub fn matches(&self, path: &str) -> bool {
+        let st = lock(&self.shared.state);
+        self.shared.interp.matches(&st, path)
+    }
+    /// Whether a top-level final state was reached.
+    pub fn is_done(&self) -> bool {
+        lock(&self.shared.state).is_done()
+    }
+    /// Events dropped because the machine's queue was full.
+    pub fn dropped_events(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Gives the machine an event directly (no transport), as if it had been received.
+    pub async fn send<P: Serialize + Send + Sync + 'static>(
+        &self,
+        event: impl Into<Arc<str>>,
+        payload: P,
+    ) {
+        self.shared
+            .deliver(&self.node, Input::Event(Event::with_data(event, payload)))
+            .await;
+    }
+
+    /// Waits until the snapshot satisfies `f` (checked after every step); wrap it in a timeout.
+    pub async fn wait_until(&self, mut f: impl FnMut(&Snapshot) -> bool) -> Snapshot {
+        let mut rx = self.shared.changes.subscribe();
+        loop {
+            let snap = self.snapshot();
+            if f(&snap) {
+                return snap;
+            }
+            if rx.changed().await.is_err() {
+                return snap;
+            }
+        }
+    }
+
+    /// Waits until the state at the dotted path is active; wrap it in a timeout.
+    pub async fn wait_for_state(&self, path: &str) -> Snapshot {
+        let mut rx = self.shared.changes.subscribe();
+        loop {
+            if self.matches(path) {
+                return self.snapshot();
+            }
+            if rx.changed().await.is_err() {
+                return self.snapshot();
+            }
+        }
+    }
+
+    /// Cancels the machine's timers and removes it from the session.
+    pub async fn stop(&self) -> Result<(), MachineError> {
+        for (_, h) in lock(&self.shared.timers).drain() {
+            h.abort();
+        }
+        self.node.close().await?;
+        Ok(())
+    }
+}
