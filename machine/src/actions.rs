@@ -23,6 +23,8 @@ pub struct Origin {
     pub reply_to: Option<MachineId>,
     /// The request's correlation id, if the event is a request.
     pub correlation_id: Option<u64>,
+    /// The transport that carried the event (`"direct"`, `"memory"`, ..).
+    pub transport: Option<&'static str>,
 }
 
 /// An event given to a machine: a name and typed data.
@@ -72,6 +74,7 @@ impl Event {
                 source: env.source.clone(),
                 reply_to: env.headers.reply_to.clone(),
                 correlation_id: env.headers.correlation_id,
+                transport: env.carried_by,
             }),
             name: env.event.clone(),
             data: env.payload.clone(),

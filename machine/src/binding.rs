@@ -320,6 +320,7 @@ impl Shared {
                                 source: reply.source.clone(),
                                 reply_to: reply.headers.reply_to.clone(),
                                 correlation_id: None,
+                                transport: reply.carried_by,
                             };
                             Event::from_payload(name, reply.payload.clone()).with_origin(origin)
                         }

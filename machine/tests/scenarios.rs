@@ -1,0 +1,513 @@
+//! Machines bound to Nodes: timers, the original guide's UI + worker and pipeline,
+//! requests, failures, and concurrent deliveries on two transports.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Observer, memory_session, within};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use switchyard::Node;
+use switchyard_machine::{
+    Actions, ERROR_ACTION, Failure, FailureKind, Interpreter, SendFailure, Status,
+};
+use tokio::time::Instant;
+
+fn interp(json: &str, actions: &Actions) -> Interpreter {
+    Interpreter::from_json(json, actions).expect("statechart loads")
+}
+
+fn traffic_actions() -> Actions {
+    Actions::new().action("countCycle", |ctx| {
+        let n: u64 = ctx.get("cycles")?;
+        ctx.set("cycles", n + 1)
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn traffic_light_runs_on_after_timers() {
+    let session = memory_session();
+    let mut states = Observer::new(&session, "watch", "state.light.#").await;
+    let start = Instant::now();
+    let light = interp(
+        include_str!("fixtures/traffic_light.json"),
+        &traffic_actions(),
+    )
+    .bind(&session, "light", "TrafficLight")
+    .build()
+    .await
+    .unwrap();
+    let expected = [
+        ("state.light.green", 0),
+        ("state.light.yellow", 1000),
+        ("state.light.red.walk", 1500),
+        ("state.light.red.wait", 2300),
+        ("state.light.red.stop", 2900),
+        ("state.light.green", 3500),
+        ("state.light.yellow", 4500),
+    ];
+    for (topic, at_ms) in expected {
+        let (t, change) = states.next().await;
+        assert_eq!(t, topic);
+        let ms = start.elapsed().as_millis() as u64;
+        assert!(
+            (at_ms..at_ms + 5).contains(&ms),
+            "{topic} at {ms} ms (virtual), expected {at_ms}"
+        );
+        assert_eq!(change.machine, "light");
+    }
+    assert_eq!(light.snapshot().context["cycles"], 1);
+    assert!(light.matches("yellow"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaving_a_state_cancels_its_timer() {
+    let session = memory_session();
+    let mut states = Observer::new(&session, "watch", "state.light.#").await;
+    let light = interp(
+        include_str!("fixtures/traffic_light.json"),
+        &traffic_actions(),
+    )
+    .bind(&session, "light", "TrafficLight")
+    .build()
+    .await
+    .unwrap();
+    assert_eq!(states.next().await.0, "state.light.green");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A sender on the memory transport.
+    let police = session.machine("police", "Police").build().await.unwrap();
+    police.send("light", "EMERGENCY", ()).await.unwrap();
+    let start = Instant::now();
+    // green's 1000 ms timer was cancelled: no yellow at t=1000, red runs its own course.
+    let seen = states.until("state.light.green").await;
+    assert_eq!(
+        seen,
+        [
+            "state.light.red.walk",
+            "state.light.red.wait",
+            "state.light.red.stop",
+            "state.light.green"
+        ]
+    );
+    let ms = start.elapsed().as_millis() as u64;
+    assert!((2000..2005).contains(&ms), "green again after {ms} ms");
+    assert!(light.matches("green"));
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Task {
+    task_id: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct WorkResult {
+    task_id: u64,
+    result: String,
+}
+
+/// The guide's UI + worker: `DO_WORK` -> (2 s of work) -> `WORK_COMPLETE`.
+fn ui_worker_actions() -> Actions {
+    Actions::new()
+        .action("onStartWork", |ctx| {
+            let task_id: u64 = ctx.get("next_task")?;
+            ctx.set("next_task", task_id + 1)?;
+            ctx.send("worker-1", "DO_WORK", Task { task_id });
+            Ok(())
+        })
+        .action("onWorkComplete", |ctx| {
+            let result: WorkResult = ctx.data()?;
+            let mut results: Vec<WorkResult> = ctx.get("results")?;
+            results.push(result);
+            ctx.set("results", results)
+        })
+        .action("onDoWork", |ctx| {
+            let task: Task = ctx.data()?;
+            let requester = ctx
+                .event()
+                .origin()
+                .map(|o| o.source.to_string())
+                .ok_or("DO_WORK without a sender")?;
+            ctx.set("task", task)?;
+            ctx.set("requester", requester)
+        })
+        .action("finishWork", |ctx| {
+            let task: Task = ctx.get("task")?;
+            let requester: String = ctx.get("requester")?;
+            let done: u64 = ctx.get("done")?;
+            ctx.set("done", done + 1)?;
+            ctx.send(
+                requester,
+                "WORK_COMPLETE",
+                WorkResult {
+                    task_id: task.task_id,
+                    result: "Success".into(),
+                },
+            );
+            Ok(())
+        })
+}
+
+#[tokio::test(start_paused = true)]
+async fn ui_and_worker() {
+    let session = switchyard::builder().build().unwrap();
+    let mut states = Observer::new(&session, "watch", "state.#").await;
+    let actions = ui_worker_actions();
+    let worker = interp(include_str!("fixtures/worker.json"), &actions)
+        .bind(&session, "worker-1", "Worker")
+        .build()
+        .await
+        .unwrap();
+    let ui = interp(include_str!("fixtures/ui.json"), &actions)
+        .bind(&session, "ui-main", "UI")
+        .build()
+        .await
+        .unwrap();
+    states.until("state.ui-main.idle").await;
+    for round in 1..=2u64 {
+        let start = Instant::now();
+        ui.send("START_WORK", ()).await;
+        let seen = states.until("state.ui-main.idle").await;
+        assert_eq!(
+            seen,
+            [
+                "state.ui-main.waiting",
+                "state.worker-1.working",
+                "state.worker-1.ready",
+                "state.ui-main.idle"
+            ]
+        );
+        assert!(start.elapsed() >= Duration::from_millis(2000));
+        assert_eq!(worker.snapshot().context["done"], round);
+    }
+    let results: Vec<WorkResult> =
+        serde_json::from_value(ui.snapshot().context["results"].clone()).unwrap();
+    assert_eq!(
+        results,
+        [
+            WorkResult {
+                task_id: 1,
+                result: "Success".into()
+            },
+            WorkResult {
+                task_id: 2,
+                result: "Success".into()
+            }
+        ]
+    );
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct FileData {
+    file: String,
+    data: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_stage_pipeline() {
+    let session = switchyard::builder().build().unwrap();
+    let mut states = Observer::new(&session, "watch", "state.ingester.#").await;
+    let actions = Actions::new()
+        .action("scanFiles", |ctx| {
+            let files: Vec<FileData> = ctx.get("files")?;
+            for f in files {
+                ctx.send("processor", "PROCESS_DATA", f);
+            }
+            Ok(())
+        })
+        .action("transformData", |ctx| {
+            let input: FileData = ctx.data()?;
+            let n: u64 = ctx.get("processed")?;
+            ctx.set("processed", n + 1)?;
+            ctx.send(
+                "storage",
+                "SAVE_DATA",
+                FileData {
+                    file: input.file,
+                    data: input.data.to_uppercase(),
+                },
+            );
+            Ok(())
+        })
+        .action("saveToDb", |ctx| {
+            let input: FileData = ctx.data()?;
+            ctx.context_mut()["saved"][&input.file] = json!(input.data);
+            ctx.send("ingester", "FILE_COMPLETE", input.file);
+            Ok(())
+        })
+        .action("markComplete", |ctx| {
+            let file: String = ctx.data()?;
+            let mut done: Vec<String> = ctx.get("completed")?;
+            done.push(file);
+            ctx.set("completed", done)
+        })
+        .guard("lastFile", |g| {
+            let total = g.context()["files"].as_array().map_or(0, Vec::len);
+            let done = g.context()["completed"].as_array().map_or(0, Vec::len);
+            done + 1 >= total
+        });
+    let storage = interp(include_str!("fixtures/storage.json"), &actions)
+        .bind(&session, "storage", "Storage")
+        .build()
+        .await
+        .unwrap();
+    let processor = interp(include_str!("fixtures/processor.json"), &actions)
+        .bind(&session, "processor", "Processor")
+        .build()
+        .await
+        .unwrap();
+    let files = json!([
+        { "file": "a.txt", "data": "alpha" },
+        { "file": "b.txt", "data": "beta" },
+        { "file": "c.txt", "data": "gamma" }
+    ]);
+    let ingester = interp(include_str!("fixtures/ingester.json"), &actions)
+        .bind(&session, "ingester", "Ingester")
+        .context(json!({ "files": files, "completed": [] }))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(states.next().await.0, "state.ingester.idle");
+    let starter = session.machine("cli", "Cli").build().await.unwrap();
+    starter.send("ingester", "START", ()).await.unwrap();
+    let seen = states.until("state.ingester.complete").await;
+    assert_eq!(seen, ["state.ingester.scanning", "state.ingester.complete"]);
+    assert_eq!(ingester.snapshot().status, Status::Done);
+    assert_eq!(processor.snapshot().context["processed"], 3);
+    assert_eq!(
+        storage.snapshot().context["saved"],
+        json!({ "a.txt": "ALPHA", "b.txt": "BETA", "c.txt": "GAMMA" })
+    );
+    let mut completed: Vec<String> =
+        serde_json::from_value(ingester.snapshot().context["completed"].clone()).unwrap();
+    completed.sort();
+    assert_eq!(completed, ["a.txt", "b.txt", "c.txt"]);
+}
+
+const CLIENT: &str = r#"{
+  "id": "client", "initial": "idle", "context": {},
+  "states": {
+    "idle": { "on": { "GO": { "target": "asking", "actions": "ask" } } },
+    "asking": {
+      "on": {
+        "done.request.ADD": { "target": "answered", "actions": "store" },
+        "error.request.ADD": { "target": "failed", "actions": "storeError" }
+      }
+    },
+    "answered": {},
+    "failed": {}
+  }
+}"#;
+const CALC: &str =
+    r#"{"id":"calc","initial":"on","states":{"on":{"on":{"ADD":{"actions":"answer"}}}}}"#;
+
+fn request_actions() -> Actions {
+    Actions::new()
+        .action("ask", |ctx| {
+            let target: String = ctx.data()?;
+            ctx.request(target, "ADD", (2u32, 3u32), Duration::from_millis(500));
+            Ok(())
+        })
+        .action("answer", |ctx| {
+            let (a, b): (u32, u32) = ctx.data()?;
+            ctx.reply("SUM", a + b)
+        })
+        .action("store", |ctx| {
+            let sum: u32 = ctx.data()?;
+            ctx.set("sum", sum)
+        })
+        .action("storeError", |ctx| {
+            let f: SendFailure = ctx.data()?;
+            ctx.set("error", f)
+        })
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_reply_and_timeout_come_back_as_events() {
+    let session = switchyard::builder().build().unwrap();
+    let actions = request_actions();
+    let _calc = interp(CALC, &actions)
+        .bind(&session, "calc", "Calculator")
+        .build()
+        .await
+        .unwrap();
+    let _silent: Node = session.machine("silent", "Silent").build().await.unwrap();
+    let client = interp(CLIENT, &actions);
+
+    let asker = client
+        .bind(&session, "asker", "Client")
+        .build()
+        .await
+        .unwrap();
+    asker.send("GO", "calc".to_string()).await;
+    let snap = within(asker.wait_for_state("answered")).await;
+    assert_eq!(snap.context["sum"], 5);
+
+    let start = Instant::now();
+    let waiter = client
+        .bind(&session, "waiter", "Client")
+        .build()
+        .await
+        .unwrap();
+    waiter.send("GO", "silent".to_string()).await;
+    assert!(
+        waiter.matches("asking"),
+        "the request does not block the machine"
+    );
+    let snap = within(waiter.wait_for_state("failed")).await;
+    assert!(start.elapsed() >= Duration::from_millis(500));
+    assert_eq!(snap.context["error"]["target"], "silent");
+    assert_eq!(snap.context["error"]["event"], "ADD");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_actions_report_error_action_and_keep_state() {
+    let json = r#"{
+      "id": "fragile", "initial": "ok", "context": { "n": 0, "errors": [] },
+      "states": {
+        "ok": {
+          "on": {
+            "INC": { "actions": "inc" },
+            "BAD": { "target": "other", "actions": ["inc", "fail"] },
+            "PANIC": { "target": "other", "actions": ["inc", "boom"] },
+            "error.action": { "actions": "recordError" }
+          }
+        },
+        "other": {}
+      }
+    }"#;
+    let actions = Actions::new()
+        .action("inc", |ctx| {
+            let n: u64 = ctx.get("n")?;
+            ctx.set("n", n + 1)
+        })
+        .action("fail", |_| Err("the database is down".into()))
+        .action("boom", |_| panic!("boom"))
+        .action("recordError", |ctx| {
+            assert_eq!(ctx.event_name(), ERROR_ACTION);
+            let f: Failure = ctx.data()?;
+            let mut errors: Vec<Failure> = ctx.get("errors")?;
+            errors.push(f);
+            ctx.set("errors", errors)
+        });
+    let session = switchyard::builder().build().unwrap();
+    let m = interp(json, &actions)
+        .bind(&session, "fragile", "Fragile")
+        .build()
+        .await
+        .unwrap();
+    let sender = session.machine("sender", "Sender").build().await.unwrap();
+    for ev in ["INC", "BAD", "PANIC", "INC"] {
+        sender.send("fragile", ev, ()).await.unwrap();
+    }
+    let snap = within(m.wait_until(|s| {
+        s.context["n"] == 2 && s.context["errors"].as_array().is_some_and(|e| e.len() == 2)
+    }))
+    .await;
+    assert_eq!(
+        snap.value,
+        json!("ok"),
+        "the failed events were rolled back"
+    );
+    let errors: Vec<Failure> = serde_json::from_value(snap.context["errors"].clone()).unwrap();
+    assert_eq!(errors[0].kind, FailureKind::Action);
+    assert_eq!(errors[0].name, "fail");
+    assert_eq!(errors[0].event, "BAD");
+    assert_eq!(errors[0].message, "the database is down");
+    assert_eq!(errors[1].kind, FailureKind::Panic);
+    assert_eq!(errors[1].name, "boom");
+    // Still alive.
+    sender.send("fragile", "BAD", ()).await.unwrap();
+    within(m.wait_until(|s| s.context["errors"].as_array().is_some_and(|e| e.len() == 3))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_on_two_transports_are_serialised() {
+    const N: u64 = 300;
+    let json = r#"{"id":"counter","initial":"on","context":{"n":0,"by":{}},
+        "states":{"on":{"on":{"INC":{"actions":"inc"}}}}}"#;
+    let actions = Actions::new().action("inc", |ctx| {
+        let via = ctx
+            .event()
+            .origin()
+            .and_then(|o| o.transport)
+            .unwrap_or("local");
+        let n: u64 = ctx.get("n")?;
+        ctx.set("n", n + 1)?;
+        let by = &mut ctx.context_mut()["by"][via];
+        *by = json!(by.as_u64().unwrap_or(0) + 1);
+        Ok(())
+    });
+    let session = switchyard::builder().build().unwrap();
+    let ctx = session.context();
+    let counter = interp(json, &actions)
+        .bind(&session, "counter", "Counter")
+        .configure(|b| b.context(ctx))
+        .build()
+        .await
+        .unwrap();
+    let near = session
+        .machine("near", "Sender")
+        .context(ctx)
+        .build()
+        .await
+        .unwrap();
+    let far = session.machine("far", "Sender").build().await.unwrap();
+    let mut tasks = Vec::new();
+    for node in [near, far] {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..N {
+                node.send("counter", "INC", ()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let snap = within(counter.wait_until(|s| s.context["n"] == 2 * N)).await;
+    assert_eq!(snap.context["by"], json!({ "direct": N, "memory": N }));
+    assert_eq!(counter.dropped_events(), 0);
+}
+
+#[tokio::test]
+async fn failing_initial_entry_fails_build() {
+    let json = r#"{"id":"bad","initial":"a","states":{"a":{"entry":"explode"}}}"#;
+    let actions = Actions::new().action("explode", |_| Err("no config".into()));
+    let session = switchyard::builder().build().unwrap();
+    let err = interp(json, &actions)
+        .bind(&session, "bad", "Bad")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, switchyard_machine::MachineError::Start { failure, .. } if failure.name == "explode"),
+        "{err:?}"
+    );
+    assert!(session.node("bad").is_none(), "the node left the session");
+}
+
+#[tokio::test]
+async fn failed_send_raises_error_communication() {
+    let json = r#"{"id":"lonely","initial":"a","context":{},"states":{"a":{"on":{
+        "CALL":{"actions":"call"},
+        "error.communication":{"target":"b","actions":"keep"}}},"b":{}}}"#;
+    let actions = Actions::new()
+        .action("call", |ctx| {
+            ctx.send("nobody", "HELLO", ());
+            Ok(())
+        })
+        .action("keep", |ctx| {
+            let f: SendFailure = ctx.data()?;
+            ctx.set("failure", f)
+        });
+    let session = switchyard::builder().build().unwrap();
+    let m = interp(json, &actions)
+        .bind(&session, "lonely", "Lonely")
+        .build()
+        .await
+        .unwrap();
+    m.send("CALL", ()).await;
+    let snap = within(m.wait_for_state("b")).await;
+    assert_eq!(snap.context["failure"]["target"], "nobody");
+    assert_eq!(snap.context["failure"]["event"], "HELLO");
+}
