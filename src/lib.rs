@@ -12,6 +12,7 @@
 //! |---|---|---|
 //! | `direct` (default) | [`direct`] | same thread |
 //! | `memory` (default) | [`memory`] | same thread, same process |
+//! | `ipc` (default) | [`ipc`] | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> switchyard::Result<()> {
@@ -33,6 +34,8 @@ pub use switchyard_core as core;
 pub use switchyard_core::*;
 #[cfg(feature = "direct")]
 pub use switchyard_direct as direct;
+#[cfg(feature = "ipc")]
+pub use switchyard_ipc as ipc;
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;
 pub use switchyard_selector as selector;
@@ -77,6 +80,14 @@ impl Builder {
     pub fn transport(mut self, t: Arc<dyn Transport>) -> Self {
         self.selector = self.selector.transport(t);
         self
+    }
+    /// Adds the ipc transport of `bus` and makes its daemon-backed registry the session's registry,
+    /// so discovery and sends span every process of the host.
+    #[cfg(feature = "ipc")]
+    pub fn ipc(self, bus: &ipc::IpcBus) -> Self {
+        let registry = bus.registry();
+        self.transport(bus.transport())
+            .session(|s| s.registry(registry))
     }
     /// Builds the session; must run inside a tokio runtime.
     pub fn build(self) -> Result<Session> {

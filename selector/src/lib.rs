@@ -28,6 +28,7 @@ pub struct SelectorBuilder {
     transports: Vec<Arc<dyn Transport>>,
     prefer: HashMap<Location, Vec<String>>,
     force_location: HashMap<MachineId, Location>,
+    force_location_all: Option<Location>,
     force_transports: HashMap<MachineId, Vec<String>>,
 }
 
@@ -50,6 +51,12 @@ impl SelectorBuilder {
     /// Treats a machine as if it were at `loc`, whatever its registry entry says.
     pub fn force_location(mut self, id: impl Into<MachineId>, loc: Location) -> Self {
         self.force_location.insert(id.into(), loc);
+        self
+    }
+    /// Treats every machine as if it were at `loc` (per-machine overrides still win), e.g. to run a
+    /// cross-process transport between machines of one process.
+    pub fn force_location_all(mut self, loc: Location) -> Self {
+        self.force_location_all = Some(loc);
         self
     }
     /// Uses exactly these transports (by name, in order) for sends to one machine.
@@ -112,6 +119,7 @@ impl SelectorBuilder {
         Selector {
             by_location,
             force_location: self.force_location,
+            force_location_all: self.force_location_all,
             force_transports,
             pubsub,
             all: self.transports,
@@ -124,6 +132,7 @@ pub struct Selector {
     all: Vec<Arc<dyn Transport>>,
     by_location: [Arc<[Arc<dyn Transport>]>; 4],
     force_location: HashMap<MachineId, Location>,
+    force_location_all: Option<Location>,
     force_transports: HashMap<MachineId, Arc<[Arc<dyn Transport>]>>,
     pubsub: Vec<Arc<dyn Transport>>,
 }
@@ -144,6 +153,7 @@ impl Selector {
         self.force_location
             .get(&to.id)
             .copied()
+            .or(self.force_location_all)
             .unwrap_or_else(|| Location::between(from, to))
     }
 }
@@ -161,10 +171,7 @@ impl Router for Selector {
                 location,
             });
         }
-        Ok(Route {
-            location,
-            transports,
-        })
+        Ok(Route::new(location, transports))
     }
 
     fn pubsub(&self) -> &[Arc<dyn Transport>] {

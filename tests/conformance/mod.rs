@@ -51,6 +51,50 @@ impl Fixture {
         }
     }
 
+    /// Same host through the bus daemon: a private daemon per world on its own temp socket,
+    /// only the ipc transport, and every target forced to `SameMachine`.
+    #[cfg(feature = "ipc")]
+    pub fn ipc_bus() -> Fixture {
+        Self::ipc(false)
+    }
+
+    /// Same host peer-to-peer: like [`Fixture::ipc_bus`], but events go straight to the
+    /// session's own socket; the daemon only locates machines (and fans out topics).
+    #[cfg(feature = "ipc")]
+    pub fn ipc_p2p() -> Fixture {
+        Self::ipc(true)
+    }
+
+    #[cfg(feature = "ipc")]
+    fn ipc(p2p: bool) -> Fixture {
+        use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig, unique_socket_path};
+        Fixture {
+            transport: "ipc",
+            location: Location::SameMachine,
+            configure: Arc::new(move |b| {
+                let socket = unique_socket_path(&std::env::temp_dir(), "sy-conf");
+                let daemon =
+                    Daemon::start(DaemonConfig::new(&socket)).expect("a private bus daemon starts");
+                // One session is the whole world, so it must hear its own topic publishes.
+                let mut cfg = IpcConfig::new(&socket)
+                    .echo_own_publishes(true)
+                    .ttl(Duration::from_secs(1))
+                    .keep_alive(Arc::new(daemon));
+                if p2p {
+                    cfg = cfg.peer_to_peer();
+                }
+                let bus = IpcBus::connect(cfg).expect("the ipc client starts");
+                b.selector(|s| {
+                    s.without(["direct", "memory"])
+                        .force_location_all(Location::SameMachine)
+                })
+                .ipc(&bus)
+                .session(|s| s.heartbeat_interval(Some(Duration::from_millis(250))))
+            }),
+            same_context: false,
+        }
+    }
+
     /// A world with default session settings.
     pub fn world(&self) -> World {
         self.world_with(|b| b)

@@ -1,0 +1,2 @@
+//! ipc vs raw unix socket (filled in later).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Workloads shared by the ipc benchmark and `switchyard bench` (filled in below).

@@ -1,0 +1,649 @@
+//! The client side: one supervised connection to the bus daemon, shared by the transport and the registry.
+//!
+//! The supervisor connects with exponential backoff, re-registers the machines
+//! and re-subscribes the subscriptions of this client after every reconnect,
+//! and reads the daemon's frames on one task, delivering events to local
+//! inboxes right there (synchronous handlers run inline; async handlers get a
+//! bounded per-machine queue).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::Stream;
+use switchyard_core::{
+    Envelope, Error, Filter, Inbox, MachineEntry, MachineId, RegistryEvent, Result, TopicPattern,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::conn::{FrameReader, Outbox, read_one, write_now};
+use crate::error::{IpcError, transport_err};
+use crate::frame::{
+    self, Body, ErrorMsg, EventMsg, HEADER_LEN, Hello, NackMsg, PROTOCOL_VERSION, ReplyMsg,
+    RequestMsg, Welcome, kind,
+};
+use crate::{IpcConfig, NAME};
+
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where a local machine's events go.
+#[derive(Clone)]
+pub(crate) struct Target {
+    inbox: Inbox,
+    queue: Option<mpsc::Sender<Envelope>>,
+}
+
+struct LocalSub {
+    id: u64,
+    topic: Option<TopicPattern>,
+    group: Option<Arc<str>>,
+    filter: Option<Filter>,
+    machine: MachineId,
+}
+
+/// A bound machine and the task draining its async queue, if it has one.
+type Bound = (Target, Option<tokio::task::JoinHandle<()>>);
+
+/// Called with the id of every machine that left.
+pub(crate) type LeftHook = Box<dyn Fn(&MachineId) + Send + Sync>;
+
+/// The machines and subscriptions of this process bound to the ipc transport.
+pub(crate) struct Local {
+    machines: RwLock<HashMap<MachineId, Bound>>,
+    subs: RwLock<Vec<LocalSub>>,
+    next_sub: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    async_queue: usize,
+}
+
+impl Local {
+    fn new(async_queue: usize) -> Local {
+        Local {
+            machines: RwLock::new(HashMap::new()),
+            subs: RwLock::new(Vec::new()),
+            next_sub: AtomicU64::new(1),
+            delivered: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            async_queue,
+        }
+    }
+
+    pub(crate) fn bind(&self, id: &MachineId, inbox: Inbox) -> Result<()> {
+        let mut m = write(&self.machines);
+        if m.contains_key(id) {
+            return Err(Error::DuplicateId(id.clone()));
+        }
+        let (queue, task) = if inbox.is_sync() {
+            (None, None)
+        } else {
+            // Async handlers may await (requests, sends needing a lookup) so they never run on the reader.
+            let (tx, mut rx) = mpsc::channel::<Envelope>(self.async_queue.max(1));
+            let ib = inbox.clone();
+            let task = tokio::spawn(async move {
+                while let Some(env) = rx.recv().await {
+                    ib.deliver(env).await;
+                }
+            });
+            (Some(tx), Some(task))
+        };
+        m.insert(id.clone(), (Target { inbox, queue }, task));
+        Ok(())
+    }
+
+    pub(crate) fn unbind(&self, id: &MachineId) {
+        if let Some((_, Some(task))) = write(&self.machines).remove(id) {
+            task.abort();
+        }
+        write(&self.subs).retain(|s| &s.machine != id);
+    }
+
+    pub(crate) fn clear(&self) {
+        for (_, (_, task)) in write(&self.machines).drain() {
+            if let Some(t) = task {
+                t.abort();
+            }
+        }
+        write(&self.subs).clear();
+    }
+
+    pub(crate) fn target(&self, id: &str) -> Option<Target> {
+        read(&self.machines).get(id).map(|(t, _)| t.clone())
+    }
+
+    pub(crate) async fn deliver(&self, t: &Target, mut env: Envelope) {
+        env.carried_by = Some(NAME);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        match &t.queue {
+            Some(q) => {
+                if q.send(env).await.is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                if let Err(env) = t.inbox.deliver_sync(env) {
+                    t.inbox.deliver(env).await;
+                }
+            }
+        }
+    }
+
+    /// Delivers to the machine `to`; `false` when it is not bound here.
+    pub(crate) async fn deliver_to(&self, to: &str, env: Envelope) -> bool {
+        match self.target(to) {
+            Some(t) => {
+                self.deliver(&t, env).await;
+                true
+            }
+            None => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Delivers a topic event to every matching plain subscription here; returns how many took it.
+    pub(crate) async fn deliver_topic(&self, topic: &str, env: &Envelope) -> usize {
+        let targets: Vec<Target> = {
+            let subs = read(&self.subs);
+            subs.iter()
+                .filter(|s| s.group.is_none())
+                .filter(|s| s.topic.as_ref().is_some_and(|p| p.matches(topic)))
+                .filter(|s| s.filter.as_ref().is_none_or(|f| f(env)))
+                .filter_map(|s| self.target(s.machine.as_str()))
+                .collect()
+        };
+        let n = targets.len();
+        for t in &targets {
+            self.deliver(t, env.clone()).await;
+        }
+        n
+    }
+
+    async fn deliver_group(&self, sub: u64, env: Envelope) {
+        let t = {
+            let subs = read(&self.subs);
+            subs.iter()
+                .find(|s| s.id == sub)
+                .filter(|s| s.filter.as_ref().is_none_or(|f| f(&env)))
+                .and_then(|s| self.target(s.machine.as_str()))
+        };
+        match t {
+            Some(t) => self.deliver(&t, env).await,
+            None => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn add_sub(
+        &self,
+        topic: Option<TopicPattern>,
+        group: Option<Arc<str>>,
+        filter: Option<Filter>,
+        machine: MachineId,
+    ) -> u64 {
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        write(&self.subs).push(LocalSub {
+            id,
+            topic,
+            group,
+            filter,
+            machine,
+        });
+        id
+    }
+
+    pub(crate) fn remove_sub(&self, id: u64) {
+        write(&self.subs).retain(|s| s.id != id);
+    }
+
+    fn sub_requests(&self) -> Vec<RequestMsg> {
+        read(&self.subs)
+            .iter()
+            .map(|s| sub_request(s.id, s.topic.as_ref(), s.group.as_deref()))
+            .collect()
+    }
+}
+
+pub(crate) fn sub_request(
+    id: u64,
+    topic: Option<&TopicPattern>,
+    group: Option<&str>,
+) -> RequestMsg {
+    RequestMsg {
+        op: "subscribe".into(),
+        sub: Some(id),
+        pattern: topic.map(|t| t.as_str().to_string()),
+        group: group.map(str::to_string),
+        ..RequestMsg::default()
+    }
+}
+
+/// The shared client state behind [`crate::IpcBus`].
+pub(crate) struct Client {
+    pub(crate) cfg: IpcConfig,
+    pub(crate) conn: RwLock<Option<Arc<Outbox>>>,
+    connected: watch::Sender<bool>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<ReplyMsg>>>,
+    next_req: AtomicU64,
+    pub(crate) local: Arc<Local>,
+    registered: Mutex<Vec<(MachineEntry, Option<u64>)>>,
+    pub(crate) events: broadcast::Sender<RegistryEvent>,
+    pub(crate) generation: AtomicU64,
+    pub(crate) closed: AtomicBool,
+    stop: watch::Sender<bool>,
+    pub(crate) nacks: AtomicU64,
+    /// Called with the id of every machine that left (the p2p route cache listens).
+    pub(crate) on_left: RwLock<Vec<LeftHook>>,
+}
+
+impl Client {
+    pub(crate) fn start(cfg: IpcConfig) -> Arc<Client> {
+        let client = Arc::new(Client {
+            local: Arc::new(Local::new(cfg.async_queue)),
+            cfg,
+            conn: RwLock::new(None),
+            connected: watch::channel(false).0,
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+            registered: Mutex::new(Vec::new()),
+            events: broadcast::channel(1024).0,
+            generation: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            stop: watch::channel(false).0,
+            nacks: AtomicU64::new(0),
+            on_left: RwLock::new(Vec::new()),
+        });
+        tokio::spawn(client.clone().supervise());
+        client
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    pub(crate) async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.connected.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    pub(crate) fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.stop.send(true);
+        if let Some(o) = write(&self.conn).take() {
+            o.close("transport closed");
+        }
+        lock(&self.pending).clear();
+        self.local.clear();
+        write(&self.on_left).clear();
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn not_connected(&self) -> Error {
+        if self.closed.load(Ordering::Acquire) {
+            return Error::Closed(NAME);
+        }
+        transport_err(format!(
+            "not connected to the bus daemon at {}: start it with `switchyard bus --socket {}` (the client reconnects by itself)",
+            self.cfg.socket.display(),
+            self.cfg.socket.display()
+        ))
+    }
+
+    /// The current daemon connection, waiting up to the request timeout for one.
+    pub(crate) async fn wait_conn(&self) -> Result<Arc<Outbox>> {
+        if let Some(o) = read(&self.conn).clone() {
+            return Ok(o);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(NAME));
+        }
+        let mut rx = self.connected.subscribe();
+        let _ = tokio::time::timeout(self.cfg.request_timeout, rx.wait_for(|c| *c)).await;
+        read(&self.conn).clone().ok_or_else(|| self.not_connected())
+    }
+
+    /// The current daemon connection without waiting.
+    pub(crate) fn conn_now(&self) -> Result<Arc<Outbox>> {
+        read(&self.conn).clone().ok_or_else(|| self.not_connected())
+    }
+
+    async fn call(
+        &self,
+        kind_byte: u8,
+        body: impl FnOnce(&mut Vec<u8>, u64) -> Result<()>,
+    ) -> Result<ReplyMsg> {
+        let outbox = self.wait_conn().await?;
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, tx);
+        let mut frame_bytes = Vec::with_capacity(128);
+        let built = frame::write_frame(&mut frame_bytes, kind_byte, outbox.max_frame(), |b| {
+            body(b, req)
+        });
+        if let Err(e) = built {
+            lock(&self.pending).remove(&req);
+            return Err(e);
+        }
+        if let Err(e) = outbox.push_bytes(&frame_bytes).await {
+            lock(&self.pending).remove(&req);
+            return Err(e);
+        }
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(transport_err(
+                "the connection to the bus daemon was lost before it answered; retry once it reconnects",
+            )),
+            Err(_) => {
+                lock(&self.pending).remove(&req);
+                Err(transport_err(format!(
+                    "the bus daemon did not answer within {:?}: is it overloaded or stopped?",
+                    self.cfg.request_timeout
+                )))
+            }
+        }
+    }
+
+    /// Sends a `REQUEST` and waits for its `REPLY`; a failed reply becomes a core error about `subject`.
+    pub(crate) async fn request(&self, msg: RequestMsg, subject: Option<&str>) -> Result<ReplyMsg> {
+        let r = self
+            .call(kind::REQUEST, |b, req| {
+                let mut m = msg;
+                m.req = req;
+                rmp_serde::encode::write_named(b, &m).map_err(|e| Error::Encode(e.to_string()))
+            })
+            .await?;
+        if r.ok {
+            Ok(r)
+        } else {
+            Err(r.into_error(subject))
+        }
+    }
+
+    /// Publishes `[req, name, envelope]` as `PUBLISH` or `GROUP`; returns the daemon's count.
+    pub(crate) async fn publish(&self, kind_byte: u8, name: &str, env: &Envelope) -> Result<usize> {
+        let r = self
+            .call(kind_byte, |b, req| {
+                frame::write_array(b, 3)?;
+                frame::write_uint(b, req)?;
+                frame::write_str(b, name)?;
+                frame::write_envelope(b, env)
+            })
+            .await?;
+        if !r.ok {
+            return Err(r.into_error(Some(name)));
+        }
+        Ok(r.count.unwrap_or(0) as usize)
+    }
+
+    pub(crate) fn remember(&self, entry: &MachineEntry, ttl_ms: Option<u64>) {
+        let mut reg = lock(&self.registered);
+        reg.retain(|(e, _)| e.id != entry.id);
+        reg.push((entry.clone(), ttl_ms));
+    }
+
+    pub(crate) fn forget(&self, id: &MachineId) {
+        lock(&self.registered).retain(|(e, _)| &e.id != id);
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut backoff = self.cfg.backoff_min;
+        let mut warned = false;
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                break;
+            }
+            match self.connect_once().await {
+                Ok((stream, rd)) => {
+                    backoff = self.cfg.backoff_min;
+                    warned = false;
+                    self.run_connection(stream, rd, &mut stop).await;
+                    if self.closed.load(Ordering::Acquire) {
+                        break;
+                    }
+                    tracing::warn!(socket = %self.cfg.socket.display(), "lost the bus daemon connection; reconnecting");
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::info!(socket = %self.cfg.socket.display(), error = %e, "bus daemon not reachable yet; retrying with backoff");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+        }
+    }
+
+    async fn connect_once(&self) -> std::result::Result<(Arc<Stream>, FrameReader), IpcError> {
+        let stream = crate::daemon::connect(&self.cfg.socket)
+            .await
+            .map_err(|e| IpcError::io(self.cfg.socket.display().to_string(), e))?;
+        let mut rd = FrameReader::new(self.cfg.max_frame);
+        handshake_client(&stream, &mut rd, &self.cfg, true).await?;
+        Ok((Arc::new(stream), rd))
+    }
+
+    async fn run_connection(
+        self: &Arc<Self>,
+        stream: Arc<Stream>,
+        mut rd: FrameReader,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let outbox = Outbox::start(
+            stream.clone(),
+            self.cfg.outbox_limit,
+            self.cfg.max_frame,
+            format!("bus daemon {}", self.cfg.socket.display()),
+        );
+        // Snapshot before publishing the connection, so registrations made on it are not repeated.
+        let entries: Vec<(MachineEntry, Option<u64>)> = lock(&self.registered).clone();
+        let subs = self.local.sub_requests();
+        *write(&self.conn) = Some(outbox.clone());
+        self.bump();
+        let _ = self.connected.send(true);
+        if !entries.is_empty() || !subs.is_empty() {
+            let me = self.clone();
+            tokio::spawn(async move { me.restore(entries, subs).await });
+        }
+        let result = self.read_loop(&stream, &mut rd, stop).await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "bus daemon connection failed");
+        }
+        *write(&self.conn) = None;
+        let _ = self.connected.send(false);
+        outbox.close("connection lost");
+        lock(&self.pending).clear();
+        self.bump();
+    }
+
+    async fn restore(&self, entries: Vec<(MachineEntry, Option<u64>)>, subs: Vec<RequestMsg>) {
+        for (entry, ttl_ms) in entries {
+            let id = entry.id.clone();
+            let msg = RequestMsg {
+                op: "register".into(),
+                entry: Some(entry),
+                ttl_ms,
+                ..RequestMsg::default()
+            };
+            match self.request(msg, Some(id.as_str())).await {
+                Ok(_) => tracing::info!(machine = %id, "re-registered after reconnecting"),
+                Err(e) => {
+                    tracing::error!(machine = %id, error = %e, "could not re-register after reconnecting")
+                }
+            }
+        }
+        for s in subs {
+            if let Err(e) = self.request(s, None).await {
+                tracing::error!(error = %e, "could not re-subscribe after reconnecting");
+            }
+        }
+        self.bump();
+    }
+
+    async fn read_loop(
+        &self,
+        stream: &Stream,
+        rd: &mut FrameReader,
+        stop: &mut watch::Receiver<bool>,
+    ) -> std::result::Result<(), IpcError> {
+        loop {
+            while let Some(f) = rd.next_frame()? {
+                let bytes = rd.bytes(&f);
+                self.handle(f.kind, &bytes[HEADER_LEN..]).await?;
+                rd.consume(&f);
+            }
+            tokio::select! {
+                r = rd.fill(stream) => if !r? { return Ok(()) },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    }
+
+    async fn handle(&self, k: u8, body: &[u8]) -> std::result::Result<(), IpcError> {
+        match k {
+            kind::SEND => {
+                let mut b = Body::array(body, 2)?;
+                let to = b.str()?;
+                let env = b.envelope()?;
+                if !self.local.deliver_to(to, env).await {
+                    tracing::debug!(
+                        machine = to,
+                        "event for a machine no longer bound here; dropped"
+                    );
+                }
+            }
+            kind::TOPIC => {
+                let mut b = Body::array(body, 2)?;
+                let topic = b.str()?;
+                let env = b.envelope()?;
+                self.local.deliver_topic(topic, &env).await;
+            }
+            kind::GROUP_DELIVER => {
+                let mut b = Body::array(body, 2)?;
+                let sub = b.uint()?;
+                let env = b.envelope()?;
+                self.local.deliver_group(sub, env).await;
+            }
+            kind::REPLY => {
+                let r: ReplyMsg = frame::decode_msg(body)?;
+                if let Some(tx) = lock(&self.pending).remove(&r.req) {
+                    let _ = tx.send(r);
+                }
+            }
+            kind::EVENT => {
+                let ev: EventMsg = frame::decode_msg(body)?;
+                self.on_event(ev);
+            }
+            kind::NACK => {
+                let n: NackMsg = frame::decode_msg(body)?;
+                self.nacks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(to = %n.to, envelope = n.id, code = %n.code, "the bus daemon could not deliver an event: {}", n.message);
+            }
+            kind::ERROR => {
+                let e: ErrorMsg = frame::decode_msg(body)?;
+                return Err(IpcError::Remote {
+                    code: e.code,
+                    message: e.message,
+                });
+            }
+            other => return Err(IpcError::UnknownFrame(other)),
+        }
+        Ok(())
+    }
+
+    fn on_event(&self, ev: EventMsg) {
+        match ev.event.as_str() {
+            "joined" => {
+                if let Some(e) = ev.entry {
+                    self.bump();
+                    let _ = self.events.send(RegistryEvent::Joined(e));
+                }
+            }
+            "left" => {
+                if let Some(id) = ev.id {
+                    let id = MachineId::from(id);
+                    self.bump();
+                    for f in read(&self.on_left).iter() {
+                        f(&id);
+                    }
+                    let _ = self.events.send(RegistryEvent::Left(id));
+                }
+            }
+            "health" => {
+                if let (Some(id), Some(healthy)) = (ev.id, ev.healthy) {
+                    let _ = self.events.send(RegistryEvent::HealthChanged {
+                        id: id.into(),
+                        healthy,
+                    });
+                }
+            }
+            other => tracing::debug!(event = other, "ignoring an unknown registry event"),
+        }
+    }
+}
+
+/// Client half of the handshake: `HELLO`, then `WELCOME` (or a typed `ERROR`).
+pub(crate) async fn handshake_client(
+    stream: &Stream,
+    rd: &mut FrameReader,
+    cfg: &IpcConfig,
+    watch: bool,
+) -> std::result::Result<Welcome, IpcError> {
+    let hello = frame::msg_frame(
+        kind::HELLO,
+        &Hello {
+            protocol: PROTOCOL_VERSION,
+            client_id: cfg.client_id.clone(),
+            token: cfg.token.clone(),
+            watch,
+        },
+    )
+    .map_err(|e| IpcError::Malformed(e.to_string()))?;
+    write_now(stream, &hello).await?;
+    let (k, body) = read_one(rd, stream, cfg.request_timeout).await?;
+    match k {
+        kind::WELCOME => {
+            let w: Welcome = frame::decode_msg(&body)?;
+            if w.protocol != PROTOCOL_VERSION {
+                return Err(IpcError::Handshake(format!(
+                    "the server speaks protocol {}, this client {PROTOCOL_VERSION}",
+                    w.protocol
+                )));
+            }
+            Ok(w)
+        }
+        kind::ERROR => {
+            let e: ErrorMsg = frame::decode_msg(&body)?;
+            Err(IpcError::Remote {
+                code: e.code,
+                message: e.message,
+            })
+        }
+        other => Err(IpcError::Handshake(format!(
+            "expected WELCOME (0x02), got 0x{other:02x}"
+        ))),
+    }
+}

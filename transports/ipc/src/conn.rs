@@ -1,0 +1,376 @@
+//! One local-socket connection: a coalescing outbox drained by one writer task, and a frame reader.
+//!
+//! Producers append encoded frames to the outbox buffer under a short lock; the
+//! writer task swaps the whole buffer out and writes it with one `write_all`, so
+//! a burst of messages costs one syscall. When the connection is quiet (the
+//! writer is parked and the last direct write is older than `direct_gap`) the
+//! producer writes the frame itself without waking the writer: a lone
+//! request/reply then costs no thread hop.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use interprocess::local_socket::tokio::Stream;
+use switchyard_core::{Error, Result};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::error::IpcError;
+use crate::frame::{self, FrameRef};
+
+/// How long after a direct write the next one is coalesced by the writer instead.
+const DIRECT_GAP: Duration = Duration::from_micros(25);
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+
+enum Step {
+    Stop,
+    Park,
+    Write,
+}
+
+struct OutState {
+    buf: Vec<u8>,
+    idle: bool,
+    closed: Option<String>,
+    draining: bool,
+    last_direct: Option<Instant>,
+}
+
+/// The sending side of a connection: a bounded byte buffer and its writer task.
+pub(crate) struct Outbox {
+    st: Mutex<OutState>,
+    wake: Notify,
+    space: Notify,
+    finished: Notify,
+    done: AtomicBool,
+    limit: usize,
+    max_frame: usize,
+    stream: Arc<Stream>,
+    label: Arc<str>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The buffer stays consistent even if a producer's encoder panicked; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Outbox {
+    /// An outbox over `stream` holding at most `limit` queued bytes (plus one frame); spawns its writer.
+    pub(crate) fn start(
+        stream: Arc<Stream>,
+        limit: usize,
+        max_frame: usize,
+        label: impl Into<Arc<str>>,
+    ) -> Arc<Outbox> {
+        let ob = Arc::new(Outbox {
+            st: Mutex::new(OutState {
+                buf: Vec::with_capacity(4096),
+                idle: true,
+                closed: None,
+                draining: false,
+                last_direct: None,
+            }),
+            wake: Notify::new(),
+            space: Notify::new(),
+            finished: Notify::new(),
+            done: AtomicBool::new(false),
+            limit,
+            max_frame,
+            stream,
+            label: label.into(),
+        });
+        tokio::spawn(ob.clone().run_writer());
+        ob
+    }
+
+    /// The largest frame this connection may carry.
+    pub(crate) fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    fn closed_err(&self, why: &str) -> Error {
+        crate::error::transport_err(format!("connection to {} is closed: {why}", self.label))
+    }
+
+    /// Appends a frame written by `f` unless the buffer is over its bound; `Ok(false)` means full.
+    pub(crate) fn try_push(
+        &self,
+        f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
+    ) -> Result<bool> {
+        let mut st = lock(&self.st);
+        if let Some(why) = &st.closed {
+            return Err(self.closed_err(why));
+        }
+        if st.draining {
+            return Err(self.closed_err("shutting down"));
+        }
+        if st.buf.len() >= self.limit {
+            return Ok(false);
+        }
+        let was_empty = st.buf.is_empty();
+        f(&mut st.buf, self.max_frame)?;
+        if st.idle {
+            let now = Instant::now();
+            let quiet = st
+                .last_direct
+                .is_none_or(|t| now.duration_since(t) >= DIRECT_GAP);
+            st.last_direct = Some(now);
+            if was_empty && quiet {
+                if let Err(e) = self.write_direct(&mut st.buf) {
+                    let why = e.to_string();
+                    st.closed = Some(why.clone());
+                    drop(st);
+                    self.wake.notify_one();
+                    self.space.notify_waiters();
+                    return Err(self.closed_err(&why));
+                }
+                if st.buf.is_empty() {
+                    return Ok(true);
+                }
+            }
+            st.idle = false;
+            drop(st);
+            self.wake.notify_one();
+        }
+        Ok(true)
+    }
+
+    /// Writes what the socket takes now without blocking; leaves the rest in `buf`.
+    fn write_direct(&self, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut w: &Stream = &self.stream;
+        let mut off = 0;
+        while off < buf.len() {
+            match Pin::new(&mut w).poll_write(&mut cx, &buf[off..]) {
+                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => off += n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        buf.drain(..off);
+        Ok(())
+    }
+
+    /// Appends an already-encoded frame, waiting while the buffer is full (policy `Wait`).
+    pub(crate) async fn push_bytes(&self, frame: &[u8]) -> Result<()> {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.try_push(|b, _| {
+                b.extend_from_slice(frame);
+                Ok(())
+            })? {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// Appends a frame written by `f`, waiting while the buffer is full.
+    pub(crate) async fn push_with(
+        &self,
+        f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut tmp = Vec::new();
+        f(&mut tmp, self.max_frame)?;
+        self.push_bytes(&tmp).await
+    }
+
+    /// Appends a small control frame even past the bound (control traffic must not deadlock on data).
+    pub(crate) fn push_force(&self, frame: &[u8]) -> Result<()> {
+        let mut st = lock(&self.st);
+        if let Some(why) = &st.closed {
+            return Err(self.closed_err(why));
+        }
+        st.buf.extend_from_slice(frame);
+        if st.idle {
+            st.idle = false;
+            drop(st);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Closes now; whatever is queued is discarded.
+    pub(crate) fn close(&self, why: &str) {
+        {
+            let mut st = lock(&self.st);
+            if st.closed.is_none() {
+                st.closed = Some(why.to_string());
+            }
+        }
+        self.wake.notify_one();
+        self.space.notify_waiters();
+    }
+
+    /// Refuses new frames, writes what is queued, then stops; returns once written (or `wait` elapsed).
+    pub(crate) async fn drain(&self, wait: Duration) {
+        let finished = self.finished.notified();
+        tokio::pin!(finished);
+        finished.as_mut().enable();
+        {
+            let mut st = lock(&self.st);
+            st.draining = true;
+        }
+        self.wake.notify_one();
+        if !self.done.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(wait, finished).await;
+        }
+    }
+
+    /// Whether the connection is closed (write error, close or drain).
+    pub(crate) fn is_closed(&self) -> bool {
+        let st = lock(&self.st);
+        st.closed.is_some() || st.draining
+    }
+
+    async fn run_writer(self: Arc<Self>) {
+        let mut spare: Vec<u8> = Vec::with_capacity(4096);
+        loop {
+            let step = {
+                let mut st = lock(&self.st);
+                if st.closed.is_some() {
+                    Step::Stop
+                } else if st.buf.is_empty() {
+                    if st.draining {
+                        Step::Stop
+                    } else {
+                        st.idle = true;
+                        Step::Park
+                    }
+                } else {
+                    std::mem::swap(&mut st.buf, &mut spare);
+                    Step::Write
+                }
+            };
+            match step {
+                Step::Stop => break,
+                Step::Park => {
+                    self.wake.notified().await;
+                    continue;
+                }
+                Step::Write => {}
+            }
+            self.space.notify_waiters();
+            let mut w: &Stream = &self.stream;
+            if let Err(e) = w.write_all(&spare).await {
+                tracing::debug!(peer = %self.label, error = %e, "write failed; closing the connection");
+                self.close(&e.to_string());
+                break;
+            }
+            spare.clear();
+            if spare.capacity() > 4 * READ_CHUNK {
+                spare = Vec::with_capacity(4096);
+            }
+        }
+        self.done.store(true, Ordering::Release);
+        self.finished.notify_waiters();
+        self.space.notify_waiters();
+    }
+}
+
+/// Reads frames from a stream: many per read, with the size limit checked on each header.
+pub(crate) struct FrameReader {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl FrameReader {
+    /// A reader accepting frames up to `max` bytes.
+    pub(crate) fn new(max: usize) -> FrameReader {
+        FrameReader {
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max,
+        }
+    }
+
+    /// The next complete frame already buffered, if any.
+    pub(crate) fn next_frame(&mut self) -> std::result::Result<Option<FrameRef>, IpcError> {
+        match frame::peek_frame(&self.buf, self.max)? {
+            Some(f) => Ok(Some(f)),
+            None => {
+                if self.buf.len() >= 4 {
+                    let len =
+                        u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                            as usize;
+                    let want = 4 + len;
+                    if self.buf.capacity() < want {
+                        self.buf.reserve(want - self.buf.len());
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The bytes of a frame returned by [`FrameReader::next_frame`] (header included).
+    pub(crate) fn bytes(&self, f: &FrameRef) -> &[u8] {
+        &self.buf[..f.total]
+    }
+
+    /// Drops a handled frame from the buffer.
+    pub(crate) fn consume(&mut self, f: &FrameRef) {
+        self.buf.advance(f.total);
+    }
+
+    /// Reads more bytes; `Ok(false)` at a clean end of stream, a typed error mid-frame.
+    pub(crate) async fn fill(&mut self, stream: &Stream) -> std::result::Result<bool, IpcError> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let mut r: &Stream = stream;
+        let n = r
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| IpcError::io("peer", e))?;
+        if n == 0 {
+            frame::check_eof(&self.buf)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// Writes one frame directly and reads frames until one arrives; used by handshakes before the outbox runs.
+pub(crate) async fn write_now(stream: &Stream, bytes: &[u8]) -> std::result::Result<(), IpcError> {
+    let mut w: &Stream = stream;
+    w.write_all(bytes)
+        .await
+        .map_err(|e| IpcError::io("peer", e))
+}
+
+/// Reads exactly one frame (kind, body) with a deadline.
+pub(crate) async fn read_one(
+    rd: &mut FrameReader,
+    stream: &Stream,
+    deadline: Duration,
+) -> std::result::Result<(u8, Vec<u8>), IpcError> {
+    let fut = async {
+        loop {
+            if let Some(f) = rd.next_frame()? {
+                let body = rd.bytes(&f)[frame::HEADER_LEN..].to_vec();
+                let k = f.kind;
+                rd.consume(&f);
+                return Ok((k, body));
+            }
+            if !rd.fill(stream).await? {
+                return Err(IpcError::Handshake(
+                    "the peer closed the connection during the handshake".into(),
+                ));
+            }
+        }
+    };
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(IpcError::Handshake(format!(
+            "no handshake frame within {deadline:?}"
+        ))),
+    }
+}

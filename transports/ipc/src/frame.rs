@@ -1,0 +1,488 @@
+//! The wire format (docs/PROTOCOL.md): length-prefixed frames whose body is MessagePack.
+//!
+//! A frame is `len: u32 big-endian` (the byte count of what follows), `kind: u8`,
+//! then `len - 1` bytes of body. Control bodies are MessagePack maps; the hot
+//! frames (`SEND`, `PUBLISH`, `TOPIC`, `GROUP`, `GROUP_DELIVER`) are MessagePack
+//! arrays whose last element is the envelope map, so a router reads the first
+//! elements and forwards the frame without decoding the envelope.
+
+use serde::{Deserialize, Serialize};
+use switchyard_core::{Address, Envelope, Error, Headers, MachineEntry, MachineId, Result};
+
+use crate::error::IpcError;
+
+/// Protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Bytes before the body: 4 of length, 1 of kind.
+pub const HEADER_LEN: usize = 5;
+/// Default largest frame (length field value), 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Frame kinds (the byte after the length).
+pub mod kind {
+    /// Client → server: first frame of every connection.
+    pub const HELLO: u8 = 0x01;
+    /// Server → client: handshake accepted.
+    pub const WELCOME: u8 = 0x02;
+    /// Either way: fatal error; the sender closes the connection after it.
+    pub const ERROR: u8 = 0x03;
+    /// Client → daemon: registry and subscription operations.
+    pub const REQUEST: u8 = 0x04;
+    /// Daemon → client: the answer to a `REQUEST`, `PUBLISH` or `GROUP`.
+    pub const REPLY: u8 = 0x05;
+    /// Daemon → watching client: a registry change.
+    pub const EVENT: u8 = 0x06;
+    /// `[to, envelope]`: route (client → daemon, peer → peer) or deliver (daemon → client).
+    pub const SEND: u8 = 0x10;
+    /// Client → daemon: `[req, topic, envelope]`, answered by a `REPLY` with `count`.
+    pub const PUBLISH: u8 = 0x11;
+    /// Daemon → client: `[topic, envelope]`, for the client's matching subscriptions.
+    pub const TOPIC: u8 = 0x12;
+    /// Client → daemon: `[req, group, envelope]`, answered by a `REPLY` with `count` (0 or 1).
+    pub const GROUP: u8 = 0x13;
+    /// Daemon → client: `[subscription id, envelope]`, for one group member.
+    pub const GROUP_DELIVER: u8 = 0x14;
+    /// Daemon/peer → sender: a `SEND` could not be delivered.
+    pub const NACK: u8 = 0x15;
+}
+
+/// First frame of a connection.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must be [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// Free-form name of the client, for logs.
+    pub client_id: String,
+    /// Shared secret, when the daemon requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Whether the daemon should push registry `EVENT`s to this connection.
+    #[serde(default)]
+    pub watch: bool,
+}
+
+/// Answer to `HELLO`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's protocol version.
+    pub protocol: u32,
+    /// Free-form name of the server.
+    pub server_id: String,
+    /// The largest frame (length field) the server accepts.
+    pub max_frame: u64,
+}
+
+/// Body of an `ERROR` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// Machine-readable code (see docs/PROTOCOL.md).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// Body of a `REQUEST` frame; `op` selects which other fields matter.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RequestMsg {
+    /// Request id, echoed in the `REPLY`.
+    pub req: u64,
+    /// Operation: register, deregister, heartbeat, get, discover, discover_pattern, types, is_healthy, health, subscribe, unsubscribe.
+    pub op: String,
+    /// Machine id (deregister, heartbeat, get, is_healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Machine entry (register).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<MachineEntry>,
+    /// Heartbeat TTL of the registered machine in milliseconds (register).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Machine type (discover).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub machine_type: Option<String>,
+    /// Glob (discover_pattern) or topic pattern (subscribe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// Subscription id chosen by the client (subscribe, unsubscribe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<u64>,
+    /// Consumer group (subscribe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// The daemon's health report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonHealth {
+    /// Open client connections.
+    pub connections: u64,
+    /// Registered machines.
+    pub machines: u64,
+    /// Frames routed to another connection (sends, topic and group deliveries).
+    pub routed: u64,
+    /// Messages the daemon could not deliver (unknown target, no subscriber for a group).
+    pub dropped: u64,
+    /// Clients dropped for protocol violations.
+    pub rejected: u64,
+    /// Last frame received, microseconds since the Unix epoch (0: none yet).
+    pub last_activity_us: u64,
+}
+
+/// Body of a `REPLY` frame.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplyMsg {
+    /// The request id.
+    pub req: u64,
+    /// Whether the operation succeeded.
+    pub ok: bool,
+    /// Error code when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Error message when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// register (the stored entry, with a generated id), get.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<MachineEntry>,
+    /// discover, discover_pattern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<MachineEntry>>,
+    /// types.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
+    /// is_healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+    /// publish, group: receivers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<DaemonHealth>,
+}
+
+impl ReplyMsg {
+    /// A successful, empty reply.
+    pub fn ok(req: u64) -> ReplyMsg {
+        ReplyMsg {
+            req,
+            ok: true,
+            ..ReplyMsg::default()
+        }
+    }
+    /// A failed reply carrying a core error.
+    pub fn err(req: u64, e: &Error) -> ReplyMsg {
+        ReplyMsg {
+            req,
+            ok: false,
+            code: Some(error_code(e).into()),
+            message: Some(e.to_string()),
+            ..ReplyMsg::default()
+        }
+    }
+    /// The error of a failed reply, as a core error.
+    pub fn into_error(self, subject: Option<&str>) -> Error {
+        let code = self.code.unwrap_or_default();
+        let message = self.message.unwrap_or_default();
+        let id = || MachineId::from(subject.unwrap_or_default());
+        match code.as_str() {
+            "unknown_target" => Error::UnknownTarget(id()),
+            "duplicate_id" => Error::DuplicateId(id()),
+            "invalid_pattern" => Error::InvalidPattern {
+                pattern: subject.unwrap_or_default().to_string(),
+                reason: "rejected by the bus daemon",
+            },
+            "invalid_name" => Error::InvalidName {
+                name: subject.unwrap_or_default().to_string(),
+                reason: "rejected by the bus daemon",
+            },
+            _ => crate::error::transport_err(format!("bus daemon: {code}: {message}")),
+        }
+    }
+}
+
+/// The protocol code of a core error in a `REPLY`.
+pub fn error_code(e: &Error) -> &'static str {
+    match e {
+        Error::UnknownTarget(_) => "unknown_target",
+        Error::DuplicateId(_) => "duplicate_id",
+        Error::InvalidPattern { .. } => "invalid_pattern",
+        Error::InvalidName { .. } => "invalid_name",
+        _ => "failed",
+    }
+}
+
+/// Body of an `EVENT` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventMsg {
+    /// `joined`, `left` or `health`.
+    pub event: String,
+    /// joined: the entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<MachineEntry>,
+    /// left, health: the machine id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// health: the new health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+}
+
+/// Body of a `NACK` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NackMsg {
+    /// The target that could not be reached.
+    pub to: String,
+    /// The envelope id.
+    pub id: u64,
+    /// Error code (`unknown_target`).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// Appends a frame whose body `body` writes; fails (leaving `buf` as it was) on encode errors or when over `max`.
+pub fn write_frame(
+    buf: &mut Vec<u8>,
+    kind: u8,
+    max: usize,
+    body: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0, 0, 0, 0, kind]);
+    if let Err(e) = body(buf) {
+        buf.truncate(start);
+        return Err(e);
+    }
+    let len = buf.len() - start - 4;
+    if len > max {
+        buf.truncate(start);
+        return Err(Error::TooLarge {
+            transport: crate::NAME,
+            size: len,
+            limit: max,
+        });
+    }
+    buf[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Appends a control frame whose body is `msg` as a named MessagePack map.
+pub fn write_msg<T: Serialize>(buf: &mut Vec<u8>, kind: u8, max: usize, msg: &T) -> Result<()> {
+    write_frame(buf, kind, max, |b| {
+        rmp_serde::encode::write_named(b, msg).map_err(|e| Error::Encode(e.to_string()))
+    })
+}
+
+/// One control frame as a fresh buffer.
+pub fn msg_frame<T: Serialize>(kind: u8, msg: &T) -> Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(64);
+    write_msg(&mut v, kind, usize::MAX, msg)?;
+    Ok(v)
+}
+
+#[derive(Serialize)]
+struct WireEnvelopeRef<'a> {
+    id: u64,
+    source: &'a MachineId,
+    target: &'a Address,
+    event: &'a str,
+    payload: &'a serde_bytes::Bytes,
+    headers: &'a Headers,
+}
+
+/// Writes the envelope map exactly as `Envelope::encode` does, without an intermediate buffer.
+pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
+    let payload = env.payload.to_msgpack()?;
+    let wire = WireEnvelopeRef {
+        id: env.id,
+        source: &env.source,
+        target: &env.target,
+        event: &env.event,
+        payload: serde_bytes::Bytes::new(&payload),
+        headers: &env.headers,
+    };
+    rmp_serde::encode::write_named(buf, &wire).map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Writes a MessagePack string.
+pub fn write_str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
+    rmp::encode::write_str(buf, s).map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Writes a MessagePack unsigned integer.
+pub fn write_uint(buf: &mut Vec<u8>, v: u64) -> Result<()> {
+    rmp::encode::write_uint(buf, v)
+        .map(|_| ())
+        .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Writes a MessagePack array header.
+pub fn write_array(buf: &mut Vec<u8>, n: u32) -> Result<()> {
+    rmp::encode::write_array_len(buf, n)
+        .map(|_| ())
+        .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Appends a `SEND` frame `[to, envelope]`.
+pub fn write_send(buf: &mut Vec<u8>, max: usize, to: &str, env: &Envelope) -> Result<()> {
+    write_frame(buf, kind::SEND, max, |b| {
+        write_array(b, 2)?;
+        write_str(b, to)?;
+        write_envelope(b, env)
+    })
+}
+
+/// A cursor over a frame body that reads the leading array elements of the hot frames.
+pub struct Body<'a> {
+    rest: &'a [u8],
+}
+
+fn malformed(what: &str, e: impl std::fmt::Display) -> IpcError {
+    IpcError::Malformed(format!("{what}: {e}"))
+}
+
+impl<'a> Body<'a> {
+    /// Starts reading a body that must be an array of `n` elements.
+    pub fn array(body: &'a [u8], n: u32) -> std::result::Result<Body<'a>, IpcError> {
+        let mut rd = body;
+        let len = rmp::decode::read_array_len(&mut rd).map_err(|e| malformed("array", e))?;
+        if len != n {
+            return Err(IpcError::Malformed(format!(
+                "expected an array of {n} elements, got {len}"
+            )));
+        }
+        Ok(Body { rest: rd })
+    }
+    /// Reads a string element.
+    pub fn str(&mut self) -> std::result::Result<&'a str, IpcError> {
+        let (s, rest) =
+            rmp::decode::read_str_from_slice(self.rest).map_err(|e| malformed("string", e))?;
+        self.rest = rest;
+        Ok(s)
+    }
+    /// Reads an unsigned integer element.
+    pub fn uint(&mut self) -> std::result::Result<u64, IpcError> {
+        let mut rd = self.rest;
+        let v: u64 = rmp::decode::read_int(&mut rd).map_err(|e| malformed("integer", e))?;
+        self.rest = rd;
+        Ok(v)
+    }
+    /// The remaining bytes (the envelope map).
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+    /// Decodes the remaining bytes as an envelope.
+    pub fn envelope(&self) -> std::result::Result<Envelope, IpcError> {
+        Envelope::decode(self.rest).map_err(|e| malformed("envelope", e))
+    }
+}
+
+/// Decodes a control body.
+pub fn decode_msg<'a, T: Deserialize<'a>>(body: &'a [u8]) -> std::result::Result<T, IpcError> {
+    rmp_serde::from_slice(body).map_err(|e| malformed("control body", e))
+}
+
+/// Where one complete frame sits in a read buffer.
+pub struct FrameRef {
+    /// The kind byte.
+    pub kind: u8,
+    /// Total bytes of the frame including the header.
+    pub total: usize,
+}
+
+/// Looks at the start of `buf`: a complete frame, `None` when more bytes are needed, or a typed error.
+pub fn peek_frame(buf: &[u8], max: usize) -> std::result::Result<Option<FrameRef>, IpcError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len == 0 {
+        return Err(IpcError::Malformed(
+            "zero-length frame (the length counts the kind byte)".into(),
+        ));
+    }
+    if len > max {
+        return Err(IpcError::FrameTooLarge {
+            size: len,
+            limit: max,
+        });
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    Ok(Some(FrameRef {
+        kind: buf[4],
+        total: 4 + len,
+    }))
+}
+
+/// What is left in a buffer when the stream ended: a truncation error if it holds part of a frame.
+pub fn check_eof(buf: &[u8]) -> std::result::Result<(), IpcError> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let want = if buf.len() >= 4 {
+        4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+    } else {
+        HEADER_LEN
+    };
+    Err(IpcError::Truncated {
+        have: buf.len(),
+        want,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::Payload;
+
+    #[test]
+    fn envelope_encoding_matches_core() {
+        let mut env = Envelope::new(
+            7,
+            "a".into(),
+            Address::Machine("b".into()),
+            "EV".into(),
+            Payload::new(vec![1u32, 2, 3]),
+        );
+        env.headers.correlation_id = Some(9);
+        let mut mine = Vec::new();
+        write_envelope(&mut mine, &env).unwrap();
+        assert_eq!(mine, env.encode().unwrap());
+        let back = Envelope::decode(&mine).unwrap();
+        assert_eq!(back.payload.read::<Vec<u32>>().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn send_frame_round_trips() {
+        let env = Envelope::new(
+            1,
+            "a".into(),
+            Address::Machine("b".into()),
+            "EV".into(),
+            Payload::Empty,
+        );
+        let mut buf = Vec::new();
+        write_send(&mut buf, DEFAULT_MAX_FRAME, "b", &env).unwrap();
+        let f = peek_frame(&buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
+        assert_eq!((f.kind, f.total), (kind::SEND, buf.len()));
+        let mut body = Body::array(&buf[HEADER_LEN..], 2).unwrap();
+        assert_eq!(body.str().unwrap(), "b");
+        assert_eq!(&*body.envelope().unwrap().event, "EV");
+        assert!(matches!(
+            peek_frame(&buf, 3),
+            Err(IpcError::FrameTooLarge { .. })
+        ));
+        assert!(
+            peek_frame(&buf[..buf.len() - 1], 1 << 20)
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            check_eof(&buf[..7]),
+            Err(IpcError::Truncated { .. })
+        ));
+    }
+}

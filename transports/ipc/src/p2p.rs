@@ -1,0 +1,274 @@
+//! Peer-to-peer mode: each process listens on its own socket and senders connect to it directly.
+//!
+//! The daemon is only asked where a machine lives (its registry entry carries
+//! the owning process's socket under [`crate::ENDPOINT_KEY`]); the connection is
+//! then opened once per peer process and reused for every machine living there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::traits::tokio::Listener as _;
+use switchyard_core::{Error, MachineId, Result};
+use tokio::sync::watch;
+
+use crate::client::{Client, Local, handshake_client, read, write};
+use crate::conn::{FrameReader, Outbox};
+use crate::daemon::{bind_listener, check_peer, error_frame_for, handshake_server, owner_uid};
+use crate::error::IpcError;
+use crate::frame::{self, Body, HEADER_LEN, NackMsg, kind};
+use crate::{ENDPOINT_KEY, IpcConfig};
+
+/// The peer-to-peer side of one transport: its listener and its connections to other processes.
+pub(crate) struct P2p {
+    pub(crate) path: PathBuf,
+    routes: RwLock<HashMap<MachineId, Arc<Outbox>>>,
+    pool: tokio::sync::Mutex<HashMap<String, Arc<Outbox>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl P2p {
+    /// Binds this process's socket and starts accepting peers.
+    pub(crate) fn start(
+        path: PathBuf,
+        cfg: &IpcConfig,
+        local: Arc<Local>,
+    ) -> std::result::Result<Arc<P2p>, IpcError> {
+        let listener = bind_listener(&path, 0o600)?;
+        let own_uid = if cfg.allow_any_uid {
+            None
+        } else {
+            owner_uid(&path)
+        };
+        let p2p = Arc::new(P2p {
+            path,
+            routes: RwLock::new(HashMap::new()),
+            pool: tokio::sync::Mutex::new(HashMap::new()),
+            stop: watch::channel(false).0,
+        });
+        tokio::spawn(accept_loop(
+            listener,
+            p2p.path.clone(),
+            cfg.clone(),
+            own_uid,
+            local,
+            p2p.stop.subscribe(),
+        ));
+        Ok(p2p)
+    }
+
+    pub(crate) fn close(&self) {
+        let _ = self.stop.send(true);
+        for (_, o) in write(&self.routes).drain() {
+            o.close("transport closed");
+        }
+        if let Ok(mut pool) = self.pool.try_lock() {
+            for (_, o) in pool.drain() {
+                o.close("transport closed");
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Forgets the route to a machine that left.
+    pub(crate) fn forget(&self, id: &MachineId) {
+        write(&self.routes).remove(id);
+    }
+
+    /// The open connection to the process of `to`, if one is cached.
+    pub(crate) fn cached(&self, to: &MachineId) -> Option<Arc<Outbox>> {
+        read(&self.routes)
+            .get(to)
+            .filter(|o| !o.is_closed())
+            .cloned()
+    }
+
+    /// Finds where `to` lives and connects to it; `None` when it has no endpoint (reach it through the daemon).
+    pub(crate) async fn resolve(
+        &self,
+        client: &Client,
+        to: &MachineId,
+    ) -> Result<Option<Arc<Outbox>>> {
+        write(&self.routes).remove(to);
+        let reply = client
+            .request(
+                frame::RequestMsg {
+                    op: "get".into(),
+                    id: Some(to.to_string()),
+                    ..Default::default()
+                },
+                Some(to.as_str()),
+            )
+            .await?;
+        let entry = reply
+            .entry
+            .ok_or_else(|| Error::UnknownTarget(to.clone()))?;
+        let Some(endpoint) = entry.metadata.get(ENDPOINT_KEY).cloned() else {
+            return Ok(None);
+        };
+        let outbox = {
+            let mut pool = self.pool.lock().await;
+            match pool.get(&endpoint).filter(|o| !o.is_closed()) {
+                Some(o) => o.clone(),
+                None => {
+                    let o = connect_peer(Path::new(&endpoint), &client.cfg)
+                        .await
+                        .map_err(|e| {
+                            tracing::debug!(machine = %to, endpoint, error = %e, "peer unreachable");
+                            Error::TargetGone(to.clone())
+                        })?;
+                    pool.insert(endpoint, o.clone());
+                    o
+                }
+            }
+        };
+        write(&self.routes).insert(to.clone(), outbox.clone());
+        Ok(Some(outbox))
+    }
+}
+
+async fn connect_peer(path: &Path, cfg: &IpcConfig) -> std::result::Result<Arc<Outbox>, IpcError> {
+    let stream = crate::daemon::connect(path)
+        .await
+        .map_err(|e| IpcError::io(path.display().to_string(), e))?;
+    let mut rd = FrameReader::new(cfg.max_frame);
+    handshake_client(&stream, &mut rd, cfg, false).await?;
+    let stream = Arc::new(stream);
+    let outbox = Outbox::start(
+        stream.clone(),
+        cfg.outbox_limit,
+        cfg.max_frame,
+        format!("peer {}", path.display()),
+    );
+    let ob = outbox.clone();
+    tokio::spawn(async move {
+        // The peer only ever answers with NACKs (or an ERROR before closing).
+        let r: std::result::Result<(), IpcError> = async {
+            loop {
+                while let Some(f) = rd.next_frame()? {
+                    let body = &rd.bytes(&f)[HEADER_LEN..];
+                    match f.kind {
+                        kind::NACK => {
+                            let n: NackMsg = frame::decode_msg(body)?;
+                            tracing::warn!(to = %n.to, envelope = n.id, "peer could not deliver: {}", n.message);
+                        }
+                        kind::ERROR => {
+                            let e: frame::ErrorMsg = frame::decode_msg(body)?;
+                            return Err(IpcError::Remote { code: e.code, message: e.message });
+                        }
+                        other => return Err(IpcError::UnknownFrame(other)),
+                    }
+                    rd.consume(&f);
+                }
+                if !rd.fill(&stream).await? {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "peer connection ended");
+        }
+        ob.close("the peer closed the connection");
+    });
+    Ok(outbox)
+}
+
+async fn accept_loop(
+    listener: Listener,
+    path: PathBuf,
+    cfg: IpcConfig,
+    own_uid: Option<u32>,
+    local: Arc<Local>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut stop_wait = stop.clone();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(stream) => {
+                    let (cfg, local, stop) = (cfg.clone(), local.clone(), stop.clone());
+                    tokio::spawn(serve_peer(stream, cfg, own_uid, local, stop));
+                }
+                Err(e) => tracing::warn!(error = %e, "peer accept failed"),
+            },
+            _ = stop_wait.wait_for(|s| *s) => break,
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn serve_peer(
+    stream: Stream,
+    cfg: IpcConfig,
+    own_uid: Option<u32>,
+    local: Arc<Local>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stream = Arc::new(stream);
+    let mut rd = FrameReader::new(cfg.max_frame);
+    let setup = async {
+        check_peer(&stream, own_uid, None)?;
+        handshake_server(
+            &stream,
+            &mut rd,
+            cfg.token.as_deref(),
+            &cfg.client_id,
+            cfg.max_frame,
+        )
+        .await
+    };
+    if let Err(e) = setup.await {
+        tracing::warn!(error = %e, "peer rejected during handshake");
+        let _ = crate::conn::write_now(&stream, &error_frame_for(&e)).await;
+        return;
+    }
+    let outbox = Outbox::start(
+        stream.clone(),
+        cfg.outbox_limit,
+        cfg.max_frame,
+        "peer (nacks)",
+    );
+    let r: std::result::Result<(), IpcError> = async {
+        loop {
+            while let Some(f) = rd.next_frame()? {
+                let body = &rd.bytes(&f)[HEADER_LEN..];
+                if f.kind != kind::SEND {
+                    return Err(IpcError::UnknownFrame(f.kind));
+                }
+                let mut b = Body::array(body, 2)?;
+                let to = b.str()?;
+                let env = b.envelope()?;
+                let id = env.id;
+                if !local.deliver_to(to, env).await {
+                    let nack = frame::msg_frame(
+                        kind::NACK,
+                        &NackMsg {
+                            to: to.to_string(),
+                            id,
+                            code: "unknown_target".into(),
+                            message: Error::UnknownTarget(to.into()).to_string(),
+                        },
+                    )
+                    .map_err(|e| IpcError::Malformed(e.to_string()))?;
+                    let _ = outbox.push_bytes(&nack).await;
+                }
+                rd.consume(&f);
+            }
+            tokio::select! {
+                r = rd.fill(&stream) => if !r? { return Ok(()) },
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "peer dropped");
+        let _ = outbox.push_force(&error_frame_for(&e));
+        outbox.drain(Duration::from_millis(200)).await;
+    }
+    outbox.close("peer finished");
+}
