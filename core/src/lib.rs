@@ -19,7 +19,7 @@ pub mod topic;
 pub mod transport;
 
 pub use address::{Address, MachineId};
-pub use envelope::{Envelope, Headers};
+pub use envelope::{Envelope, EnvelopeData, Headers};
 pub use error::{Error, Result};
 pub use location::Location;
 pub use node::{
@@ -32,5 +32,5 @@ pub use session::{ContextId, Route, Router, Session, SessionBuilder};
 pub use topic::TopicPattern;
 pub use transport::{
     Capabilities, DeliveryGuarantee, Filter, MessageOrdering, Subscription, SubscriptionId,
-    Transport, TransportHealth, TrySend,
+    TargetHandle, Transport, TransportHealth, TrySend,
 };

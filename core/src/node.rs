@@ -14,14 +14,14 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::address::{Address, MachineId};
-use crate::envelope::{Envelope, now_micros};
+use crate::envelope::{Envelope, coarse_now_micros};
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::payload::Payload;
 use crate::registry::MachineEntry;
 use crate::session::{ContextId, Route, SessionInner, lock};
 use crate::topic::{TopicPattern, validate_topic};
-use crate::transport::{Filter, Subscription, SubscriptionId, Transport, TrySend};
+use crate::transport::{Filter, Subscription, SubscriptionId, Transport};
 
 /// What a full mailbox does with one more message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -95,7 +95,7 @@ pub(crate) struct NodeInner {
     mailbox: MailboxConfig,
     balance: Balance,
     pending: Mutex<HashMap<u64, oneshot::Sender<Envelope>>>,
-    routes: Mutex<HashMap<MachineId, (u64, Route)>>,
+    routes: Mutex<RouteCache>,
     types: Mutex<HashMap<Arc<str>, TypeCache>>,
     subscriptions: Mutex<Vec<(Arc<dyn Transport>, SubscriptionId)>>,
     rng: Mutex<fastrand::Rng>,
@@ -103,6 +103,24 @@ pub(crate) struct NodeInner {
     expired: AtomicU64,
     dropped: AtomicU64,
     closed: AtomicBool,
+}
+
+/// Routes resolved for the registry generation they were made in; a new generation empties it.
+#[derive(Default)]
+struct RouteCache {
+    generation: u64,
+    map: rustc_hash::FxHashMap<MachineId, Route>,
+}
+
+impl RouteCache {
+    fn current(&mut self, generation: u64) -> &mut rustc_hash::FxHashMap<MachineId, Route> {
+        if self.generation != generation {
+            // Every entry is stale; dropping them also releases handles to machines that left.
+            self.map.clear();
+            self.generation = generation;
+        }
+        &mut self.map
+    }
 }
 
 struct TypeCache {
@@ -113,48 +131,48 @@ struct TypeCache {
 
 /// The receiving side of a machine, handed to transports by [`Transport::bind`].
 #[derive(Clone)]
-pub struct Inbox(Arc<NodeInner>);
+pub struct Inbox(Node);
 
 impl fmt::Debug for Inbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Inbox({})", self.0.entry.id)
+        write!(f, "Inbox({})", self.0.0.entry.id)
     }
 }
 
 impl Inbox {
     /// The machine's id.
     pub fn id(&self) -> &MachineId {
-        &self.0.entry.id
+        &self.0.0.entry.id
     }
     /// The machine's registry entry.
     pub fn entry(&self) -> &MachineEntry {
-        &self.0.entry
+        &self.0.0.entry
     }
     /// The machine's mailbox bound and policy.
     pub fn mailbox(&self) -> MailboxConfig {
-        self.0.mailbox
+        self.0.0.mailbox
     }
     /// Whether the handler is synchronous, so [`Inbox::deliver_sync`] can run it inline.
     pub fn is_sync(&self) -> bool {
-        !matches!(self.0.handler, Some(Handler::Async(_)))
+        !matches!(self.0.0.handler, Some(Handler::Async(_)))
     }
     /// Counts a message the transport dropped for this machine (e.g. full mailbox).
     pub fn count_dropped(&self) {
-        self.0.dropped.fetch_add(1, Ordering::Relaxed);
+        self.0.0.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Delivers without awaiting if the handler is synchronous; otherwise gives the envelope back.
     pub fn deliver_sync(&self, env: Envelope) -> std::result::Result<(), Envelope> {
-        match &self.0.handler {
+        match &self.0.0.handler {
             Some(Handler::Async(_)) => Err(env),
             Some(Handler::Sync(h)) => {
-                if let Some(env) = self.0.accept(env) {
-                    self.0.run_sync(h, env);
+                if let Some(env) = self.0.0.accept(env) {
+                    run_sync(&self.0, h, env);
                 }
                 Ok(())
             }
             None => {
-                if self.0.accept(env).is_some() {
+                if self.0.0.accept(env).is_some() {
                     self.count_dropped();
                 }
                 Ok(())
@@ -164,19 +182,18 @@ impl Inbox {
 
     /// Delivers, awaiting an async handler.
     pub async fn deliver(&self, env: Envelope) {
-        let Some(env) = self.0.accept(env) else {
+        let Some(env) = self.0.0.accept(env) else {
             return;
         };
-        match &self.0.handler {
-            Some(Handler::Sync(h)) => self.0.run_sync(h, env),
+        match &self.0.0.handler {
+            Some(Handler::Sync(h)) => run_sync(&self.0, h, env),
             Some(Handler::Async(h)) => {
-                let node = Node(self.0.clone());
-                let fut = h(node, env);
+                let fut = h(self.0.clone(), env);
                 if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
-                    self.0.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(machine = %self.0.entry.id, "event handler panicked; the machine keeps running");
+                    self.0.0.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(machine = %self.0.0.entry.id, "event handler panicked; the machine keeps running");
                 } else {
-                    self.0.handled.fetch_add(1, Ordering::Relaxed);
+                    self.0.0.handled.fetch_add(1, Ordering::Relaxed);
                 }
             }
             None => self.count_dropped(),
@@ -187,7 +204,7 @@ impl Inbox {
 impl NodeInner {
     /// Drops expired events and routes replies to their pending request; returns what the handler should see.
     fn accept(&self, env: Envelope) -> Option<Envelope> {
-        if env.headers.expires_at_us.is_some() && env.is_expired_at(now_micros()) {
+        if env.headers.expires_at_us.is_some() && env.is_expired_at(coarse_now_micros()) {
             self.expired.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(machine = %self.entry.id, event = %env.event, "dropped expired event");
             return None;
@@ -209,15 +226,14 @@ impl NodeInner {
         }
         Some(env)
     }
+}
 
-    fn run_sync(self: &Arc<Self>, h: &Arc<SyncFn>, env: Envelope) {
-        let node = Node(self.clone());
-        if std::panic::catch_unwind(AssertUnwindSafe(|| h(&node, env))).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(machine = %self.entry.id, "event handler panicked; the machine keeps running");
-        } else {
-            self.handled.fetch_add(1, Ordering::Relaxed);
-        }
+fn run_sync(node: &Node, h: &Arc<SyncFn>, env: Envelope) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| h(node, env))).is_err() {
+        node.0.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(machine = %node.0.entry.id, "event handler panicked; the machine keeps running");
+    } else {
+        node.0.handled.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -332,7 +348,7 @@ impl MachineBuilder {
             mailbox: self.mailbox,
             balance: self.balance,
             pending: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(RouteCache::default()),
             types: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(Vec::new()),
             rng: Mutex::new(fastrand::Rng::new()),
@@ -342,7 +358,7 @@ impl MachineBuilder {
             closed: AtomicBool::new(false),
         });
         for t in s.router.transports() {
-            if let Err(e) = t.bind(&inner.entry, Inbox(inner.clone())).await {
+            if let Err(e) = t.bind(&inner.entry, Inbox(Node(inner.clone()))).await {
                 for t in s.router.transports() {
                     let _ = t.unbind(&inner.entry.id).await;
                 }
@@ -417,6 +433,12 @@ impl Node {
         Node(inner)
     }
 
+    /// Forgets cached routes and type lists (they may hold other machines alive).
+    pub(crate) fn forget_routes(&self) {
+        lock(&self.0.routes).map.clear();
+        lock(&self.0.types).clear();
+    }
+
     /// The machine's id.
     pub fn id(&self) -> &MachineId {
         &self.0.entry.id
@@ -474,11 +496,7 @@ impl Node {
 
     fn cached_route(&self, to: &MachineId) -> Option<Route> {
         let generation = self.0.session.registry.generation();
-        let routes = lock(&self.0.routes);
-        match routes.get(to) {
-            Some((g, r)) if *g == generation => Some(r.clone()),
-            _ => None,
-        }
+        lock(&self.0.routes).current(generation).get(to).cloned()
     }
 
     /// The route to a machine (location and transports), cached until the registry changes.
@@ -493,12 +511,13 @@ impl Node {
             .get(to)
             .await?
             .ok_or_else(|| Error::UnknownTarget(to.clone()))?;
-        let route = s.router.route(&self.0.entry, &entry)?;
-        let mut routes = lock(&self.0.routes);
+        let route = s.router.route(&self.0.entry, &entry)?.resolved(to);
+        let mut cache = lock(&self.0.routes);
+        let routes = cache.current(generation);
         if routes.len() >= 4096 {
             routes.clear();
         }
-        routes.insert(to.clone(), (generation, route.clone()));
+        routes.insert(to.clone(), route.clone());
         Ok(route)
     }
 
@@ -529,10 +548,28 @@ impl Node {
 
     /// Sends a prepared envelope to one machine; returns the name of the transport that took it.
     pub async fn send_envelope(&self, to: &MachineId, env: Envelope) -> Result<&'static str> {
-        self.check_open()?;
-        self.check_link(to)?;
+        // The common case (cached route, transport takes it at once) never builds the async state below.
+        let env = match self.try_send_now(to, env) {
+            Ok(r) => return r,
+            Err(env) => env,
+        };
         let route = self.route_to(to).await?;
         route.send(to, env).await
+    }
+
+    /// Sends without awaiting when the route is cached and its transport can take the envelope now.
+    fn try_send_now(
+        &self,
+        to: &MachineId,
+        env: Envelope,
+    ) -> std::result::Result<Result<&'static str>, Envelope> {
+        if let Err(e) = self.check_open().and_then(|()| self.check_link(to)) {
+            return Ok(Err(e));
+        }
+        match self.cached_route(to) {
+            Some(route) => route.try_send(to, env),
+            None => Err(env),
+        }
     }
 
     /// Sends without awaiting, for synchronous handlers.
@@ -554,16 +591,9 @@ impl Node {
 
     /// [`Node::post`] for a prepared envelope.
     pub fn post_envelope(&self, to: MachineId, env: Envelope) -> Result<()> {
-        self.check_open()?;
-        self.check_link(&to)?;
-        let env = match self.cached_route(&to) {
-            Some(route) if route.transports.len() == 1 => {
-                match route.transports[0].try_send(&to, env) {
-                    TrySend::Done(r) => return r,
-                    TrySend::Pending(env) => env,
-                }
-            }
-            _ => env,
+        let env = match self.try_send_now(&to, env) {
+            Ok(r) => return r.map(|_| ()),
+            Err(env) => env,
         };
         let node = self.clone();
         tokio::spawn(async move {
@@ -877,7 +907,7 @@ impl Node {
                 topic: topic.clone(),
                 group: opts.group.clone(),
                 filter: opts.filter.clone(),
-                inbox: Inbox(self.0.clone()),
+                inbox: Inbox(self.clone()),
             };
             let id = t.subscribe(sub).await?;
             ids.push((t.clone(), id));

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::node::{MachineBuilder, NodeInner};
 use crate::registry::{LocalRegistry, MachineEntry, Registry};
-use crate::transport::{Transport, TrySend};
+use crate::transport::{TargetHandle, Transport, TrySend};
 
 /// Picks the transports for a send; `switchyard-selector` provides the standard one.
 pub trait Router: Send + Sync {
@@ -33,6 +33,7 @@ pub struct Route {
     pub location: Location,
     /// Transports to try; the next one is used only after a retryable failure.
     pub transports: Arc<[Arc<dyn Transport>]>,
+    handles: Arc<[Option<TargetHandle>]>,
 }
 
 impl fmt::Debug for Route {
@@ -46,31 +47,87 @@ impl fmt::Debug for Route {
 }
 
 impl Route {
-    /// Sends along the route, falling back on retryable errors; returns the transport that took it.
-    pub async fn send(&self, to: &MachineId, env: Envelope) -> Result<&'static str> {
-        let Some((last, first)) = self.transports.split_last() else {
-            return Err(Error::NoTransport {
-                target: to.clone(),
-                location: self.location,
-            });
-        };
-        for t in first {
-            match send_one(t, to, env.clone()).await {
-                Ok(()) => return Ok(t.name()),
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(transport = t.name(), error = %e, "falling back to the next transport");
+    /// A route through `transports`, in order.
+    pub fn new(location: Location, transports: Arc<[Arc<dyn Transport>]>) -> Route {
+        Route {
+            location,
+            transports,
+            handles: Arc::from(Vec::new()),
+        }
+    }
+
+    /// Resolves the target in each transport once, so sends along this route skip the lookups.
+    pub fn resolved(mut self, to: &MachineId) -> Route {
+        self.handles = self.transports.iter().map(|t| t.resolve(to)).collect();
+        self
+    }
+
+    fn try_hop(&self, i: usize, to: &MachineId, env: Envelope) -> TrySend {
+        let t = &self.transports[i];
+        match self.handles.get(i) {
+            Some(Some(h)) => t.try_send_resolved(h, to, env),
+            _ => t.try_send(to, env),
+        }
+    }
+
+    /// Sends without awaiting if the route allows; gives the envelope back when the async path is needed.
+    pub fn try_send(
+        &self,
+        to: &MachineId,
+        mut env: Envelope,
+    ) -> Result<Result<&'static str>, Envelope> {
+        for i in 0..self.transports.len() {
+            match self.try_hop(i, to, env) {
+                TrySend::Done(r) => return Ok(r.map(|()| self.transports[i].name())),
+                TrySend::Pending(e) => return Err(e),
+                TrySend::Retry(e, back) if i + 1 < self.transports.len() => {
+                    tracing::debug!(transport = self.transports[i].name(), error = %e, "falling back to the next transport");
+                    env = back;
                 }
-                Err(e) => return Err(e),
+                TrySend::Retry(e, _) => return Ok(Err(e)),
             }
         }
-        send_one(last, to, env).await.map(|()| last.name())
+        Ok(Err(Error::NoTransport {
+            target: to.clone(),
+            location: self.location,
+        }))
     }
-}
 
-async fn send_one(t: &Arc<dyn Transport>, to: &MachineId, env: Envelope) -> Result<()> {
-    match t.try_send(to, env) {
-        TrySend::Done(r) => r,
-        TrySend::Pending(e) => t.send(to, e).await,
+    /// Sends along the route, falling back on retryable errors; returns the transport that took it.
+    pub async fn send(&self, to: &MachineId, mut env: Envelope) -> Result<&'static str> {
+        let n = self.transports.len();
+        for i in 0..n {
+            let t = &self.transports[i];
+            let last = i + 1 == n;
+            match self.try_hop(i, to, env) {
+                TrySend::Done(r) => return r.map(|()| t.name()),
+                TrySend::Retry(e, back) => {
+                    if last {
+                        return Err(e);
+                    }
+                    tracing::debug!(transport = t.name(), error = %e, "falling back to the next transport");
+                    env = back;
+                }
+                TrySend::Pending(e) => {
+                    if last {
+                        return t.send(to, e).await.map(|()| t.name());
+                    }
+                    let keep = e.clone();
+                    match t.send(to, e).await {
+                        Ok(()) => return Ok(t.name()),
+                        Err(err) if err.is_retryable() => {
+                            tracing::debug!(transport = t.name(), error = %err, "falling back to the next transport");
+                            env = keep;
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+            }
+        }
+        Err(Error::NoTransport {
+            target: to.clone(),
+            location: self.location,
+        })
     }
 }
 
@@ -316,7 +373,13 @@ impl SessionInner {
         for t in self.router.transports() {
             t.close();
         }
-        lock(&self.nodes).clear();
+        let nodes: Vec<_> = lock(&self.nodes)
+            .drain()
+            .filter_map(|(_, w)| w.upgrade())
+            .collect();
+        for n in nodes {
+            crate::node::Node::from_inner(n).forget_routes();
+        }
         self.links
             .write()
             .unwrap_or_else(|p| p.into_inner())

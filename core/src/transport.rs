@@ -1,5 +1,6 @@
 //! The one object-safe `Transport` trait every transport crate implements, and what it can do as data.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
@@ -67,7 +68,12 @@ pub enum TrySend {
     Done(Result<()>),
     /// Needs the async path; here is the envelope back.
     Pending(Envelope),
+    /// Failed in a way another transport may not (see [`Error::is_retryable`]); here is the envelope back.
+    Retry(Error, Envelope),
 }
+
+/// A transport's pre-resolved way to reach one target (its mailbox, its connection), cached in a route.
+pub type TargetHandle = Arc<dyn Any + Send + Sync>;
 
 /// A content filter run on each published envelope before delivery.
 pub type Filter = Arc<dyn Fn(&Envelope) -> bool + Send + Sync>;
@@ -131,6 +137,17 @@ pub trait Transport: Send + Sync {
     /// Sends without awaiting when the transport can; otherwise gives the envelope back.
     fn try_send(&self, _to: &MachineId, env: Envelope) -> TrySend {
         TrySend::Pending(env)
+    }
+
+    /// Resolves a target once so later sends skip the lookup; the handle is cached in the route
+    /// until the registry changes.
+    fn resolve(&self, _to: &MachineId) -> Option<TargetHandle> {
+        None
+    }
+
+    /// [`Transport::try_send`] through a handle from [`Transport::resolve`].
+    fn try_send_resolved(&self, _handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
+        self.try_send(to, env)
     }
 
     /// Sends to one machine.

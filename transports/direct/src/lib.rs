@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use switchyard_core::{
     Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry, MachineId,
-    MessageOrdering, Result, Transport, TransportHealth, TrySend,
+    MessageOrdering, Result, TargetHandle, Transport, TransportHealth, TrySend,
 };
 
 /// Name shown in `Envelope::carried_by`.
@@ -30,14 +30,14 @@ struct RunQueue {
     items: Mutex<VecDeque<(Inbox, Envelope)>>,
 }
 
-#[derive(Clone)]
 struct Target {
     inbox: Inbox,
     queue: Arc<RunQueue>,
+    bound: AtomicBool,
 }
 
 struct State {
-    targets: RwLock<HashMap<MachineId, Target>>,
+    targets: RwLock<HashMap<MachineId, Arc<Target>>>,
     contexts: Mutex<HashMap<Option<u64>, Arc<RunQueue>>>,
     capacity: usize,
     closed: AtomicBool,
@@ -90,7 +90,7 @@ impl DirectTransport {
         }
     }
 
-    fn target(&self, to: &MachineId) -> Result<Target> {
+    fn target(&self, to: &MachineId) -> Result<Arc<Target>> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(NAME));
         }
@@ -114,6 +114,38 @@ impl DirectTransport {
         items.push_back((inbox, env));
         q.queued.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+impl DirectTransport {
+    fn try_deliver(&self, t: &Target, mut env: Envelope) -> TrySend {
+        env.carried_by = Some(NAME);
+        let q = &t.queue;
+        if q.draining.swap(true, Ordering::SeqCst) {
+            // Re-entrant or concurrent send: the running drain delivers it.
+            let r = self.enqueue(q, t.inbox.clone(), env);
+            if r.is_ok()
+                && !q.draining.load(Ordering::SeqCst)
+                && !q.draining.swap(true, Ordering::SeqCst)
+            {
+                drain_sync(&self.state, q);
+            }
+            return TrySend::Done(r);
+        }
+        match t.inbox.deliver_sync(env) {
+            Ok(()) => {
+                self.state.delivered.fetch_add(1, Ordering::Relaxed);
+                drain_sync(&self.state, q);
+                TrySend::Done(Ok(()))
+            }
+            Err(env) => {
+                // Async handler: give up the drain and let `send` await it.
+                if release(q) {
+                    drain_sync(&self.state, q);
+                }
+                TrySend::Pending(env)
+            }
+        }
     }
 }
 
@@ -211,51 +243,51 @@ impl Transport for DirectTransport {
         if targets.contains_key(&entry.id) {
             return Err(Error::DuplicateId(entry.id.clone()));
         }
-        targets.insert(entry.id.clone(), Target { inbox, queue });
+        targets.insert(
+            entry.id.clone(),
+            Arc::new(Target {
+                inbox,
+                queue,
+                bound: AtomicBool::new(true),
+            }),
+        );
         Ok(())
     }
 
     async fn unbind(&self, id: &MachineId) -> Result<()> {
-        self.state
+        let removed = self
+            .state
             .targets
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        if let Some(t) = removed {
+            t.bound.store(false, Ordering::Release);
+        }
         Ok(())
     }
 
-    fn try_send(&self, to: &MachineId, mut env: Envelope) -> TrySend {
-        let t = match self.target(to) {
-            Ok(t) => t,
-            Err(e) => return TrySend::Done(Err(e)),
-        };
-        env.carried_by = Some(NAME);
-        let q = &t.queue;
-        if q.draining.swap(true, Ordering::SeqCst) {
-            // Re-entrant or concurrent send: the running drain delivers it.
-            let r = self.enqueue(q, t.inbox, env);
-            if r.is_ok()
-                && !q.draining.load(Ordering::SeqCst)
-                && !q.draining.swap(true, Ordering::SeqCst)
-            {
-                drain_sync(&self.state, q);
-            }
-            return TrySend::Done(r);
+    fn try_send(&self, to: &MachineId, env: Envelope) -> TrySend {
+        match self.target(to) {
+            Ok(t) => self.try_deliver(&t, env),
+            Err(e @ Error::Closed(_)) => TrySend::Retry(e, env),
+            Err(e) => TrySend::Done(Err(e)),
         }
-        match t.inbox.deliver_sync(env) {
-            Ok(()) => {
-                self.state.delivered.fetch_add(1, Ordering::Relaxed);
-                drain_sync(&self.state, q);
-                TrySend::Done(Ok(()))
+    }
+
+    fn resolve(&self, to: &MachineId) -> Option<TargetHandle> {
+        self.target(to).ok().map(|t| t as TargetHandle)
+    }
+
+    fn try_send_resolved(&self, handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
+        match handle.downcast_ref::<Target>() {
+            Some(t)
+                if t.bound.load(Ordering::Acquire)
+                    && !self.state.closed.load(Ordering::Acquire) =>
+            {
+                self.try_deliver(t, env)
             }
-            Err(env) => {
-                // Async handler: give up the drain and let `send` await it.
-                q.draining.store(false, Ordering::SeqCst);
-                if q.queued.load(Ordering::SeqCst) > 0 && !q.draining.swap(true, Ordering::SeqCst) {
-                    drain_sync(&self.state, q);
-                }
-                TrySend::Pending(env)
-            }
+            _ => self.try_send(to, env),
         }
     }
 
@@ -264,7 +296,7 @@ impl Transport for DirectTransport {
         env.carried_by = Some(NAME);
         let q = &t.queue;
         if q.draining.swap(true, Ordering::SeqCst) {
-            let r = self.enqueue(q, t.inbox, env);
+            let r = self.enqueue(q, t.inbox.clone(), env);
             if r.is_ok()
                 && !q.draining.load(Ordering::SeqCst)
                 && !q.draining.swap(true, Ordering::SeqCst)

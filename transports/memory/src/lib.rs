@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use crossbeam_queue::ArrayQueue;
 use switchyard_core::{
     Address, Capabilities, DeliveryGuarantee, Envelope, Error, Filter, FullPolicy, Inbox, Location,
-    MachineEntry, MachineId, MessageOrdering, Result, Subscription, SubscriptionId, TopicPattern,
-    Transport, TransportHealth, TrySend,
+    MachineEntry, MachineId, MessageOrdering, Result, Subscription, SubscriptionId, TargetHandle,
+    TopicPattern, Transport, TransportHealth, TrySend,
 };
 use tokio::sync::Notify;
 
@@ -145,6 +145,14 @@ impl Mailbox {
             }
             self.wake_consumer.notified().await;
         }
+    }
+}
+
+fn push_now(mb: &Mailbox, mut env: Envelope) -> TrySend {
+    env.carried_by = Some(NAME);
+    match mb.try_push(env) {
+        Ok(r) => TrySend::Done(r),
+        Err(env) => TrySend::Pending(env),
     }
 }
 
@@ -307,15 +315,22 @@ impl Transport for MemoryTransport {
         Ok(())
     }
 
-    fn try_send(&self, to: &MachineId, mut env: Envelope) -> TrySend {
-        let mb = match self.mailbox(to) {
-            Ok(mb) => mb,
-            Err(e) => return TrySend::Done(Err(e)),
-        };
-        env.carried_by = Some(NAME);
-        match mb.try_push(env) {
-            Ok(r) => TrySend::Done(r),
-            Err(env) => TrySend::Pending(env),
+    fn try_send(&self, to: &MachineId, env: Envelope) -> TrySend {
+        match self.mailbox(to) {
+            Ok(mb) => push_now(&mb, env),
+            Err(e @ Error::Closed(_)) => TrySend::Retry(e, env),
+            Err(e) => TrySend::Done(Err(e)),
+        }
+    }
+
+    fn resolve(&self, to: &MachineId) -> Option<TargetHandle> {
+        self.mailbox(to).ok().map(|m| m as TargetHandle)
+    }
+
+    fn try_send_resolved(&self, handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
+        match handle.downcast_ref::<Mailbox>() {
+            Some(mb) if !mb.closed.load(Ordering::Acquire) => push_now(mb, env),
+            _ => self.try_send(to, env),
         }
     }
 
