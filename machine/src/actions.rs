@@ -319,7 +319,7 @@ impl Effect {
 pub struct ActionContext<'a> {
     pub(crate) machine_id: &'a Arc<str>,
     pub(crate) event: &'a Event,
-    pub(crate) context: &'a mut Value,
+    pub(crate) context: &'a mut Arc<Value>,
     pub(crate) params: Option<&'a Value>,
     pub(crate) effects: &'a mut Vec<Effect>,
     pub(crate) node: Option<&'a Node>,
@@ -350,9 +350,9 @@ impl<'a> ActionContext<'a> {
     pub fn context(&self) -> &Value {
         self.context
     }
-    /// The machine's context, to update.
+    /// The machine's context, to update (copied on the first write of an event, for rollback).
     pub fn context_mut(&mut self) -> &mut Value {
-        self.context
+        Arc::make_mut(self.context)
     }
     /// Reads one context field as a `T`.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<T, ActionError> {
@@ -365,21 +365,22 @@ impl<'a> ActionContext<'a> {
     /// Sets one context field (the context becomes an object if it was not one).
     pub fn set<T: Serialize>(&mut self, key: &str, value: T) -> Result<(), ActionError> {
         let v = serde_json::to_value(value)?;
-        if !self.context.is_object() {
-            *self.context = Value::Object(serde_json::Map::new());
+        let ctx = self.context_mut();
+        if !ctx.is_object() {
+            *ctx = Value::Object(serde_json::Map::new());
         }
-        if let Value::Object(m) = self.context {
+        if let Value::Object(m) = ctx {
             m.insert(key.to_owned(), v);
         }
         Ok(())
     }
     /// The whole context as a `T`.
     pub fn context_as<T: DeserializeOwned>(&self) -> Result<T, ActionError> {
-        Ok(T::deserialize(&*self.context)?)
+        Ok(T::deserialize(&**self.context)?)
     }
     /// Replaces the whole context.
     pub fn set_context<T: Serialize>(&mut self, value: T) -> Result<(), ActionError> {
-        *self.context = serde_json::to_value(value)?;
+        *self.context = Arc::new(serde_json::to_value(value)?);
         Ok(())
     }
 
@@ -450,7 +451,7 @@ impl<'a> ActionContext<'a> {
     }
     /// Sends a request without blocking the machine: the reply arrives as the event
     /// `done.request.<event>` (its data is the reply's data), a failure or timeout as
-    /// `error.request.<event>` (data: [`crate::RequestFailure`]).
+    /// `error.request.<event>` (data: [`crate::SendFailure`]).
     pub fn request<P: Serialize + Send + Sync + 'static>(
         &mut self,
         to: impl Into<MachineId>,

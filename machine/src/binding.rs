@@ -241,6 +241,7 @@ impl Shared {
                     self.publish.store(false, Ordering::Relaxed);
                     break;
                 }
+                Err(Error::SessionClosed | Error::Closed(_)) => break,
                 Err(e) => {
                     tracing::warn!(machine = %node.id(), topic = %topic, error = %e, "state change not published");
                 }
@@ -521,6 +522,10 @@ impl StateMachine {
     /// Whether a top-level final state was reached.
     pub fn is_done(&self) -> bool {
         lock(&self.shared.state).is_done()
+    }
+    /// How many events (including the start) changed the machine so far.
+    pub fn transitions(&self) -> u64 {
+        *self.shared.changes.borrow()
     }
     /// Events dropped because the machine's queue was full.
     pub fn dropped_events(&self) -> u64 {

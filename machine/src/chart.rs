@@ -453,10 +453,12 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        if !key.is_empty() && key.contains('.') {
+        if key.contains(['.', '*', '#']) {
             return Err(not_chart(
                 &json_path,
-                format!("state key `{key}` contains `.`, which separates state paths; rename it"),
+                format!(
+                    "state key `{key}` contains `.`, `*` or `#`, which separate state paths and topic segments; rename it"
+                ),
             ));
         }
         if !is_root && key.is_empty() {
@@ -752,7 +754,7 @@ impl<'a> Builder<'a> {
             // `EVENT: null` (XState v4 "forbidden transition"): consumes the event, does nothing.
             Json::Null => {}
             Json::String(target) => {
-                tr.targets = self.targets(source, t, path, target)?;
+                tr.targets = self.targets(source, path, target)?;
             }
             Json::Object(o) => {
                 for (k, _) in o {
@@ -770,13 +772,13 @@ impl<'a> Builder<'a> {
                     let tp = child_path(path, "target");
                     tr.targets = match target {
                         Json::Null => Vec::new(),
-                        Json::String(s) => self.targets(source, target, &tp, s)?,
+                        Json::String(s) => self.targets(source, &tp, s)?,
                         Json::Array(a) => {
                             let mut v = Vec::new();
                             for (n, x) in a.iter().enumerate() {
                                 let xp = format!("{tp}[{n}]");
                                 match x {
-                                    Json::String(s) => v.extend(self.targets(source, x, &xp, s)?),
+                                    Json::String(s) => v.extend(self.targets(source, &xp, s)?),
                                     other => {
                                         return Err(not_chart(
                                             &xp,
@@ -851,13 +853,7 @@ impl<'a> Builder<'a> {
         Ok(tr)
     }
 
-    fn targets(
-        &self,
-        source: u32,
-        _json: &Json,
-        path: &str,
-        target: &str,
-    ) -> Result<Vec<u32>, LoadError> {
+    fn targets(&self, source: u32, path: &str, target: &str) -> Result<Vec<u32>, LoadError> {
         let unknown = || LoadError::UnknownTarget {
             path: path.to_owned(),
             target: target.to_owned(),

@@ -114,7 +114,8 @@ pub struct Step {
 pub struct MachineState {
     machine_id: Arc<str>,
     active: Vec<bool>,
-    context: Value,
+    /// Shared with the rollback copy until an action writes to it (copy on write).
+    context: Arc<Value>,
     entered_gen: Vec<u64>,
     generation: u64,
     started: bool,
@@ -130,7 +131,7 @@ pub struct MachineState {
     // rollback
     saved_active: Vec<bool>,
     saved_gen: Vec<u64>,
-    saved_context: Option<Value>,
+    saved_context: Option<Arc<Value>>,
 }
 
 impl MachineState {
@@ -240,7 +241,7 @@ impl Interpreter {
         MachineState {
             machine_id: self.chart.id.clone(),
             active: vec![false; n],
-            context,
+            context: Arc::new(context),
             entered_gen: vec![0; n],
             generation: 0,
             started: false,
@@ -349,7 +350,7 @@ impl Interpreter {
             } else {
                 Value::Null
             },
-            context: st.context.clone(),
+            context: (*st.context).clone(),
             status: if !st.started {
                 Status::Idle
             } else if st.done {
@@ -678,6 +679,7 @@ impl Interpreter {
     ) -> Result<(), Failure> {
         for a in actions {
             if st.saved_context.is_none() {
+                // A reference count; the value is copied only if an action writes to it.
                 st.saved_context = Some(st.context.clone());
             }
             let f = &self.actions[a.name as usize];

@@ -67,24 +67,15 @@
 //! assert!(interp.matches(&st, "on"));
 //!
 //! // Bound to a Node: addressable by id and type, state changes on `state.lamp.#`.
-//! # let session = switchyard_core::Session::builder().router(std::sync::Arc::new(NoRouter)).build()?;
+//! let session = switchyard::builder().build()?; // the facade: direct + memory transports
 //! let lamp = interp.bind(&session, "lamp", "Lamp").build().await?;
 //! lamp.send("FLIP", ()).await;
 //! assert!(lamp.matches("on"));
 //! assert_eq!(lamp.snapshot().context["flips"], 1);
 //! # Ok(()) }
-//! # struct NoRouter;
-//! # impl switchyard_core::Router for NoRouter {
-//! #     fn route(&self, _: &switchyard_core::MachineEntry, to: &switchyard_core::MachineEntry) -> switchyard_core::Result<switchyard_core::Route> {
-//! #         Err(switchyard_core::Error::UnknownTarget(to.id.clone()))
-//! #     }
-//! #     fn pubsub(&self) -> &[std::sync::Arc<dyn switchyard_core::Transport>] { &[] }
-//! #     fn transports(&self) -> &[std::sync::Arc<dyn switchyard_core::Transport>] { &[] }
-//! # }
 //! ```
 //!
-//! With the facade crate, `switchyard::builder().build()?` gives a session with the direct and
-//! memory transports; the same machine code runs on either, only the session differs.
+//! The same machine code runs on any transport; only the session configuration differs.
 //!
 //! [`Node`]: switchyard_core::Node
 //! [`Session`]: switchyard_core::Session

@@ -49,13 +49,12 @@ fn log_actions() -> Actions {
 }
 
 fn take_log(st: &mut MachineState) -> Vec<String> {
-    let log = st.context()["log"]
+    st.context()["log"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
-    log
+        .collect()
 }
 
 #[test]

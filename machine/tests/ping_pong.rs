@@ -16,6 +16,10 @@ const PONG: &str = include_str!("fixtures/pong.json");
 fn actions() -> Actions {
     Actions::new()
         .action("sendPing", |ctx| {
+            // Where the peer lives, as the selector sees it (same code on every transport).
+            let (entry, location) = ctx.locate("pong")?;
+            ctx.set("pong_location", format!("{location:?}"))?;
+            ctx.set("pong_type", entry.machine_type.to_string())?;
             let round: u64 = ctx.get("rounds")?;
             ctx.send_to_any_of_type("PongService", "PING", round + 1);
             Ok(())
@@ -50,7 +54,7 @@ fn actions() -> Actions {
 async fn ping_pong(
     session: &Session,
     place: impl Fn(MachineBuilder) -> MachineBuilder + Copy,
-) -> (u64, u64, String) {
+) -> (u64, u64, String, String) {
     let actions = actions();
     let ping = Interpreter::from_json(PING, &actions).expect("ping loads");
     let pong = Interpreter::from_json(PONG, &actions).expect("pong loads");
@@ -71,10 +75,15 @@ async fn ping_pong(
     let done = within(ping.wait_for_state("finished")).await;
     assert!(ping.is_done());
     let pong_ctx = pong.snapshot().context;
+    assert_eq!(done.context["pong_type"], "PongService");
     (
         done.context["rounds"].as_u64().unwrap(),
         pong_ctx["served"].as_u64().unwrap(),
         pong_ctx["via"].as_str().unwrap_or("").to_owned(),
+        done.context["pong_location"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned(),
     )
 }
 
@@ -83,18 +92,20 @@ async fn ping_pong_over_direct() {
     let session = direct_session();
     let ctx = session.context();
     // One single-threaded context: the selector picks `direct`.
-    let (rounds, served, via) = ping_pong(&session, move |b| b.context(ctx)).await;
+    let (rounds, served, via, location) = ping_pong(&session, move |b| b.context(ctx)).await;
     assert_eq!((rounds, served), (5, 5));
     assert_eq!(via, "direct");
+    assert_eq!(location, "SameThread");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_pong_over_memory() {
     let session = memory_session();
     let mut states = Observer::new(&session, "observer", "state.#").await;
-    let (rounds, served, via) = ping_pong(&session, |b| b).await;
+    let (rounds, served, via, location) = ping_pong(&session, |b| b).await;
     assert_eq!((rounds, served), (5, 5));
     assert_eq!(via, "memory");
+    assert_eq!(location, "SameProcess");
     // Every state change of both machines was published; ping's end with `finished`.
     let seen = states.until("state.ping.finished").await;
     assert!(seen.contains(&"state.pong.ready".to_owned()), "{seen:?}");

@@ -511,3 +511,74 @@ async fn failed_send_raises_error_communication() {
     assert_eq!(snap.context["failure"]["target"], "nobody");
     assert_eq!(snap.context["failure"]["event"], "HELLO");
 }
+
+#[tokio::test(start_paused = true)]
+async fn self_delayed_and_published_sends() {
+    let json = r#"{
+      "id": "sender", "initial": "idle", "context": {},
+      "states": {
+        "idle": { "on": { "GO": { "target": "first", "actions": "selfNext" } } },
+        "first": { "on": { "NEXT": "second" } },
+        "second": { "entry": "snooze", "on": { "WAKE": { "target": "awake", "actions": "announce" } } },
+        "awake": {}
+      }
+    }"#;
+    let actions = Actions::new()
+        .action("selfNext", |ctx| {
+            ctx.send_self("NEXT", ());
+            Ok(())
+        })
+        .action("snooze", |ctx| {
+            let me = ctx.machine_id().to_owned();
+            ctx.send_delayed(me, "WAKE", (), Duration::from_millis(300));
+            Ok(())
+        })
+        .action("announce", |ctx| {
+            ctx.publish("news.awake", "AWAKE", ctx.machine_id().to_owned());
+            Ok(())
+        });
+    let session = memory_session();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = session
+        .machine("reader", "Reader")
+        .handler(move |_n: &Node, env: switchyard::Envelope| {
+            let _ = tx.send((env.name().to_owned(), env.data::<String>().unwrap()));
+        })
+        .build()
+        .await
+        .unwrap();
+    reader.subscribe("news.#").await.unwrap();
+    let m = interp(json, &actions)
+        .bind(&session, "sleeper", "Sleeper")
+        .build()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    m.send("GO", ()).await;
+    // send_self is handled right after GO, before `send` returns to us.
+    assert!(m.matches("second"));
+    within(m.wait_for_state("awake")).await;
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    let (name, who) = within(rx.recv()).await.unwrap();
+    assert_eq!((name.as_str(), who.as_str()), ("AWAKE", "sleeper"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_cancels_timers_and_leaves_the_session() {
+    let session = memory_session();
+    let light = interp(
+        include_str!("fixtures/traffic_light.json"),
+        &traffic_actions(),
+    )
+    .bind(&session, "light", "TrafficLight")
+    .build()
+    .await
+    .unwrap();
+    assert!(session.node("light").is_some());
+    light.stop().await.unwrap();
+    assert!(session.node("light").is_none());
+    let before = light.transitions();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(light.transitions(), before, "no timer fired after stop");
+    assert!(light.matches("green"));
+}
