@@ -523,15 +523,14 @@ impl Node {
 
     /// Where a machine lives relative to this one, with its registry entry.
     pub async fn locate(&self, to: &MachineId) -> Result<(MachineEntry, Location)> {
-        let route = self.route_to(to).await?;
-        let entry = self
-            .0
-            .session
+        let s = &self.0.session;
+        let entry = s
             .registry
             .get(to)
             .await?
             .ok_or_else(|| Error::UnknownTarget(to.clone()))?;
-        Ok((entry, route.location))
+        let location = s.router.locate(&self.0.entry, &entry);
+        Ok((entry, location))
     }
 
     /// Sends an event to one machine.

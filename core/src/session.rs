@@ -20,6 +20,10 @@ use crate::transport::{TargetHandle, Transport, TrySend};
 pub trait Router: Send + Sync {
     /// The route from `from` to `to`: the computed location and the transports to try, in order.
     fn route(&self, from: &MachineEntry, to: &MachineEntry) -> Result<Route>;
+    /// The location of `to` as seen from `from`, overrides included, whether or not a transport reaches it.
+    fn locate(&self, from: &MachineEntry, to: &MachineEntry) -> Location {
+        Location::between(from, to)
+    }
     /// Transports that carry topics and groups, each used once per publish.
     fn pubsub(&self) -> &[Arc<dyn Transport>];
     /// Every transport of the session; machines are bound to each.

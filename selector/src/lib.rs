@@ -174,6 +174,10 @@ impl Router for Selector {
         Ok(Route::new(location, transports))
     }
 
+    fn locate(&self, from: &MachineEntry, to: &MachineEntry) -> Location {
+        self.location(from, to)
+    }
+
     fn pubsub(&self) -> &[Arc<dyn Transport>] {
         &self.pubsub
     }

@@ -231,7 +231,8 @@ macro_rules! conformance_suite {
             type_based_ping_pong, list_machine_types, health_turns_unhealthy_without_heartbeats,
             mesh_of_ten_all_to_all, request_reply, request_timeout, delayed_send_not_before_delay, self_send,
             group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, full_mailbox_policies,
-            expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine);
+            expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
+            fifo_per_sender_receiver, reentrant_bounce_runs_to_completion);
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1157,4 +1158,67 @@ pub async fn handler_panic_does_not_kill_machine(fx: Fixture) {
             .unwrap(),
         "AFTER"
     );
+}
+
+pub async fn fifo_per_sender_receiver(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (c, _) = w.recorder("c", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    const N: u32 = 2_000;
+    let (a2, c2) = (a.clone(), c.clone());
+    let t1 = tokio::spawn(async move {
+        for i in 0..N {
+            a2.send("b", "SEQ", i).await.unwrap();
+        }
+    });
+    let t2 = tokio::spawn(async move {
+        for i in 0..N {
+            c2.send("b", "SEQ", i).await.unwrap();
+        }
+    });
+    t1.await.unwrap();
+    t2.await.unwrap();
+    let mut next: HashMap<MachineId, u32> = HashMap::new();
+    for ev in rb.take(2 * N as usize).await {
+        let expected = next.entry(ev.source.clone()).or_default();
+        assert_eq!(
+            ev.data::<u32>().unwrap(),
+            *expected,
+            "events from {} arrive in order",
+            ev.source
+        );
+        *expected += 1;
+    }
+    assert_eq!(next.values().copied().collect::<Vec<_>>(), vec![N, N]);
+}
+
+/// Two machines bounce a counter from inside their handlers 10,000 times: a
+/// transport that recursed would overflow the stack, one that deadlocked would time out.
+pub async fn reentrant_bounce_runs_to_completion(fx: Fixture) {
+    const LAST: u32 = 10_000;
+    let w = fx.world();
+    let (done_tx, mut done) = mpsc::unbounded_channel::<u32>();
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        let done_tx = done_tx.clone();
+        w.machine(me, "Bouncer")
+            .handler(move |node, ev| {
+                let n: u32 = ev.data().unwrap();
+                if n >= LAST {
+                    let _ = done_tx.send(n);
+                } else {
+                    node.post(other, "BOUNCE", n + 1).unwrap();
+                }
+            })
+            .build()
+            .await
+            .unwrap();
+    }
+    let starter = w.machine("starter", "S").build().await.unwrap();
+    starter.send("a", "BOUNCE", 0u32).await.unwrap();
+    let n = tokio::time::timeout(WAIT, done.recv())
+        .await
+        .expect("the bounce completes")
+        .unwrap();
+    assert_eq!(n, LAST);
 }

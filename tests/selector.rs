@@ -1,0 +1,240 @@
+//! The selector: location → transports, fallback on retryable failures only, per-machine overrides.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use switchyard::{
+    Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry, MachineId,
+    MessageOrdering, Result, Transport, TransportHealth,
+};
+use tokio::sync::mpsc;
+
+/// A transport that reaches every location and fails every send, retryably or not.
+struct Failing {
+    retryable: bool,
+    attempts: AtomicUsize,
+    caps: Capabilities,
+}
+
+impl Failing {
+    fn new(retryable: bool) -> Arc<Failing> {
+        Arc::new(Failing {
+            retryable,
+            attempts: AtomicUsize::new(0),
+            caps: Capabilities {
+                locations: Location::ALL.to_vec(),
+                ordering: MessageOrdering::Unordered,
+                delivery: DeliveryGuarantee::AtMostOnce,
+                max_message_size: None,
+                serializes: false,
+                topics: false,
+                groups: false,
+                request: false,
+                mailboxes: false,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for Failing {
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    async fn bind(&self, _: &MachineEntry, _: Inbox) -> Result<()> {
+        Ok(())
+    }
+    async fn unbind(&self, _: &MachineId) -> Result<()> {
+        Ok(())
+    }
+    async fn send(&self, _: &MachineId, _: Envelope) -> Result<()> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        Err(Error::Transport {
+            transport: "failing",
+            reason: "link down (test)".into(),
+            retryable: self.retryable,
+        })
+    }
+    fn health(&self) -> TransportHealth {
+        TransportHealth::default()
+    }
+    fn close(&self) {}
+}
+
+async fn recorder(s: &switchyard::Session, id: &str) -> mpsc::UnboundedReceiver<Envelope> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.machine(id, "T")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev);
+        })
+        .build()
+        .await
+        .unwrap();
+    rx
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Envelope>) -> Envelope {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn falls_back_to_the_next_transport_on_a_retryable_failure() {
+    let failing = Failing::new(true);
+    let s = switchyard::builder()
+        .selector(|sel| {
+            sel.transport(failing.clone())
+                .prefer(Location::SameProcess, ["failing", "memory"])
+        })
+        .build()
+        .unwrap();
+    let mut rb = recorder(&s, "b").await;
+    let a = s.machine("a", "T").build().await.unwrap();
+    a.send("b", "X", 1u8).await.unwrap();
+    assert_eq!(next(&mut rb).await.carried_by, Some("memory"));
+    assert_eq!(
+        failing.attempts.load(Ordering::SeqCst),
+        1,
+        "the preferred transport was tried first"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_returned_not_masked() {
+    let failing = Failing::new(false);
+    let s = switchyard::builder()
+        .selector(|sel| {
+            sel.transport(failing.clone())
+                .prefer(Location::SameProcess, ["failing", "memory"])
+        })
+        .build()
+        .unwrap();
+    let _rb = recorder(&s, "b").await;
+    let a = s.machine("a", "T").build().await.unwrap();
+    let err = a.send("b", "X", 1u8).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Transport {
+                retryable: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn per_machine_overrides_pick_the_transport_and_the_location() {
+    let s = switchyard::builder()
+        .selector(|sel| {
+            sel.force_transports("pinned", ["memory"])
+                .force_location("far", Location::Remote)
+        })
+        .build()
+        .unwrap();
+    let ctx = s.context();
+    let a = s.machine("a", "T").context(ctx).build().await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for id in ["near", "pinned"] {
+        let tx = tx.clone();
+        s.machine(id, "T")
+            .context(ctx)
+            .handler(move |_, ev| {
+                let _ = tx.send(ev);
+            })
+            .build()
+            .await
+            .unwrap();
+    }
+    s.machine("far", "T").build().await.unwrap();
+    a.send("near", "X", ()).await.unwrap();
+    assert_eq!(
+        next(&mut rx).await.carried_by,
+        Some("direct"),
+        "same context goes direct"
+    );
+    a.send("pinned", "X", ()).await.unwrap();
+    assert_eq!(
+        next(&mut rx).await.carried_by,
+        Some("memory"),
+        "the override wins over the location"
+    );
+    let (_, loc) = a.locate(&MachineId::from("far")).await.unwrap();
+    assert_eq!(loc, Location::Remote);
+    assert!(
+        matches!(
+            a.send("far", "X", ()).await,
+            Err(Error::NoTransport {
+                location: Location::Remote,
+                ..
+            })
+        ),
+        "no enabled transport reaches a remote machine"
+    );
+}
+
+#[tokio::test]
+async fn location_follows_host_process_and_context() {
+    let s = switchyard::builder().build().unwrap();
+    let ctx = s.context();
+    let a = s.machine("a", "T").context(ctx).build().await.unwrap();
+    let same_thread = s.machine("st", "T").context(ctx).build().await.unwrap();
+    let other_ctx = s
+        .machine("sp", "T")
+        .context(s.context())
+        .build()
+        .await
+        .unwrap();
+    let mut other_process = a.entry().clone();
+    other_process.process_id = "another-process".into();
+    let mut other_host = a.entry().clone();
+    other_host.host_id = "another-host".into();
+    assert_eq!(
+        Location::between(a.entry(), same_thread.entry()),
+        Location::SameThread
+    );
+    assert_eq!(
+        Location::between(a.entry(), other_ctx.entry()),
+        Location::SameProcess
+    );
+    assert_eq!(
+        Location::between(a.entry(), &other_process),
+        Location::SameMachine
+    );
+    assert_eq!(Location::between(a.entry(), &other_host), Location::Remote);
+}
+
+#[tokio::test]
+async fn removing_a_transport_by_configuration() {
+    let s = switchyard::builder()
+        .selector(|sel| sel.without(["direct"]))
+        .build()
+        .unwrap();
+    let names: Vec<_> = s.router().transports().iter().map(|t| t.name()).collect();
+    assert!(!names.contains(&"direct"));
+    let ctx = s.context();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.machine("b", "T")
+        .context(ctx)
+        .handler(move |_, ev| {
+            let _ = tx.send(ev);
+        })
+        .build()
+        .await
+        .unwrap();
+    let a = s.machine("a", "T").context(ctx).build().await.unwrap();
+    a.send("b", "X", ()).await.unwrap();
+    assert_eq!(
+        next(&mut rx).await.carried_by,
+        Some("memory"),
+        "memory also reaches same-thread machines"
+    );
+}
