@@ -843,13 +843,15 @@ impl<'a> Builder<'a> {
                 ));
             }
         }
-        // XState v5 default (`reenter: false`): a transition to descendants of its own source does
-        // not exit the source (SCXML `type="internal"`); `reenter: true` / `internal: false` does.
+        // XState v5 default (`reenter: false`): a transition to its own source or the source's
+        // descendants does not exit the source (SCXML `type="internal"`); `reenter: true` /
+        // `internal: false` does. A parallel source is always exited (SCXML: only compound
+        // states are transition domains), and so is an atomic one with `reenter: true`.
         let s = &self.chart.states[source as usize];
         tr.internal = !reenter.unwrap_or(false)
-            && s.kind == StateKind::Compound
+            && matches!(s.kind, StateKind::Compound | StateKind::Atomic)
             && !tr.targets.is_empty()
-            && tr.targets.iter().all(|&t| t > source && t <= s.end);
+            && tr.targets.iter().all(|&t| t >= source && t <= s.end);
         Ok(tr)
     }
 

@@ -639,8 +639,13 @@ impl Interpreter {
     }
 
     fn exit_sets_intersect(&self, t1: u32, t2: u32) -> bool {
+        // An exit set is the active part of `(domain, end]`: empty for an atomic domain
+        // (internal self-transition), never empty for an active compound or the root.
+        let nonempty = |d: u32| self.chart.states[d as usize].end > d;
         match (self.domain(t1), self.domain(t2)) {
-            (Some(a), Some(b)) => a == b || self.is_desc(a, b) || self.is_desc(b, a),
+            (Some(a), Some(b)) if nonempty(a) && nonempty(b) => {
+                a == b || self.is_desc(a, b) || self.is_desc(b, a)
+            }
             _ => false,
         }
     }
@@ -773,7 +778,16 @@ impl Interpreter {
                 continue;
             }
             for &s in &tr.targets {
-                self.add_descendants(st, s);
+                if tr.internal && s == tr.source {
+                    // Internal self-transition: the source stays; a compound one restarts at its initial child.
+                    let init = self.chart.states[s as usize].initial;
+                    if let Some(init) = init {
+                        self.add_descendants(st, init);
+                        self.add_ancestors(st, init, Some(s));
+                    }
+                } else {
+                    self.add_descendants(st, s);
+                }
             }
             let domain = self.domain(t);
             for &s in &tr.targets {
@@ -819,7 +833,14 @@ impl Interpreter {
         }
     }
 
+    /// SCXML addAncestorStatesToEnter: the proper ancestors of `s` below `stop` (none if `stop`
+    /// is not an ancestor of `s`).
     fn add_ancestors(&self, st: &mut MachineState, s: u32, stop: Option<u32>) {
+        if let Some(d) = stop
+            && !self.is_desc(s, d)
+        {
+            return;
+        }
         let mut at = self.chart.states[s as usize].parent;
         while let Some(a) = at {
             if Some(a) == stop {

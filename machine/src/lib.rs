@@ -15,6 +15,13 @@
 //!
 //! # Semantics where XState leaves a choice
 //!
+//! - **Re-entry** follows XState v5: a transition to its own source or to the source's
+//!   descendants does not exit the source unless it says `reenter: true` (v4: `internal: false`);
+//!   an atomic self-transition runs only its actions, a compound one restarts at the initial
+//!   child. (v4 re-entered on a plain self-target; write `reenter: true` for that.)
+//! - **Event matching**: exact names first, then `prefix.*`, then `*`; candidates of one event are
+//!   tried in document order, the first whose guard (`guard` or v4 `cond`) passes wins;
+//!   `EVENT: null` consumes the event without doing anything.
 //! - **Sends** requested by actions ([`ActionContext::send`], `send_to_any_of_type`, `publish`,
 //!   `send_self`, `send_delayed`, `request`, `reply`) are collected during the step and run after
 //!   it, in the order requested. `send_self` queues the event on the machine itself without a

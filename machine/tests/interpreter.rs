@@ -453,3 +453,71 @@ fn snapshot_serializes() {
     assert_eq!(back.status, Status::Active);
     assert!(text.contains(r#""value":{"active":"playing"}"#), "{text}");
 }
+
+#[test]
+fn self_transitions_follow_xstate_v5_reenter() {
+    let json = r#"{
+      "id": "s", "initial": "a", "context": { "log": [] },
+      "states": {
+        "a": {
+          "entry": { "type": "log", "params": { "msg": "enter a" } },
+          "exit": { "type": "log", "params": { "msg": "exit a" } },
+          "after": { "100": "b" },
+          "on": {
+            "SELF": "a",
+            "AGAIN": { "target": "a", "reenter": true },
+            "AGAIN_V4": { "target": "a", "internal": false }
+          }
+        },
+        "b": {
+          "initial": "x",
+          "entry": { "type": "log", "params": { "msg": "enter b" } },
+          "on": { "RESET": "b", "Y": ".y" },
+          "states": {
+            "x": { "entry": { "type": "log", "params": { "msg": "enter x" } } },
+            "y": { "exit": { "type": "log", "params": { "msg": "exit y" } } }
+          }
+        }
+      }
+    }"#;
+    let interp = Interpreter::from_json(json, &log_actions()).unwrap();
+    let mut st = started(&interp);
+    let _ = st.take_timers();
+    let n = take_log(&mut st).len();
+
+    // Default: neither exits nor re-enters, the timer keeps running.
+    assert!(interp.send(&mut st, &ev("SELF")).transitioned);
+    assert_eq!(take_log(&mut st).len(), n);
+    assert!(!st.has_timers());
+    assert!(interp.entered_paths(&st).next().is_none());
+
+    // `reenter: true` (v5) and `internal: false` (v4) exit and re-enter, restarting the timer.
+    for event in ["AGAIN", "AGAIN_V4"] {
+        let n = take_log(&mut st).len();
+        interp.send(&mut st, &ev(event));
+        assert_eq!(take_log(&mut st)[n..], ["exit a", "enter a"], "{event}");
+        let timers = st.take_timers();
+        assert!(matches!(
+            timers[..],
+            [TimerCommand::Cancel(_), TimerCommand::Start(..)]
+        ));
+    }
+
+    // A compound self-transition restarts at the initial child without leaving the state.
+    let TimerCommand::Start(t, _) = interp_timer(&interp, &mut st) else {
+        panic!()
+    };
+    interp.fire(&mut st, t);
+    interp.send(&mut st, &ev("Y"));
+    assert!(interp.matches(&st, "b.y"));
+    let n = take_log(&mut st).len();
+    interp.send(&mut st, &ev("RESET"));
+    assert!(interp.matches(&st, "b.x"));
+    assert_eq!(take_log(&mut st)[n..], ["exit y", "enter x"]);
+}
+
+/// Re-enters `a` once more and returns the timer it starts.
+fn interp_timer(interp: &Interpreter, st: &mut MachineState) -> TimerCommand {
+    interp.send(st, &ev("AGAIN"));
+    st.take_timers()[1]
+}

@@ -111,9 +111,15 @@ async fn ping_pong_over_memory() {
     assert!(seen.contains(&"state.pong.ready".to_owned()), "{seen:?}");
     assert!(seen.contains(&"state.ping.idle".to_owned()), "{seen:?}");
     assert_eq!(
-        seen.iter().filter(|t| *t == "state.ping.waiting").count(),
-        5,
-        "{seen:?}"
+        seen.iter()
+            .filter(|t| t.starts_with("state.ping."))
+            .collect::<Vec<_>>(),
+        [
+            "state.ping.idle",
+            "state.ping.waiting",
+            "state.ping.finished"
+        ],
+        "the rounds are targetless: no state change"
     );
 }
 
