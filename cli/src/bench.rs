@@ -5,6 +5,16 @@
 //! with the same message size and queue bounds (docs: BENCHMARKING.md). The
 //! table gives each figure's ratio to its raw baseline.
 
+/// `println!` that turns a closed stdout (`| head`) into an error line instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+            .map_err(|e| format!("cannot write to stdout: {e}"))?
+    }};
+}
+pub(crate) use say;
+
 mod direct;
 mod measure;
 mod memory;
@@ -152,13 +162,13 @@ pub async fn run(args: BenchArgs) -> CliResult {
     );
     let (selected, not_built) = select(providers(), &args.transports);
     for n in not_built {
-        println!("{n}: skipped: this build has no `{n}` transport yet");
+        say!("{n}: skipped: this build has no `{n}` transport yet");
     }
     let mut ready = Vec::new();
     for p in selected {
         match p.check().await {
             Ok(()) => ready.push(p),
-            Err(why) => println!("{}: skipped: {why}", p.name()),
+            Err(why) => say!("{}: skipped: {why}", p.name()),
         }
     }
     if ready.is_empty() {
@@ -166,7 +176,7 @@ pub async fn run(args: BenchArgs) -> CliResult {
     }
 
     let conditions = Conditions::here(&cfg, rounds);
-    println!("{}", conditions.describe());
+    say!("{}", conditions.describe());
 
     let mut plan = Vec::new();
     let mut notes = Vec::new();
@@ -194,14 +204,14 @@ pub async fn run(args: BenchArgs) -> CliResult {
     }
     bar.finish_and_clear();
 
-    report::print_table(&rows, &notes);
+    report::print_table(&rows, &notes)?;
     if let Some(path) = &args.json {
         report::write_json(path, &rows)?;
-        println!("wrote {}", path.display());
+        say!("wrote {}", path.display());
     }
     if let Some(path) = &args.svg {
         report::write_svg(path, &rows, &conditions)?;
-        println!("wrote {}", path.display());
+        say!("wrote {}", path.display());
     }
     match failures.len() {
         0 => Ok(()),

@@ -2,23 +2,37 @@
 //!
 //! One `ui` machine talks to machines at every distance the enabled transports
 //! reach: pinned to its own single-threaded context (`SameThread`), elsewhere in
-//! this process (`SameProcess`), and, when remote flags are given, behind a
-//! broker. It sends by id, by type (`send_to_any_of_type`) and by topic; every
+//! this process (`SameProcess`), in a second process that the demo starts from
+//! its own binary (`SameMachine`, through a bus daemon it runs in-process on a
+//! temporary socket) and, when remote flags are given, behind a broker. It
+//! sends by id, by type (`send_to_any_of_type`) and by topic; every
 //! receiver answers `SEEN` with the transport that carried the event
 //! (`Envelope::carried_by`), and the sender prints that beside the location the
 //! selector computed (`Node::locate`).
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard::{Envelope, Location, MachineId, Node};
+use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig};
+use switchyard::{Envelope, Location, MachineId, Node, Session};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::CliResult;
+use crate::bench::say;
 
 /// How long the demo waits for one answer before giving up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the second process may take to connect and register its machines.
+const CHILD_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the second process prints once its machines are registered.
+const READY: &str = "switchyard-demo-child ready";
 
 /// Options of `switchyard demo`.
 #[derive(clap::Args)]
@@ -29,6 +43,9 @@ pub struct DemoArgs {
     /// Also start remote machines through Redis at this URL (e.g. redis://127.0.0.1:6379).
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// Internal: run as the demo's second process, on the bus daemon at this socket.
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    child: Option<PathBuf>,
 }
 
 /// What a receiver reports back to the sender.
@@ -55,9 +72,36 @@ fn reporter(node: &Node, ev: Envelope) {
     }
 }
 
-/// Runs `switchyard demo`.
+/// Runs `switchyard demo` (or, with the hidden `--child`, its second process).
 pub async fn run(args: DemoArgs) -> CliResult {
-    let session = switchyard::builder().build()?;
+    if let Some(socket) = &args.child {
+        return run_child(socket).await;
+    }
+    // The bus daemon runs inside this process on a fresh socket, so the demo needs no server.
+    let socket = switchyard::ipc::unique_socket_path(&std::env::temp_dir(), "switchyard-demo");
+    let daemon = Daemon::start(DaemonConfig::new(&socket)).map_err(|e| {
+        format!(
+            "cannot start the demo's bus daemon at {}: {e}",
+            socket.display()
+        )
+    })?;
+    let result = run_parent(&args, &socket).await;
+    daemon.shutdown().await;
+    result
+}
+
+async fn run_parent(args: &DemoArgs, socket: &Path) -> CliResult {
+    // The first registration waits for the connection (`IpcBus::wait_connected` can miss a
+    // connection made before it subscribes, so it is not used here).
+    let bus = IpcBus::connect(IpcConfig::new(socket).client_id("switchyard-demo"))?;
+    let session = switchyard::builder().ipc(&bus).build()?;
+    let result = deployment(args, &session, socket).await;
+    session.shutdown();
+    bus.close();
+    result
+}
+
+async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliResult {
     let ui_thread = session.context();
     let (tx, mut rx) = mpsc::channel::<Report>(64);
 
@@ -109,7 +153,10 @@ pub async fn run(args: DemoArgs) -> CliResult {
         .await?;
     let _sub = logger.subscribe("orders.#").await?;
 
-    let remote = remote_notes(&args).await;
+    // Another process on this host: SameMachine. Killed on drop, so an early return cannot leak it.
+    let mut child = SecondProcess::start(socket).await?;
+
+    let remote = remote_notes(args).await;
     let worker_count = ui.discover("Worker").await?.len();
     let mut demo = Demo {
         ui: &ui,
@@ -117,28 +164,134 @@ pub async fn run(args: DemoArgs) -> CliResult {
         seen: BTreeSet::new(),
     };
 
-    println!(
+    say!(
         "switchyard demo: `ui` sends by id, by type and by topic; each receiver answers with the transport that carried it"
     );
-    println!();
+    say!(
+        "  this process (pid {}): ui and display share one single-threaded context; worker-1, worker-2, logger (subscribed to orders.#)",
+        std::process::id()
+    );
+    say!(
+        "  second process (pid {}), through a bus daemon on {}: worker-3, billing, audit (subscribed to orders.#)",
+        child.pid(),
+        socket.display()
+    );
+    say!();
     demo.by_id("display", "REFRESH").await?;
     demo.by_id("worker-1", "JOB").await?;
     for _ in 0..worker_count {
         demo.by_type("Worker", "JOB").await?;
     }
-    demo.by_topic("orders.created", "ORDER_CREATED").await?;
-    println!();
+    demo.by_id("billing", "INVOICE").await?;
+    // logger here, audit in the second process.
+    demo.by_topic("orders.created", "ORDER_CREATED", 2).await?;
+    child.stop().await;
+    say!();
     for line in remote {
-        println!("{line}");
+        say!("{line}");
     }
     let locations: Vec<String> = demo.seen.iter().map(|(l, _)| format!("{l:?}")).collect();
     let transports: BTreeSet<&str> = demo.seen.iter().map(|(_, t)| t.as_str()).collect();
-    println!(
+    say!(
         "locations seen: {}; transports used: {}",
         locations.join(", "),
         transports.into_iter().collect::<Vec<_>>().join(", ")
     );
+    Ok(())
+}
+
+/// The demo's second process: this binary again, with `demo --child SOCKET`.
+struct SecondProcess {
+    child: Child,
+}
+
+impl SecondProcess {
+    /// Starts it and waits for its ready line (not a sleep): its machines are registered by then.
+    async fn start(
+        socket: &Path,
+    ) -> Result<SecondProcess, Box<dyn std::error::Error + Send + Sync>> {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find this program to start the second process: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg("demo")
+            .arg("--child")
+            .arg(socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start the demo's second process: {e}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or("the second process has no stdout pipe")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(CHILD_READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if line == READY {
+                    return Ok(true);
+                }
+            }
+            Ok::<bool, std::io::Error>(false)
+        })
+        .await;
+        match ready {
+            Ok(Ok(true)) => Ok(SecondProcess { child }),
+            Ok(Ok(false)) => Err("the demo's second process exited before it was ready".into()),
+            Ok(Err(e)) => Err(format!("cannot read the second process's output: {e}").into()),
+            Err(_) => Err(format!(
+                "the demo's second process was not ready within {CHILD_READY_TIMEOUT:?}"
+            )
+            .into()),
+        }
+    }
+
+    /// Its process id.
+    fn pid(&self) -> String {
+        self.child
+            .id()
+            .map_or_else(|| "?".to_string(), |p| p.to_string())
+    }
+
+    /// Closes its stdin, which tells it to leave, and waits for it; kills it if it lingers.
+    async fn stop(&mut self) {
+        drop(self.child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The second process: `worker-3` (a Worker), `billing` and `audit` (subscribed to `orders.#`), until stdin closes.
+async fn run_child(socket: &Path) -> CliResult {
+    let bus = IpcBus::connect(IpcConfig::new(socket).client_id("switchyard-demo-child"))?;
+    let session = switchyard::builder().ipc(&bus).build()?;
+    let _worker = session
+        .machine("worker-3", "Worker")
+        .handler(reporter)
+        .build()
+        .await?;
+    let _billing = session
+        .machine("billing", "Billing")
+        .handler(reporter)
+        .build()
+        .await?;
+    let audit = session
+        .machine("audit", "Auditor")
+        .handler(reporter)
+        .build()
+        .await?;
+    let _sub = audit.subscribe("orders.#").await?;
+    say!("{READY}");
+    // Serve until the parent closes our stdin (or dies, which closes it too).
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
     session.shutdown();
+    bus.close();
     Ok(())
 }
 
@@ -161,11 +314,11 @@ impl Demo<'_> {
         self.print(&r, format!("by type {machine_type}")).await
     }
 
-    async fn by_topic(&mut self, topic: &str, event: &str) -> CliResult {
-        let n = self.ui.publish(topic, event, ()).await?;
-        if n == 0 {
-            return Err(format!("nobody is subscribed to `{topic}`").into());
-        }
+    /// Publishes and waits for the `expected` subscribers of the deployment to answer.
+    async fn by_topic(&mut self, topic: &str, event: &str, expected: usize) -> CliResult {
+        // Cross-process subscribers are counted by the daemon, not here, so wait for the known ones.
+        self.ui.publish(topic, event, ()).await?;
+        let n = expected;
         let mut reports = Vec::with_capacity(n);
         for _ in 0..n {
             reports.push(self.answer(event).await?);
@@ -198,7 +351,7 @@ impl Demo<'_> {
 
     async fn print(&mut self, r: &Report, how: String) -> CliResult {
         let (_, location) = self.ui.locate(&r.from).await?;
-        println!(
+        say!(
             "ui -> {:<10} {:<24} location={:<12} transport={}",
             r.from.as_str(),
             how,

@@ -40,6 +40,15 @@ fn demo_shows_each_location_with_the_transport_that_carried_it() {
         seen.contains(&("SameProcess".into(), "memory".into())),
         "{stdout}"
     );
+    // The second process the demo starts itself, reached through the bus daemon.
+    assert!(
+        seen.contains(&("SameMachine".into(), "ipc".into())),
+        "{stdout}"
+    );
+    let mut locations: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+    locations.sort();
+    locations.dedup();
+    assert!(locations.len() >= 3, "{locations:?}\n{stdout}");
     // Every exchange is by id, by type or by topic, and all three appear.
     for how in ["by id", "by type", "by topic"] {
         assert!(

@@ -262,26 +262,27 @@ pub fn table(rows: &[Row]) -> String {
 }
 
 /// Prints the table, the baselines and the workloads a transport does not offer.
-pub fn print_table(rows: &[Row], notes: &[String]) {
-    println!();
-    print!("{}", table(rows));
-    println!();
+pub fn print_table(rows: &[Row], notes: &[String]) -> Result<(), String> {
+    say!();
+    say!("{}", table(rows).trim_end());
+    say!();
     let mut seen = Vec::new();
     for r in rows {
         if !seen.contains(&r.transport) {
             seen.push(r.transport);
-            println!("raw baseline of {}: {}", r.transport, r.baseline);
+            say!("raw baseline of {}: {}", r.transport, r.baseline);
         }
     }
     for n in notes {
-        println!("{n}");
+        say!("{n}");
     }
-    println!(
+    say!(
         "ratio = ours / raw throughput (higher is better); p50 × = ours / raw p50 latency (lower is better)."
     );
-    println!(
+    say!(
         "ping-pong msg/s counts round trips and its latency is the round trip; other latencies are one-way, from the intended send time, at full load."
     );
+    Ok(())
 }
 
 /// Writes the rows as a JSON array.

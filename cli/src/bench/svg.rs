@@ -101,7 +101,7 @@ fn panel(
         .disable_x_mesh()
         .x_labels(rows.len().max(1))
         .x_label_formatter(&|_| String::new())
-        .y_label_formatter(&|v| si(*v))
+        .y_label_formatter(&|v| if *v < 1.0 { format!("{v:.2}") } else { si(*v) })
         .draw()
         .map_err(err)?;
 
