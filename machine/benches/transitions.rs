@@ -4,9 +4,11 @@
 //! - `interpreter`: the pure transition step (events fed to the interpreter directly, no Node,
 //!   no tokio): a flat two-state toggle without actions, the same toggle with one context-updating
 //!   action, a nested media player and a parallel text editor;
-//! - `end_to_end`: the flat toggle bound to a Node, for information: events given to the machine
-//!   directly, sent by another machine over `direct` (same thread) and over `memory` (same
-//!   process, waits until the machine has handled them); state publication on, no subscriber.
+//! - `end_to_end`: the flat toggle bound to a Node, for information (current-thread runtime):
+//!   events given to the machine directly (`machine_send`, a session with direct + memory, so
+//!   state changes are published, to no subscriber), sent by another machine over `direct`
+//!   (same thread; no pub/sub transport, so nothing is published) and over `memory` (same
+//!   process; published; waits until the machine has handled them all).
 //!
 //! Run: `cargo bench -p switchyard-machine --bench transitions`
 
@@ -95,7 +97,6 @@ fn interpreter(c: &mut Criterion) {
 }
 
 async fn wait_transitions(m: &StateMachine, n: u64) {
-    m.wait_until(|_| true).await;
     while m.transitions() < n {
         tokio::task::yield_now().await;
     }

@@ -382,7 +382,8 @@ impl Interpreter {
             interp: self.clone(),
             builder: session.machine(id, machine_type),
             context: None,
-            publish: true,
+            // Without a pub/sub transport there is nobody to publish to: skip the work.
+            publish: !session.router().pubsub().is_empty(),
             capacity: DEFAULT_QUEUE_CAPACITY,
         }
     }
@@ -408,7 +409,8 @@ impl StateMachineBuilder {
         self.builder = f(self.builder);
         self
     }
-    /// Whether state changes are published on `state.<id>.<path>` (default: on).
+    /// Whether state changes are published on `state.<id>.<path>` (default: on when the session
+    /// has a pub/sub transport).
     pub fn publish_states(mut self, on: bool) -> Self {
         self.publish = on;
         self

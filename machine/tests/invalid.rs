@@ -203,3 +203,93 @@ fn duplicate_ids_and_bad_keys() {
     let e = no_actions(r#"{"id":"m","initial":"a","states":{"a":{},"a":{}}}"#);
     assert!(matches!(e, LoadError::Json(_)), "duplicate keys: {e:?}");
 }
+
+/// Mutated fixtures load or fail with an error; the ones that load run without panicking.
+#[test]
+fn mangled_charts_never_panic() {
+    use switchyard_machine::{Event, TimerCommand};
+    let fixtures = [
+        include_str!("fixtures/traffic_light.json"),
+        include_str!("fixtures/media_player.json"),
+        include_str!("fixtures/text_editor.json"),
+        include_str!("fixtures/door.json"),
+        include_str!("fixtures/ping.json"),
+        include_str!("fixtures/ingester.json"),
+    ];
+    let alphabet: Vec<char> = r##"{}[]",:0123 aT.#*-_"##.chars().collect();
+    let events = [
+        "T",
+        "PLAY",
+        "PAUSE",
+        "STOP",
+        "NEXT",
+        "RESTART",
+        "TOGGLE_BOLD",
+        "RESET",
+        "UNLOCK",
+        "START",
+        "PONG",
+        "EMERGENCY",
+        "FILE_COMPLETE",
+    ];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let (mut loaded, mut rejected) = (0, 0);
+    for _ in 0..3000 {
+        let mut text: Vec<char> = fixtures[next(fixtures.len())].chars().collect();
+        for _ in 0..=next(3) {
+            let at = next(text.len());
+            match next(3) {
+                0 => text[at] = alphabet[next(alphabet.len())],
+                1 => {
+                    let end = (at + next(12)).min(text.len());
+                    text.drain(at..end);
+                }
+                _ => text.insert(at, alphabet[next(alphabet.len())]),
+            }
+            if text.is_empty() {
+                break;
+            }
+        }
+        let text: String = text.into_iter().collect();
+        let chart = match Chart::from_json(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                rejected += 1;
+                continue;
+            }
+        };
+        let mut actions = Actions::new();
+        let names: Vec<String> = chart.action_names().map(str::to_owned).collect();
+        for n in &names {
+            actions = actions.action(n, |_| Ok(()));
+        }
+        let guards: Vec<String> = chart.guard_names().map(str::to_owned).collect();
+        for (i, g) in guards.iter().enumerate() {
+            actions = actions.guard(g, move |_| i % 2 == 0);
+        }
+        let interp = Interpreter::new(chart, &actions).expect("every name is in the map");
+        let mut st = interp.new_state();
+        interp.start(&mut st);
+        for e in events {
+            interp.send(&mut st, &Event::new(e));
+            for t in st.take_timers() {
+                if let TimerCommand::Start(id, _) = t {
+                    interp.fire(&mut st, id);
+                }
+            }
+        }
+        let _ = interp.snapshot(&st);
+        loaded += 1;
+    }
+    assert!(
+        loaded > 100 && rejected > 100,
+        "loaded {loaded}, rejected {rejected}"
+    );
+}
