@@ -326,10 +326,19 @@ impl FrameReader {
             self.buf.reserve(READ_CHUNK);
         }
         let mut r: &Stream = stream;
-        let n = r
-            .read_buf(&mut self.buf)
-            .await
-            .map_err(|e| IpcError::io("peer", e))?;
+        let n = match r.read_buf(&mut self.buf).await {
+            Ok(n) => n,
+            // A peer that exits with unread data in its socket resets instead of closing; same thing.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                0
+            }
+            Err(e) => return Err(IpcError::io("peer", e)),
+        };
         if n == 0 {
             frame::check_eof(&self.buf)?;
             return Ok(false);
