@@ -139,7 +139,10 @@ impl Shared {
                 ),
                 Input::Timer(t) => (
                     self.interp.fire_with(&mut st, *t, Some(node)),
-                    "xstate.after".into(),
+                    self.interp
+                        .timer_event(*t)
+                        .cloned()
+                        .unwrap_or_else(|| "xstate.after".into()),
                 ),
             };
             let effects = if st.has_effects() {

@@ -342,6 +342,11 @@ impl Interpreter {
         self.macrostep(st, &event, Some(timer.event), node)
     }
 
+    /// The name of the event a timer raises (`xstate.after.<ms>.<state id>`).
+    pub fn timer_event(&self, timer: TimerId) -> Option<&Arc<str>> {
+        self.chart.event_names.get(timer.event as usize)
+    }
+
     /// The state value, context and status.
     pub fn snapshot(&self, st: &MachineState) -> Snapshot {
         Snapshot {

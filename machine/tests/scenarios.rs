@@ -582,3 +582,68 @@ async fn stop_cancels_timers_and_leaves_the_session() {
     assert_eq!(light.transitions(), before, "no timer fired after stop");
     assert!(light.matches("green"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_editor_publishes_each_region() {
+    let session = memory_session();
+    let mut states = Observer::new(&session, "watch", "state.editor.#").await;
+    let editor = interp(include_str!("fixtures/text_editor.json"), &Actions::new())
+        .bind(&session, "editor", "Editor")
+        .build()
+        .await
+        .unwrap();
+    for topic in [
+        "state.editor.bold.off",
+        "state.editor.italic.off",
+        "state.editor.underline.off",
+    ] {
+        assert_eq!(states.next().await.0, topic);
+    }
+    let user = session.machine("user", "User").build().await.unwrap();
+    user.send("editor", "TOGGLE_BOLD", ()).await.unwrap();
+    let (topic, change) = states.next().await;
+    assert_eq!(topic, "state.editor.bold.on");
+    assert_eq!(change.event, "TOGGLE_BOLD");
+    assert_eq!(
+        change.value,
+        json!({ "bold": "on", "italic": "off", "underline": "off" })
+    );
+    user.send("editor", "TOGGLE_ITALIC", ()).await.unwrap();
+    assert_eq!(states.next().await.0, "state.editor.italic.on");
+    assert!(editor.matches("bold.on") && editor.matches("italic.on"));
+    assert!(editor.snapshot().matches("underline.off"));
+}
+
+#[tokio::test]
+async fn nested_player_over_direct() {
+    let session = common::direct_session();
+    let ctx = session.context();
+    let actions = Actions::new()
+        .action("log", |_| Ok(()))
+        .action("nextTrack", |ctx| {
+            let t: u64 = ctx.get("track")?;
+            ctx.set("track", t + 1)
+        });
+    let player = interp(include_str!("fixtures/media_player.json"), &actions)
+        .bind(&session, "player", "Player")
+        .configure(|b| b.context(ctx))
+        .build()
+        .await
+        .unwrap();
+    let remote = session
+        .machine("remote", "Remote")
+        .context(ctx)
+        .build()
+        .await
+        .unwrap();
+    for ev in ["PLAY", "PAUSE", "NEXT", "FF"] {
+        // Direct delivers on this task: the event is handled when `send` returns.
+        remote.send("player", ev, ()).await.unwrap();
+    }
+    assert!(player.matches("active.fastForward"));
+    let snap = player.snapshot();
+    assert_eq!(snap.value, json!({ "active": "fastForward" }));
+    assert_eq!(snap.context["track"], 1);
+    remote.send("player", "STOP", ()).await.unwrap();
+    assert!(player.matches("stopped"));
+}
