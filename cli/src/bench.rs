@@ -16,6 +16,7 @@ macro_rules! say {
 pub(crate) use say;
 
 mod direct;
+mod ipc;
 mod measure;
 mod memory;
 mod ours;
@@ -35,7 +36,9 @@ use provider::{Provider, Side, Workload};
 use report::{Conditions, Row, Stats};
 
 /// Every transport name `--transports` accepts: the ones measured here and the ones planned.
-const KNOWN: [&str; 6] = ["direct", "memory", "ipc", "zeromq", "rabbitmq", "redis"];
+const KNOWN: [&str; 7] = [
+    "direct", "memory", "ipc", "ipc-p2p", "zeromq", "rabbitmq", "redis",
+];
 
 /// Largest `--size` accepted: every queue holds up to 1024 messages of it, per consumer.
 const MAX_SIZE: usize = 1 << 20;
@@ -112,7 +115,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Every transport this binary can measure, in report order.
 fn providers() -> Vec<Box<dyn Provider>> {
-    vec![Box::new(direct::Direct), Box::new(memory::Memory)]
+    vec![
+        Box::new(direct::Direct),
+        Box::new(memory::Memory),
+        Box::new(ipc::Ipc { p2p: false }),
+        Box::new(ipc::Ipc { p2p: true }),
+    ]
 }
 
 /// The chosen providers, and the names asked for that this build does not have.

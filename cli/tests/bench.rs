@@ -60,7 +60,9 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
             "percentiles out of order in {row}"
         );
         // In-process transports with waiting mailboxes lose nothing.
-        assert_eq!(row["lost"].as_u64(), Some(0), "{row}");
+        if transport == "direct" || transport == "memory" {
+            assert_eq!(row["lost"].as_u64(), Some(0), "{row}");
+        }
         pairs.push((transport.to_string(), workload.to_string()));
     }
     for t in ["direct", "memory"] {

@@ -1,0 +1,284 @@
+//! The `ipc` transport (same host, other process) beside a raw unix socket with the same framing.
+//!
+//! Both sides run in this process so they share the measurement: ours is two
+//! sessions (each its own process instance, so `SameMachine`) with their own
+//! connections to a bus daemon started in-process on a fresh socket; raw is
+//! tokio unix socket pairs carrying the same frames (`len: u32 BE`, `kind: u8`,
+//! MessagePack body) with the same `BenchMsg`, encoded and decoded at each end.
+
+use std::path::PathBuf;
+
+use futures_util::future::BoxFuture;
+use switchyard::ipc::frame::{self, kind};
+use switchyard::ipc::{Daemon, DaemonConfig, DaemonHandle, IpcBus, IpcConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::measure::{BenchError, BenchMsg, BenchResult, Probe, RunConfig, Sample};
+use super::ours::{self, Deployment, finish};
+use super::provider::{Provider, Side, Workload};
+
+/// Bytes the raw writer gathers before one `write`; the transport's writer also drains its queue into one write.
+const RAW_BATCH: usize = 64 * 1024;
+
+/// The ipc transport, through the bus daemon or peer-to-peer.
+pub struct Ipc {
+    /// Peer-to-peer mode (sends go straight to the other process; the daemon only resolves).
+    pub p2p: bool,
+}
+
+fn temp_socket(prefix: &str) -> PathBuf {
+    switchyard::ipc::unique_socket_path(&std::env::temp_dir(), prefix)
+}
+
+fn start_daemon() -> Result<DaemonHandle, String> {
+    let socket = temp_socket("switchyard-bench");
+    Daemon::start(DaemonConfig::new(&socket))
+        .map_err(|e| format!("cannot start a bus daemon on {}: {e}", socket.display()))
+}
+
+/// The two sessions of an ipc run, and what keeps them connected.
+struct IpcRun {
+    dep: Deployment,
+    buses: [IpcBus; 2],
+    daemon: DaemonHandle,
+}
+
+impl IpcRun {
+    async fn start(p2p: bool) -> BenchResult<IpcRun> {
+        let daemon = start_daemon()?;
+        let config = |id: &str| {
+            let c = IpcConfig::new(daemon.socket()).client_id(id);
+            if p2p { c.peer_to_peer() } else { c }
+        };
+        let a = IpcBus::connect(config("bench-senders"))?;
+        let b = IpcBus::connect(config("bench-receivers"))?;
+        let session = |bus: &IpcBus| {
+            switchyard::builder()
+                .ipc(bus)
+                .selector(|s| s.without(["direct", "memory"]))
+                .build()
+        };
+        let dep = Deployment {
+            senders: session(&a)?,
+            receivers: Some(session(&b)?),
+            context: None,
+        };
+        Ok(IpcRun {
+            dep,
+            buses: [a, b],
+            daemon,
+        })
+    }
+
+    async fn stop(self) {
+        self.dep.senders.shutdown();
+        if let Some(r) = &self.dep.receivers {
+            r.shutdown();
+        }
+        for b in &self.buses {
+            b.close();
+        }
+        self.daemon.shutdown().await;
+    }
+}
+
+impl Provider for Ipc {
+    fn name(&self) -> &'static str {
+        if self.p2p { "ipc-p2p" } else { "ipc" }
+    }
+    fn baseline(&self) -> &'static str {
+        "tokio unix socket, same length-prefixed MessagePack frames"
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async {
+            let d = start_daemon()?;
+            d.shutdown().await;
+            Ok(())
+        })
+    }
+    fn supports(&self, _w: Workload) -> Result<(), &'static str> {
+        Ok(())
+    }
+    fn run<'a>(
+        &'a self,
+        side: Side,
+        w: Workload,
+        cfg: &'a RunConfig,
+    ) -> BoxFuture<'a, BenchResult<Sample>> {
+        Box::pin(async move {
+            match side {
+                Side::Ours => {
+                    let run = IpcRun::start(self.p2p).await?;
+                    let r = match w {
+                        Workload::OneWay => ours::oneway(&run.dep, cfg).await,
+                        Workload::PingPong => ours::pingpong(&run.dep, cfg).await,
+                        Workload::FanOut => ours::fanout(&run.dep, cfg).await,
+                        Workload::AnyOfType => ours::any_of_type(&run.dep, cfg).await,
+                    };
+                    run.stop().await;
+                    r
+                }
+                Side::Raw => match w {
+                    Workload::OneWay => raw_sockets(cfg, 1, false).await,
+                    Workload::FanOut => raw_sockets(cfg, cfg.fanout.max(1), true).await,
+                    Workload::AnyOfType => raw_sockets(cfg, cfg.workers.max(1), false).await,
+                    Workload::PingPong => raw_pingpong(cfg).await,
+                },
+            }
+        })
+    }
+}
+
+/// Appends one frame carrying `msg`.
+fn encode(buf: &mut Vec<u8>, msg: &BenchMsg) -> BenchResult<()> {
+    frame::write_frame(buf, kind::SEND, usize::MAX, |b| {
+        rmp_serde::encode::write_named(b, msg).map_err(|e| switchyard::Error::Encode(e.to_string()))
+    })?;
+    Ok(())
+}
+
+/// Reads frames and hands each decoded message to `on_msg`, until the peer closes.
+async fn read_frames(
+    mut rd: OwnedReadHalf,
+    mut on_msg: impl FnMut(BenchMsg) -> BoxFuture<'static, BenchResult<()>> + Send,
+) -> BenchResult<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(RAW_BATCH * 2);
+    let mut start = 0usize;
+    let mut chunk = vec![0u8; RAW_BATCH];
+    loop {
+        // Decode every whole frame already read, then read more.
+        while buf.len() - start >= frame::HEADER_LEN {
+            let len_bytes: [u8; 4] = buf[start..start + 4]
+                .try_into()
+                .map_err(|_| "short frame header")?;
+            let len = u32::from_be_bytes(len_bytes) as usize;
+            if len == 0 {
+                return Err("a raw frame has length 0".into());
+            }
+            if buf.len() - start < 4 + len {
+                break;
+            }
+            let body = &buf[start + frame::HEADER_LEN..start + 4 + len];
+            let msg: BenchMsg = rmp_serde::from_slice(body)
+                .map_err(|e| format!("a raw frame does not decode: {e}"))?;
+            start += 4 + len;
+            on_msg(msg).await?;
+        }
+        buf.drain(..start);
+        start = 0;
+        let n = rd.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One producer, `n` socket pairs; every message goes to all (`fan_out`) or to one in turn.
+async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sample> {
+    let probe = Probe::new(n, cfg)?;
+    let mut writers: Vec<(OwnedWriteHalf, Vec<u8>)> = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(n);
+    for i in 0..n {
+        let (a, b) = UnixStream::pair()?;
+        let (_, wr) = a.into_split();
+        let (rd, _) = b.into_split();
+        writers.push((wr, Vec::with_capacity(RAW_BATCH * 2)));
+        let p = probe.clone();
+        readers.push(tokio::spawn(read_frames(rd, move |m| {
+            p.received(i, &m);
+            Box::pin(async { Ok(()) })
+        })));
+    }
+    let clock = probe.start_clock();
+    let p = probe.clone();
+    let producer = tokio::spawn(async move {
+        let mut seq = 0u64;
+        let mut next = 0usize;
+        let mut frame_buf = Vec::with_capacity(64);
+        while !p.stopped() {
+            let msg = p.cfg().msg(seq);
+            frame_buf.clear();
+            encode(&mut frame_buf, &msg)?;
+            let targets = if fan_out {
+                0..writers.len()
+            } else {
+                next..next + 1
+            };
+            for (wr, buf) in &mut writers[targets] {
+                buf.extend_from_slice(&frame_buf);
+                if buf.len() >= RAW_BATCH {
+                    wr.write_all(buf).await?;
+                    buf.clear();
+                }
+            }
+            next = (next + 1) % writers.len();
+            seq += 1;
+        }
+        for (wr, buf) in &mut writers {
+            wr.write_all(buf).await?;
+            wr.shutdown().await?;
+        }
+        Ok::<u64, BenchError>(seq)
+    });
+    let per_message = if fan_out { n as u64 } else { 1 };
+    let r = finish(&probe, clock, producer, per_message).await;
+    for rd in readers {
+        match rd.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(format!("a raw reader failed: {e}").into()),
+        }
+    }
+    r
+}
+
+/// Two sockets' worth of round trips: the ponger decodes each ping and answers with a new frame.
+async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
+    let probe = Probe::new(1, cfg)?;
+    let (a, b) = UnixStream::pair()?;
+    let (mut a_rd, mut a_wr) = a.into_split();
+    let (b_rd, b_wr) = b.into_split();
+    let b_wr = std::sync::Arc::new(tokio::sync::Mutex::new(b_wr));
+    let ponger = tokio::spawn(read_frames(b_rd, move |m| {
+        let wr = b_wr.clone();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(64 + m.data.len());
+            encode(&mut out, &m)?;
+            wr.lock().await.write_all(&out).await?;
+            Ok(())
+        })
+    }));
+    let clock = probe.start_clock();
+    let p = probe.clone();
+    let pinger = tokio::spawn(async move {
+        let cfg = p.cfg();
+        let mut out = Vec::with_capacity(64);
+        let mut header = [0u8; 4];
+        let mut body = Vec::new();
+        let mut seq = 0u64;
+        while !p.stopped() {
+            out.clear();
+            encode(&mut out, &cfg.msg_at(seq, cfg.now_ns()))?;
+            a_wr.write_all(&out).await?;
+            a_rd.read_exact(&mut header).await?;
+            let len = u32::from_be_bytes(header) as usize;
+            body.resize(len, 0);
+            a_rd.read_exact(&mut body).await?;
+            let back: BenchMsg = rmp_serde::from_slice(&body[1..])
+                .map_err(|e| format!("a raw frame does not decode: {e}"))?;
+            p.round_trip(0, cfg.now_ns().saturating_sub(back.stamp_ns));
+            seq += 1;
+        }
+        a_wr.shutdown().await?;
+        Ok::<u64, BenchError>(0)
+    });
+    let r = finish(&probe, clock, pinger, 0).await;
+    match ponger.await {
+        Ok(Ok(())) | Ok(Err(_)) => {}
+        Err(e) => return Err(format!("the raw ponger failed: {e}").into()),
+    }
+    r
+}
