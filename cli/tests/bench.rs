@@ -73,10 +73,14 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
             );
         }
     }
-    assert!(
-        pairs.contains(&("memory".into(), "fan-out".into())),
-        "{pairs:?}"
-    );
+    for t in ["memory", "ipc", "ipc-p2p"] {
+        for w in ["one-way", "ping-pong", "fan-out", "any-of-type"] {
+            assert!(
+                pairs.contains(&(t.into(), w.into())),
+                "no row for {t} {w}: {pairs:?}"
+            );
+        }
+    }
     let mut unique = pairs.clone();
     unique.sort();
     unique.dedup();
@@ -85,11 +89,10 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
         pairs.len(),
         "one object per (transport, workload)"
     );
-    // The table names each measured transport with its ratio.
-    assert!(
-        stdout.contains("| direct") && stdout.contains("| memory"),
-        "{stdout}"
-    );
+    // The table names each measured transport.
+    for t in ["| direct", "| memory", "| ipc", "| ipc-p2p"] {
+        assert!(stdout.contains(t), "{t}: {stdout}");
+    }
 }
 
 #[test]
