@@ -79,7 +79,7 @@ async fn raw_calls(cfg: &RunConfig, n: usize) -> BenchResult<Sample> {
     finish(&probe, clock, producer, 1).await
 }
 
-/// A call that returns the message, timed from just before the call.
+/// A call that returns the message; each call is timed from when the previous one returned.
 async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let pong: Arc<dyn Fn(BenchMsg) -> BenchMsg + Send + Sync> = black_box(Arc::new(|m| m));
@@ -88,9 +88,12 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
     let pinger = tokio::spawn(async move {
         let cfg = p.cfg();
         let mut seq = 0u64;
+        // Closed loop: each ping is meant to go out the moment the previous answer is in.
+        let mut intended = cfg.now_ns();
         while !p.stopped() {
-            let back = pong(cfg.msg_at(seq, cfg.now_ns()));
-            p.round_trip(0, cfg.now_ns().saturating_sub(back.stamp_ns));
+            let back = pong(cfg.msg_at(seq, intended));
+            intended = cfg.now_ns();
+            p.round_trip(0, intended.saturating_sub(back.stamp_ns));
             seq += 1;
             if seq.is_multiple_of(ours::YIELD_EVERY) {
                 tokio::task::yield_now().await;

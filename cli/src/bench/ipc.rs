@@ -259,9 +259,11 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
         let mut header = [0u8; 4];
         let mut body = Vec::new();
         let mut seq = 0u64;
+        // Closed loop: each ping is meant to go out the moment the previous answer is in.
+        let mut intended = cfg.now_ns();
         while !p.stopped() {
             out.clear();
-            encode(&mut out, &cfg.msg_at(seq, cfg.now_ns()))?;
+            encode(&mut out, &cfg.msg_at(seq, intended))?;
             a_wr.write_all(&out).await?;
             a_rd.read_exact(&mut header).await?;
             let len = u32::from_be_bytes(header) as usize;
@@ -269,7 +271,8 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
             a_rd.read_exact(&mut body).await?;
             let back: BenchMsg = rmp_serde::from_slice(&body[1..])
                 .map_err(|e| format!("a raw frame does not decode: {e}"))?;
-            p.round_trip(0, cfg.now_ns().saturating_sub(back.stamp_ns));
+            intended = cfg.now_ns();
+            p.round_trip(0, intended.saturating_sub(back.stamp_ns));
             seq += 1;
         }
         a_wr.shutdown().await?;

@@ -91,7 +91,7 @@ async fn raw_channels(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<S
     r
 }
 
-/// Two tasks and two channels; the pinger stamps each ping just before sending it.
+/// Two tasks and two channels; each ping carries its intended send time (when the previous answer came in).
 async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let (ping_tx, mut ping_rx) = mpsc::channel::<BenchMsg>(cfg.capacity);
@@ -108,13 +108,16 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
     let pinger = tokio::spawn(async move {
         let cfg = p.cfg();
         let mut seq = 0u64;
+        // Closed loop: each ping is meant to go out the moment the previous answer is in.
+        let mut intended = cfg.now_ns();
         while !p.stopped() {
             ping_tx
-                .send(cfg.msg_at(seq, cfg.now_ns()))
+                .send(cfg.msg_at(seq, intended))
                 .await
                 .map_err(|_| "the raw ponger stopped")?;
             let back = pong_rx.recv().await.ok_or("the raw ponger stopped")?;
-            p.round_trip(0, cfg.now_ns().saturating_sub(back.stamp_ns));
+            intended = cfg.now_ns();
+            p.round_trip(0, intended.saturating_sub(back.stamp_ns));
             seq += 1;
         }
         Ok(0)

@@ -127,7 +127,9 @@ pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
     finish(&probe, clock, producer, 1).await
 }
 
-/// Closed-loop ping-pong; the pinger stamps each ping just before sending it and records the round trip.
+/// Closed-loop ping-pong, event-driven as a state machine would do it: the pinger's handler
+/// records each round trip and sends the next ping, stamped with its intended send time
+/// (when the previous answer arrived), so time spent before the send is counted too.
 pub async fn pingpong(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let done = Arc::new(Notify::new());
@@ -167,7 +169,8 @@ pub async fn pingpong(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> 
                     done.notify_one();
                     return;
                 }
-                let next = cfg.msg_at(m.seq + 1, cfg.now_ns());
+                // Closed loop: the next ping is meant to go out the moment this answer arrived.
+                let next = cfg.msg_at(m.seq + 1, arrived);
                 if let Err(e) = node.post(to.clone(), ping.clone(), next) {
                     tracing::warn!(error = %e, "pinger could not send");
                     done.notify_one();
