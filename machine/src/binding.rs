@@ -4,11 +4,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchyard_core::{Address, Error, MachineBuilder, MachineId, Node, Session};
+use switchyard_core::{Address, Envelope, Error, MachineBuilder, MachineId, Node, Session};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -311,34 +312,45 @@ impl Shared {
                 payload,
                 timeout,
             } => {
-                let shared = self.clone();
-                let n = node.clone();
-                tokio::spawn(async move {
-                    let r = payload
-                        .request(n.clone(), to.clone(), event.clone(), timeout)
-                        .await;
-                    let ev = match r {
-                        Ok(reply) => {
-                            let name: Arc<str> = format!("{DONE_REQUEST}{event}").into();
-                            let origin = Origin {
-                                source: reply.source.clone(),
-                                reply_to: reply.headers.reply_to.clone(),
-                                correlation_id: None,
-                                transport: reply.carried_by,
-                            };
-                            Event::from_payload(name, reply.payload.clone()).with_origin(origin)
+                let mut fut = payload.request(node.clone(), to.clone(), event.clone(), timeout);
+                // Poll once here so the request goes out in order with the other sends (it does
+                // whenever the transport takes it at once); the wait for the reply runs in a task.
+                let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                let outcome = move |r: Result<Envelope, Error>| match r {
+                    Ok(reply) => {
+                        let name: Arc<str> = format!("{DONE_REQUEST}{event}").into();
+                        let origin = Origin {
+                            source: reply.source.clone(),
+                            reply_to: reply.headers.reply_to.clone(),
+                            correlation_id: None,
+                            transport: reply.carried_by,
+                        };
+                        Event::from_payload(name, reply.payload.clone()).with_origin(origin)
+                    }
+                    Err(e) => Event::with_data(
+                        format!("{ERROR_REQUEST}{event}"),
+                        SendFailure {
+                            target: to.to_string(),
+                            event: event.to_string(),
+                            message: e.to_string(),
+                        },
+                    ),
+                };
+                match first {
+                    Poll::Ready(r) => {
+                        if !self.push(Input::Event(outcome(r))) {
+                            tracing::warn!(machine = %node.id(), "machine event queue full; request outcome dropped");
                         }
-                        Err(e) => Event::with_data(
-                            format!("{ERROR_REQUEST}{event}"),
-                            SendFailure {
-                                target: to.to_string(),
-                                event: event.to_string(),
-                                message: e.to_string(),
-                            },
-                        ),
-                    };
-                    shared.deliver_owned(n, Input::Event(ev)).await;
-                });
+                    }
+                    Poll::Pending => {
+                        let shared = self.clone();
+                        let n = node.clone();
+                        tokio::spawn(async move {
+                            let ev = outcome(fut.await);
+                            shared.deliver_owned(n, Input::Event(ev)).await;
+                        });
+                    }
+                }
                 return;
             }
             Effect::Reply {

@@ -26,7 +26,8 @@
 //!   `send_self`, `send_delayed`, `request`, `reply`) are collected during the step and run after
 //!   it, in the order requested. `send_self` queues the event on the machine itself without a
 //!   transport. A failed send raises `error.communication` ([`SendFailure`]) on the machine.
-//! - **Requests** never block the machine: the reply arrives later as the event
+//! - **Requests** never block the machine: the request goes out in order with the step's other
+//!   sends (whenever the transport takes it at once), and the reply arrives later as the event
 //!   `done.request.<event>` (its data is the reply's data), a failure or timeout as
 //!   `error.request.<event>` (data: [`SendFailure`]).
 //! - **Failures**: an action that returns an error or panics (or a guard that panics) rolls the

@@ -647,3 +647,48 @@ async fn nested_player_over_direct() {
     remote.send("player", "STOP", ()).await.unwrap();
     assert!(player.matches("stopped"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_of_one_step_go_out_in_order() {
+    let asker = r#"{"id":"asker","initial":"a","states":{
+        "a":{"on":{"GO":{"target":"b","actions":["first","second"]}}},
+        "b":{"on":{"done.request.ADD":"c"}},
+        "c":{}}}"#;
+    let recorder = r#"{"id":"rec","initial":"on","context":{"seen":[]},"states":{"on":{"on":{
+        "ADD":{"actions":["record","answer"]},
+        "*":{"actions":"record"}}}}}"#;
+    let actions = request_actions()
+        .action("first", |ctx| {
+            ctx.send("rec", "ONE", ());
+            ctx.request("rec", "ADD", (1u32, 1u32), Duration::from_secs(5));
+            Ok(())
+        })
+        .action("second", |ctx| {
+            ctx.send_to_any_of_type("Recorder", "THREE", ());
+            ctx.send("rec", "FOUR", ());
+            Ok(())
+        })
+        .action("record", |ctx| {
+            let name = ctx.event_name().to_owned();
+            let mut seen: Vec<String> = ctx.get("seen")?;
+            seen.push(name);
+            ctx.set("seen", seen)
+        });
+    let session = memory_session();
+    let rec = interp(recorder, &actions)
+        .bind(&session, "rec", "Recorder")
+        .build()
+        .await
+        .unwrap();
+    let m = interp(asker, &actions)
+        .bind(&session, "asker", "Asker")
+        .build()
+        .await
+        .unwrap();
+    m.send("GO", ()).await;
+    within(m.wait_for_state("c")).await;
+    let snap =
+        within(rec.wait_until(|s| s.context["seen"].as_array().is_some_and(|a| a.len() == 4)))
+            .await;
+    assert_eq!(snap.context["seen"], json!(["ONE", "ADD", "THREE", "FOUR"]));
+}
