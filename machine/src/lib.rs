@@ -4,6 +4,8 @@
 //!   `context`, nested `states`, `type: "parallel" | "final"`, `on` with a target, an object
 //!   or an array of guarded candidates, targetless transitions, `entry`/`exit`, `after`,
 //!   `always`, `onDone`) and checks it; every error names its JSON path ([`LoadError`]).
+//!   Unknown keys are errors (they are usually typos); documentation keys (`description`,
+//!   `meta`, `tags`, ..) are ignored; `invoke` and history states are [`LoadError::Unsupported`].
 //! - [`Interpreter`] binds a chart to the user's named [`Actions`] and guards, and runs the
 //!   W3C SCXML algorithm (exit and entry sets via the least common compound ancestor, in
 //!   document order, run-to-completion) over a [`MachineState`]. It is pure: no tokio, no
@@ -33,7 +35,10 @@
 //! - **Failures**: an action that returns an error or panics (or a guard that panics) rolls the
 //!   whole event back (configuration, context, timers, sends), and the machine gets an
 //!   `error.action` event ([`Failure`]) and logs it with tracing. A failure while handling
-//!   `error.action` is only logged.
+//!   `error.action` is only logged. A failing `after` transition is not retried (its timer has
+//!   fired); handle `error.action` to move on.
+//! - **Start**: if an entry action of the initial states fails, `build()` returns
+//!   [`MachineError::Start`] and the Node leaves the session.
 //! - **State changes**: each atomic state entered by a step is published on
 //!   `state.<id>.<path>`; the event name is the topic and the data a [`StateChange`]. Without a
 //!   pub/sub transport (direct only) nothing is published, which is not an error; use
@@ -87,6 +92,8 @@
 //!
 //! [`Node`]: switchyard_core::Node
 //! [`Session`]: switchyard_core::Session
+
+#![warn(missing_docs)]
 
 mod actions;
 mod binding;
