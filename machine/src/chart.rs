@@ -248,7 +248,7 @@ impl Chart {
         self.guard_names.iter().map(|(n, _)| &**n)
     }
 
-    /// The kind of the state at `path`, if there is one.
+    /// The kind of the state at `path` (`""` is the root), if there is one.
     pub fn state_kind(&self, path: &str) -> Option<StateKind> {
         self.by_path
             .get(path)

@@ -279,11 +279,17 @@ fn mangled_charts_never_panic() {
         interp.start(&mut st);
         for e in events {
             interp.send(&mut st, &Event::new(e));
+            if st.is_started() {
+                check_configuration(&interp, &st);
+            }
             for t in st.take_timers() {
                 if let TimerCommand::Start(id, _) = t {
                     interp.fire(&mut st, id);
                 }
             }
+        }
+        if st.is_started() {
+            check_configuration(&interp, &st);
         }
         let _ = interp.snapshot(&st);
         loaded += 1;
@@ -292,4 +298,51 @@ fn mangled_charts_never_panic() {
         loaded > 100 && rejected > 100,
         "loaded {loaded}, rejected {rejected}"
     );
+}
+
+/// A legal SCXML configuration: ancestors of active states are active, an active compound state
+/// has exactly one active child, an active parallel state has all its children active.
+fn check_configuration(interp: &Interpreter, st: &switchyard_machine::MachineState) {
+    use switchyard_machine::StateKind;
+    let chart = interp.chart();
+    let paths: Vec<&str> = chart.state_paths().collect();
+    let children = |p: &str| -> Vec<&str> {
+        paths
+            .iter()
+            .copied()
+            .filter(|c| match p {
+                "" => !c.contains('.'),
+                _ => c
+                    .strip_prefix(p)
+                    .and_then(|r| r.strip_prefix('.'))
+                    .is_some_and(|r| !r.contains('.')),
+            })
+            .collect()
+    };
+    let check = |p: &str, kind: Option<StateKind>| {
+        let active: Vec<&str> = children(p)
+            .into_iter()
+            .filter(|c| interp.matches(st, c))
+            .collect();
+        match kind {
+            Some(StateKind::Compound) => assert_eq!(active.len(), 1, "compound `{p}`: {active:?}"),
+            Some(StateKind::Parallel) => {
+                assert_eq!(active.len(), children(p).len(), "parallel `{p}`")
+            }
+            _ => assert!(active.is_empty(), "leaf `{p}` has active children"),
+        }
+    };
+    // The root is the state at the empty path.
+    check("", chart.state_kind(""));
+    for p in &paths {
+        if interp.matches(st, p) {
+            if let Some((parent, _)) = p.rsplit_once('.') {
+                assert!(
+                    interp.matches(st, parent),
+                    "`{p}` active without `{parent}`"
+                );
+            }
+            check(p, chart.state_kind(p));
+        }
+    }
 }
