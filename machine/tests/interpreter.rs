@@ -521,3 +521,18 @@ fn interp_timer(interp: &Interpreter, st: &mut MachineState) -> TimerCommand {
     interp.send(st, &ev("AGAIN"));
     st.take_timers()[1]
 }
+
+#[test]
+fn loads_from_a_json_value() {
+    let chart = switchyard_machine::Chart::from_value(&json!({
+        "id": "v", "initial": "a", "context": { "k": 1 },
+        "states": { "a": { "on": { "GO": "b" } }, "b": {} }
+    }))
+    .unwrap();
+    assert_eq!(chart.id(), "v");
+    assert_eq!(chart.initial_context(), &json!({ "k": 1 }));
+    let interp = Interpreter::new(chart, &Actions::new()).unwrap();
+    let mut st = started(&interp);
+    interp.send(&mut st, &ev("GO"));
+    assert!(interp.matches(&st, "b"));
+}
