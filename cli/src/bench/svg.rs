@@ -87,7 +87,8 @@ fn panel(
     ) else {
         return Ok(());
     };
-    let (lo, hi) = (lo / 3.0, hi * 3.0);
+    // Headroom above the tallest bar keeps the legend clear of it.
+    let (lo, hi) = (lo / 3.0, hi * 12.0);
     let n = rows.len() as f64;
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 14))
