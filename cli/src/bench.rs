@@ -46,7 +46,7 @@ const MAX_SIZE: usize = 1 << 20;
 /// Options of `switchyard bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Transports to measure, comma-separated (default: every enabled one).
+    /// Transports to measure, comma-separated: direct, memory, ipc, ipc-p2p (default: all of them).
     #[arg(long, value_delimiter = ',', value_name = "NAMES", value_parser = parse_transport)]
     transports: Vec<String>,
     /// Payload size in bytes.

@@ -37,10 +37,10 @@ const READY: &str = "switchyard-demo-child ready";
 /// Options of `switchyard demo`.
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Also start remote machines through RabbitMQ at this URL (e.g. amqp://127.0.0.1:5672).
+    /// Remote machines through RabbitMQ at this URL (e.g. amqp://127.0.0.1:5672); the transport is not built yet, so the demo checks the broker and says so.
     #[arg(long, value_name = "URL")]
     amqp: Option<String>,
-    /// Also start remote machines through Redis at this URL (e.g. redis://127.0.0.1:6379).
+    /// Remote machines through Redis at this URL (e.g. redis://127.0.0.1:6379); the transport is not built yet, so the demo checks the server and says so.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
     /// Internal: run as the demo's second process, on the bus daemon at this socket.

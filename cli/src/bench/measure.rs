@@ -307,4 +307,4 @@ impl Sample {
 }
 
 /// How long to wait for in-flight messages after the window closes before calling them lost.
-pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
