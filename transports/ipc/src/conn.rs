@@ -254,6 +254,8 @@ impl Outbox {
                 Step::Stop => break,
                 Step::Park => {
                     self.wake.notified().await;
+                    // Let a producer that just woke us add more before we take the batch.
+                    tokio::task::yield_now().await;
                     continue;
                 }
                 Step::Write => {}

@@ -7,7 +7,7 @@
 //! elements and forwards the frame without decoding the envelope.
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::{Address, Envelope, Error, Headers, MachineEntry, MachineId, Result};
+use switchyard_core::{Envelope, Error, MachineEntry, MachineId, Result};
 
 use crate::error::IpcError;
 
@@ -281,28 +281,9 @@ pub fn msg_frame<T: Serialize>(kind: u8, msg: &T) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-#[derive(Serialize)]
-struct WireEnvelopeRef<'a> {
-    id: u64,
-    source: &'a MachineId,
-    target: &'a Address,
-    event: &'a str,
-    payload: &'a serde_bytes::Bytes,
-    headers: &'a Headers,
-}
-
 /// Writes the envelope map exactly as `Envelope::encode` does, without an intermediate buffer.
 pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
-    let payload = env.payload.to_msgpack()?;
-    let wire = WireEnvelopeRef {
-        id: env.id,
-        source: &env.source,
-        target: &env.target,
-        event: &env.event,
-        payload: serde_bytes::Bytes::new(&payload),
-        headers: &env.headers,
-    };
-    rmp_serde::encode::write_named(buf, &wire).map_err(|e| Error::Encode(e.to_string()))
+    crate::codec::write_envelope(buf, env)
 }
 
 /// Writes a MessagePack string.
@@ -374,7 +355,7 @@ impl<'a> Body<'a> {
     }
     /// Decodes the remaining bytes as an envelope.
     pub fn envelope(&self) -> std::result::Result<Envelope, IpcError> {
-        Envelope::decode(self.rest).map_err(|e| malformed("envelope", e))
+        crate::codec::decode_envelope(self.rest).map_err(|e| malformed("envelope", e))
     }
 }
 
@@ -436,7 +417,7 @@ pub fn check_eof(buf: &[u8]) -> std::result::Result<(), IpcError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_core::Payload;
+    use switchyard_core::{Address, Payload};
 
     #[test]
     fn envelope_encoding_matches_core() {

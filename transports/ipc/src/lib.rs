@@ -41,8 +41,10 @@ use switchyard_core::{
 };
 use tokio::sync::broadcast;
 
+#[cfg(unix)]
 pub mod bench_support;
 mod client;
+pub mod codec;
 mod conn;
 pub mod daemon;
 pub mod error;

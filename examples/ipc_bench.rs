@@ -1,0 +1,388 @@
+//! The ipc transport beside a raw unix socket with the same framing, between two real processes.
+//!
+//! Run: `cargo run --release --example ipc_bench` (options: `-- --events N --pings N --rounds N`).
+//!
+//! The program re-executes itself for the receiving side (sink or echo) and for
+//! the bus daemon, so every figure crosses a process boundary as in production.
+//! Each round measures, one after the other with the same frame size:
+//! - one-way throughput (events received per second at the sink, from its first to its last event):
+//!   raw tokio unix socket through a 64 KiB `BufWriter`, ipc peer-to-peer, ipc through the daemon;
+//! - closed-loop ping-pong round trips (request/reply for ipc), p50/p99/p99.9 from an HDR histogram.
+//!
+//! Ratios are ours / raw within the same round.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_bytes::ByteBuf;
+use switchyard::ipc::bench_support::{self as raw, Latency};
+use switchyard::ipc::{IpcBus, IpcConfig, unique_socket_path};
+use switchyard::{Address, Envelope, MachineId, Node, Session};
+
+const ROLE: &str = "SWITCHYARD_BENCH_ROLE";
+const PAYLOAD: usize = 64;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn main() -> AnyResult<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match std::env::var(ROLE) {
+        Ok(role) => rt.block_on(child(&role)),
+        Err(_) => rt.block_on(parent()),
+    }
+}
+
+fn var(k: &str) -> String {
+    std::env::var(k).unwrap_or_default()
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+// ---------- receiving side (child processes) ----------
+
+async fn child(role: &str) -> AnyResult<()> {
+    let sock = PathBuf::from(var("SOCK"));
+    let n: u64 = var("N").parse().unwrap_or(0);
+    match role {
+        "raw-sink" => {
+            let l = raw::raw_listen(&sock)?;
+            say("READY");
+            let d = raw::raw_sink(l, n).await?;
+            say(&format!("RESULT {}", d.as_nanos()));
+        }
+        "raw-echo" => {
+            let l = raw::raw_listen(&sock)?;
+            say("READY");
+            raw::raw_echo(l).await?;
+        }
+        "daemon" => {
+            let _d = switchyard::ipc::Daemon::start(switchyard::ipc::DaemonConfig::new(&sock))?;
+            say("READY");
+            wait_stdin_eof().await;
+        }
+        "ipc-sink" | "ipc-echo" => {
+            let (session, _bus) = ipc_session(&sock, var("MODE") == "p2p")?;
+            let id = var("ID");
+            if role == "ipc-sink" {
+                let (tx, rx) = tokio::sync::oneshot::channel::<Duration>();
+                let tx = Mutex::new(Some(tx));
+                let state = Mutex::new((0u64, None::<Instant>));
+                let _sink = session
+                    .machine(id.as_str(), "Sink")
+                    .handler(move |_: &Node, _ev: Envelope| {
+                        let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
+                        let first = *g.1.get_or_insert_with(Instant::now);
+                        g.0 += 1;
+                        if g.0 == n
+                            && let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take()
+                        {
+                            let _ = tx.send(first.elapsed());
+                        }
+                    })
+                    .build()
+                    .await?;
+                say("READY");
+                let d = rx.await?;
+                say(&format!("RESULT {}", d.as_nanos()));
+            } else {
+                let _echo = session
+                    .machine(id.as_str(), "Echo")
+                    .handler(|node: &Node, ev: Envelope| {
+                        // Echo the payload bytes as they came, like the raw echo does.
+                        let to = ev
+                            .headers
+                            .reply_to
+                            .clone()
+                            .unwrap_or_else(|| ev.source.clone());
+                        let mut reply = node.envelope(Address::Machine(to.clone()), "PONG", ());
+                        reply.payload = ev.payload.clone();
+                        reply.headers.correlation_id = ev.headers.correlation_id;
+                        reply.headers.is_reply = ev.headers.correlation_id.is_some();
+                        let _ = node.post_envelope(to, reply);
+                    })
+                    .build()
+                    .await?;
+                say("READY");
+            }
+            wait_stdin_eof().await;
+        }
+        other => return Err(format!("unknown role {other}").into()),
+    }
+    Ok(())
+}
+
+async fn wait_stdin_eof() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        while std::io::stdin()
+            .read_line(&mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            line.clear();
+        }
+    })
+    .await;
+}
+
+fn ipc_session(daemon: &Path, p2p: bool) -> AnyResult<(Session, IpcBus)> {
+    let cfg = IpcConfig::new(daemon);
+    let bus = IpcBus::connect(if p2p { cfg.peer_to_peer() } else { cfg })?;
+    let s = switchyard::builder().ipc(&bus).build()?;
+    Ok((s, bus))
+}
+
+// ---------- sending side (this process) ----------
+
+struct Proc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn start(role: &str, sock: &Path, env: &[(&str, String)]) -> AnyResult<Proc> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.env(ROLE, role)
+            .env("SOCK", sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let p = Proc { child, lines };
+        p.expect("READY")?;
+        Ok(p)
+    }
+
+    fn expect(&self, prefix: &str) -> AnyResult<String> {
+        loop {
+            let l = self.lines.recv_timeout(TIMEOUT)?;
+            if let Some(rest) = l.strip_prefix(prefix) {
+                return Ok(rest.trim().to_string());
+            }
+        }
+    }
+
+    fn result_duration(&self) -> AnyResult<Duration> {
+        Ok(Duration::from_nanos(self.expect("RESULT")?.parse()?))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+async fn ipc_throughput(
+    tag: &str,
+    daemon: &Path,
+    sender: &Node,
+    p2p: bool,
+    n: u64,
+) -> AnyResult<f64> {
+    let id = format!("sink-{tag}");
+    let mode = if p2p { "p2p" } else { "bus" };
+    let sink = Proc::start(
+        "ipc-sink",
+        daemon,
+        &[
+            ("ID", id.clone()),
+            ("MODE", mode.into()),
+            ("N", n.to_string()),
+        ],
+    )?;
+    let payload = ByteBuf::from(vec![0xa5u8; PAYLOAD]);
+    let to = MachineId::from(id.as_str());
+    let event: Arc<str> = "EVENT".into();
+    let t = Instant::now();
+    for _ in 0..n {
+        sender
+            .send(to.clone(), event.clone(), payload.clone())
+            .await?;
+    }
+    let sent = t.elapsed();
+    let got = sink.result_duration()?;
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        println!(
+            "  ({tag}: sender {:.0} ev/s, sink {:.0} ev/s)",
+            rate(n, sent),
+            rate(n, got)
+        );
+    }
+    Ok(rate(n, got))
+}
+
+async fn ipc_pingpong(
+    tag: &str,
+    daemon: &Path,
+    sender: &Node,
+    p2p: bool,
+    n: u64,
+) -> AnyResult<Latency> {
+    let id = format!("echo-{tag}");
+    let mode = if p2p { "p2p" } else { "bus" };
+    let _echo = Proc::start(
+        "ipc-echo",
+        daemon,
+        &[("ID", id.clone()), ("MODE", mode.into())],
+    )?;
+    let payload = ByteBuf::from(vec![0xa5u8; PAYLOAD]);
+    // Warm the route and the connection first.
+    for _ in 0..100 {
+        sender
+            .request(id.as_str(), "PING", payload.clone(), TIMEOUT)
+            .await?;
+    }
+    let mut h = raw::histogram();
+    for _ in 0..n {
+        let t = Instant::now();
+        sender
+            .request(id.as_str(), "PING", payload.clone(), TIMEOUT)
+            .await?;
+        h.saturating_record(t.elapsed().as_nanos() as u64);
+    }
+    Ok(raw::latency(&h))
+}
+
+fn lat(l: &Latency) -> String {
+    format!(
+        "p50 {:>6.1} us  p99 {:>6.1} us  p99.9 {:>7.1} us  max {:>8.1} us",
+        l.p50_us, l.p99_us, l.p999_us, l.max_us
+    )
+}
+
+async fn parent() -> AnyResult<()> {
+    let events = arg("--events", 1_000_000);
+    let pings = arg("--pings", 20_000);
+    let rounds = arg("--rounds", 2);
+    let frame = raw::ipc_frame_len(PAYLOAD, "source", "sink-0-p2p", "EVENT");
+    let dir = std::env::temp_dir();
+    let daemon_sock = unique_socket_path(&dir, "bench-bus");
+    let _daemon = Proc::start("daemon", &daemon_sock, &[])?;
+    let (_p2p_s, _p2p_bus, p2p_src) = {
+        let (s, b) = ipc_session(&daemon_sock, true)?;
+        let n = s.machine("source-p2p", "Source").build().await?;
+        (s, b, n)
+    };
+    let (_bus_s, _bus_bus, bus_src) = {
+        let (s, b) = ipc_session(&daemon_sock, false)?;
+        let n = s.machine("source-bus", "Source").build().await?;
+        (s, b, n)
+    };
+    println!(
+        "ipc vs raw unix socket; {PAYLOAD}-byte payload, {frame}-byte frames (raw uses the same), \
+         {events} events, {pings} round trips, {} cores, {} build",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    let results = Arc::new(Mutex::new(Vec::new()));
+    for round in 0..rounds {
+        let raw_sock = unique_socket_path(&dir, "bench-raw");
+        let sink = Proc::start("raw-sink", &raw_sock, &[("N", events.to_string())])?;
+        raw::raw_source(&raw_sock, events, frame).await?;
+        let raw_tp = rate(events, sink.result_duration()?);
+        drop(sink);
+        let p2p_tp = ipc_throughput(
+            &format!("{round}-p2p"),
+            &daemon_sock,
+            &p2p_src,
+            true,
+            events,
+        )
+        .await?;
+        let bus_tp = ipc_throughput(
+            &format!("{round}-bus"),
+            &daemon_sock,
+            &bus_src,
+            false,
+            events,
+        )
+        .await?;
+
+        let raw_sock = unique_socket_path(&dir, "bench-raw");
+        let echo = Proc::start("raw-echo", &raw_sock, &[])?;
+        let raw_pp = raw::raw_ping(&raw_sock, pings, frame).await?;
+        drop(echo);
+        let p2p_pp =
+            ipc_pingpong(&format!("{round}-p2p"), &daemon_sock, &p2p_src, true, pings).await?;
+        let bus_pp = ipc_pingpong(
+            &format!("{round}-bus"),
+            &daemon_sock,
+            &bus_src,
+            false,
+            pings,
+        )
+        .await?;
+
+        println!("round {round}");
+        println!("  one-way   raw        {:>12.0} ev/s", raw_tp);
+        println!(
+            "  one-way   ipc p2p    {:>12.0} ev/s  ratio {:.3}",
+            p2p_tp,
+            p2p_tp / raw_tp
+        );
+        println!(
+            "  one-way   ipc bus    {:>12.0} ev/s  ratio {:.3}  (routed by the daemon)",
+            bus_tp,
+            bus_tp / raw_tp
+        );
+        println!("  ping-pong raw        {}", lat(&raw_pp));
+        println!(
+            "  ping-pong ipc p2p    {}  p50 ratio {:.2}",
+            lat(&p2p_pp),
+            p2p_pp.p50_us / raw_pp.p50_us
+        );
+        println!(
+            "  ping-pong ipc bus    {}  p50 ratio {:.2}  (two daemon hops per round trip)",
+            lat(&bus_pp),
+            bus_pp.p50_us / raw_pp.p50_us
+        );
+        if let Ok(mut r) = results.lock() {
+            r.push((raw_tp, p2p_tp, bus_tp));
+        }
+    }
+    Ok(())
+}

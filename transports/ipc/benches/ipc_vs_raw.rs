@@ -1,2 +1,0 @@
-//! ipc vs raw unix socket (filled in later).
-fn main() {}

@@ -1,0 +1,322 @@
+//! A hand-written MessagePack codec for the envelope map, byte-identical to `Envelope::encode`.
+//!
+//! Encoding and decoding the envelope through serde costs more than the rest
+//! of an ipc send (field names are matched as UTF-8 strings, every string is
+//! validated twice). This codec writes and reads the same map directly with
+//! `rmp`. The decoder accepts exactly the shapes this crate and
+//! docs/PROTOCOL.md produce; anything else (other integer widths, extra keys in
+//! an unusual order are fine, but e.g. a payload sent as a string) falls back
+//! to serde, so foreign clients keep working.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rmp::Marker;
+use switchyard_core::{Address, Envelope, Error, Headers, MachineId, Payload, Result};
+
+fn enc(e: impl std::fmt::Display) -> Error {
+    Error::Encode(e.to_string())
+}
+
+fn write_str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
+    rmp::encode::write_str(buf, s).map_err(enc)
+}
+
+fn write_uint(buf: &mut Vec<u8>, v: u64) -> Result<()> {
+    rmp::encode::write_uint(buf, v).map(|_| ()).map_err(enc)
+}
+
+fn write_map(buf: &mut Vec<u8>, n: u32) -> Result<()> {
+    rmp::encode::write_map_len(buf, n).map(|_| ()).map_err(enc)
+}
+
+fn variant(a: &Address) -> (&'static str, &str) {
+    match a {
+        Address::Machine(id) => ("Machine", id.as_str()),
+        Address::AnyOfType(t) => ("AnyOfType", t),
+        Address::AllOfType(t) => ("AllOfType", t),
+        Address::Topic(t) => ("Topic", t),
+        Address::Group(g) => ("Group", g),
+    }
+}
+
+/// Writes the envelope map exactly as `Envelope::encode` (rmp-serde, named fields) does.
+pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
+    write_map(buf, 6)?;
+    write_str(buf, "id")?;
+    write_uint(buf, env.id)?;
+    write_str(buf, "source")?;
+    write_str(buf, env.source.as_str())?;
+    write_str(buf, "target")?;
+    let (v, s) = variant(&env.target);
+    write_map(buf, 1)?;
+    write_str(buf, v)?;
+    write_str(buf, s)?;
+    write_str(buf, "event")?;
+    write_str(buf, &env.event)?;
+    write_str(buf, "payload")?;
+    match &env.payload {
+        Payload::Encoded(b) => rmp::encode::write_bin(buf, b).map_err(enc)?,
+        other => {
+            let b = other.to_msgpack()?;
+            rmp::encode::write_bin(buf, &b).map_err(enc)?
+        }
+    }
+    write_str(buf, "headers")?;
+    write_headers(buf, &env.headers)
+}
+
+fn write_headers(buf: &mut Vec<u8>, h: &Headers) -> Result<()> {
+    let n = 1
+        + h.correlation_id.is_some() as u32
+        + h.reply_to.is_some() as u32
+        + h.is_reply as u32
+        + (h.priority != 0) as u32
+        + h.expires_at_us.is_some() as u32;
+    write_map(buf, n)?;
+    if let Some(c) = h.correlation_id {
+        write_str(buf, "correlation_id")?;
+        write_uint(buf, c)?;
+    }
+    if let Some(r) = &h.reply_to {
+        write_str(buf, "reply_to")?;
+        write_str(buf, r.as_str())?;
+    }
+    if h.is_reply {
+        write_str(buf, "is_reply")?;
+        rmp::encode::write_bool(buf, true).map_err(enc)?;
+    }
+    write_str(buf, "sent_at_us")?;
+    write_uint(buf, h.sent_at_us)?;
+    if h.priority != 0 {
+        write_str(buf, "priority")?;
+        write_uint(buf, u64::from(h.priority))?;
+    }
+    if let Some(x) = h.expires_at_us {
+        write_str(buf, "expires_at_us")?;
+        write_uint(buf, x)?;
+    }
+    Ok(())
+}
+
+/// Reads what the fast path understands; `None` means "let serde try".
+struct Rd<'a>(&'a [u8]);
+
+impl<'a> Rd<'a> {
+    fn marker(&mut self) -> Option<Marker> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(Marker::from_u8(b))
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn be(&mut self, n: usize) -> Option<u64> {
+        Some(
+            self.take(n)?
+                .iter()
+                .fold(0u64, |a, &b| (a << 8) | u64::from(b)),
+        )
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = match self.marker()? {
+            Marker::FixStr(n) => n as usize,
+            Marker::Str8 => self.be(1)? as usize,
+            Marker::Str16 => self.be(2)? as usize,
+            Marker::Str32 => self.be(4)? as usize,
+            _ => return None,
+        };
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+    fn uint(&mut self) -> Option<u64> {
+        match self.marker()? {
+            Marker::FixPos(v) => Some(u64::from(v)),
+            Marker::U8 => self.be(1),
+            Marker::U16 => self.be(2),
+            Marker::U32 => self.be(4),
+            Marker::U64 => self.be(8),
+            _ => None,
+        }
+    }
+    fn map(&mut self) -> Option<usize> {
+        match self.marker()? {
+            Marker::FixMap(n) => Some(n as usize),
+            Marker::Map16 => Some(self.be(2)? as usize),
+            Marker::Map32 => Some(self.be(4)? as usize),
+            _ => None,
+        }
+    }
+    fn bin(&mut self) -> Option<&'a [u8]> {
+        let n = match self.marker()? {
+            Marker::Bin8 => self.be(1)? as usize,
+            Marker::Bin16 => self.be(2)? as usize,
+            Marker::Bin32 => self.be(4)? as usize,
+            _ => return None,
+        };
+        self.take(n)
+    }
+    fn opt_str(&mut self) -> Option<Option<&'a str>> {
+        if self.0.first() == Some(&0xc0) {
+            self.0 = &self.0[1..];
+            return Some(None);
+        }
+        self.str().map(Some)
+    }
+    fn opt_uint(&mut self) -> Option<Option<u64>> {
+        if self.0.first() == Some(&0xc0) {
+            self.0 = &self.0[1..];
+            return Some(None);
+        }
+        self.uint().map(Some)
+    }
+}
+
+fn fast_decode(bytes: &[u8]) -> Option<Envelope> {
+    let mut r = Rd(bytes);
+    let n = r.map()?;
+    let (mut id, mut source, mut target, mut event, mut payload) = (None, None, None, None, None);
+    let mut headers = Headers::default();
+    for _ in 0..n {
+        match r.str()? {
+            "id" => id = Some(r.uint()?),
+            "source" => source = Some(MachineId::from(r.str()?)),
+            "target" => {
+                if r.map()? != 1 {
+                    return None;
+                }
+                let v = r.str()?;
+                let s: Arc<str> = r.str()?.into();
+                target = Some(match v {
+                    "Machine" => Address::Machine(MachineId::new(s)),
+                    "AnyOfType" => Address::AnyOfType(s),
+                    "AllOfType" => Address::AllOfType(s),
+                    "Topic" => Address::Topic(s),
+                    "Group" => Address::Group(s),
+                    _ => return None,
+                });
+            }
+            "event" => event = Some(Arc::<str>::from(r.str()?)),
+            "payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
+            "headers" => {
+                for _ in 0..r.map()? {
+                    match r.str()? {
+                        "correlation_id" => headers.correlation_id = r.opt_uint()?,
+                        "reply_to" => headers.reply_to = r.opt_str()?.map(MachineId::from),
+                        "is_reply" => {
+                            headers.is_reply = match r.marker()? {
+                                Marker::True => true,
+                                Marker::False => false,
+                                _ => return None,
+                            }
+                        }
+                        "sent_at_us" => headers.sent_at_us = r.uint()?,
+                        "priority" => headers.priority = u8::try_from(r.uint()?).ok()?,
+                        "expires_at_us" => headers.expires_at_us = r.opt_uint()?,
+                        _ => return None,
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    let mut env = Envelope::new(id?, source?, target?, event?, Payload::Encoded(payload?));
+    env.headers = headers;
+    Some(env)
+}
+
+/// Decodes an envelope map: the fast path for this crate's own shape, serde for anything else.
+pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope> {
+    match fast_decode(bytes) {
+        Some(env) => Ok(env),
+        None => Envelope::decode(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Envelope> {
+        let mut out = Vec::new();
+        for (i, target) in [
+            Address::Machine("b".into()),
+            Address::AnyOfType("T".into()),
+            Address::AllOfType("T".into()),
+            Address::Topic("a.b".into()),
+            Address::Group("g".into()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut e = Envelope::new(
+                (i as u64) << (i * 12),
+                "ünï-source".into(),
+                target,
+                "EV".into(),
+                Payload::new(vec![i as u32; i * 40]),
+            );
+            if i % 2 == 1 {
+                e.headers.correlation_id = Some(1 << 40);
+                e.headers.reply_to = Some("me".into());
+                e.headers.is_reply = true;
+                e.headers.priority = 7;
+                e.headers.expires_at_us = Some(u64::MAX);
+            }
+            out.push(e);
+        }
+        out
+    }
+
+    #[test]
+    fn encoding_is_byte_identical_to_core() {
+        for e in sample() {
+            let mut mine = Vec::new();
+            write_envelope(&mut mine, &e).unwrap();
+            assert_eq!(mine, e.encode().unwrap());
+        }
+    }
+
+    #[test]
+    fn fast_decoding_matches_serde() {
+        for e in sample() {
+            let bytes = e.encode().unwrap();
+            let fast = fast_decode(&bytes).expect("the fast path takes our own shape");
+            let slow = Envelope::decode(&bytes).unwrap();
+            assert_eq!(
+                (
+                    fast.id,
+                    &fast.source,
+                    &fast.target,
+                    &fast.event,
+                    &fast.headers
+                ),
+                (
+                    slow.id,
+                    &slow.source,
+                    &slow.target,
+                    &slow.event,
+                    &slow.headers
+                )
+            );
+            assert_eq!(
+                fast.payload.to_msgpack().unwrap(),
+                slow.payload.to_msgpack().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn unusual_shapes_fall_back_and_garbage_is_an_error() {
+        // A foreign client may send the payload as nil instead of bin: serde decides.
+        let e = &sample()[0];
+        let mut bytes = e.encode().unwrap();
+        bytes.truncate(bytes.len() - 3);
+        assert!(decode_envelope(&bytes).is_err());
+        assert!(decode_envelope(&[0xc1, 0xc1]).is_err());
+    }
+}
