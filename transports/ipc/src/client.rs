@@ -476,7 +476,8 @@ impl Client {
         let _ = self.connected.send(false);
         outbox.close("connection lost");
         lock(&self.pending).clear();
-        self.bump();
+        // No generation bump here: cached peer-to-peer routes keep working while the
+        // daemon is away; the reconnect bumps it, since anything may have changed.
     }
 
     async fn restore(&self, entries: Vec<(MachineEntry, Option<u64>)>, subs: Vec<RequestMsg>) {
