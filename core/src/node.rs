@@ -819,8 +819,15 @@ impl Node {
                 }),
             };
         }
+        let transports = self.0.session.router.pubsub();
+        if transports.is_empty() {
+            return Err(Error::NotSupported {
+                transport: "session",
+                capability: "topics (no transport with pub/sub is enabled)",
+            });
+        }
         let mut n = 0;
-        for t in self.0.session.router.pubsub() {
+        for t in transports {
             n += t.publish(env.clone()).await?;
         }
         Ok(n)

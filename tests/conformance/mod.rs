@@ -961,6 +961,10 @@ pub async fn topic_wildcards_and_content_filter(fx: Fixture) {
             p.subscribe("a.*").await,
             Err(Error::NotSupported { .. })
         ));
+        assert!(matches!(
+            p.publish("a.b", "X", ()).await,
+            Err(Error::NotSupported { .. })
+        ));
         return;
     }
     let (one, mut r_one) = w.recorder("one", "S").await;
