@@ -16,6 +16,8 @@ macro_rules! say {
 pub(crate) use say;
 
 mod direct;
+// The raw baseline is a unix socket pair; elsewhere ipc (named pipes) is not measured yet.
+#[cfg(unix)]
 mod ipc;
 mod measure;
 mod memory;
@@ -115,12 +117,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Every transport this binary can measure, in report order.
 fn providers() -> Vec<Box<dyn Provider>> {
-    vec![
-        Box::new(direct::Direct),
-        Box::new(memory::Memory),
-        Box::new(ipc::Ipc { p2p: false }),
-        Box::new(ipc::Ipc { p2p: true }),
-    ]
+    #[allow(unused_mut)]
+    let mut all: Vec<Box<dyn Provider>> = vec![Box::new(direct::Direct), Box::new(memory::Memory)];
+    #[cfg(unix)]
+    {
+        all.push(Box::new(ipc::Ipc { p2p: false }));
+        all.push(Box::new(ipc::Ipc { p2p: true }));
+    }
+    all
 }
 
 /// The chosen providers, and the names asked for that this build does not have.
