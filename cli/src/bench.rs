@@ -286,3 +286,35 @@ fn progress_bar(len: u64) -> ProgressBar {
     }
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_or_say_why_not() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("forever").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_size("64"), Ok(64));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size(&(MAX_SIZE + 1).to_string()).is_err());
+    }
+
+    #[test]
+    fn transports_are_picked_by_name_in_the_order_given() {
+        let names = vec![
+            "memory".to_string(),
+            "direct".into(),
+            "redis".into(),
+            "memory".into(),
+        ];
+        let (chosen, not_built) = select(providers(), &names);
+        let chosen: Vec<&str> = chosen.iter().map(|p| p.name()).collect();
+        assert_eq!(chosen, ["memory", "direct"]);
+        assert_eq!(not_built, ["redis"]);
+        assert!(parse_transport("carrier-pigeon").is_err());
+    }
+}

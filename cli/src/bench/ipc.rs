@@ -4,13 +4,15 @@
 //! sessions (each its own process instance, so `SameMachine`) with their own
 //! connections to a bus daemon started in-process on a fresh socket; raw is
 //! tokio unix socket pairs carrying the same frames (`len: u32 BE`, `kind: u8`,
-//! MessagePack body) with the same `BenchMsg`, encoded and decoded at each end.
+//! body) with the same `BenchMsg` MessagePack-encoded and decoded at each end,
+//! padded to the byte size of our `SEND` frame for that message.
 
 use std::path::PathBuf;
 
 use futures_util::future::BoxFuture;
 use switchyard::ipc::frame::{self, kind};
 use switchyard::ipc::{Daemon, DaemonConfig, DaemonHandle, IpcBus, IpcConfig};
+use switchyard::{Address, Envelope, Payload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -89,7 +91,7 @@ impl Provider for Ipc {
         if self.p2p { "ipc-p2p" } else { "ipc" }
     }
     fn baseline(&self) -> &'static str {
-        "tokio unix socket, same length-prefixed MessagePack frames"
+        "tokio unix socket, same length-prefixed frames, padded to our frame size"
     }
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async {
@@ -131,12 +133,63 @@ impl Provider for Ipc {
     }
 }
 
-/// Appends one frame carrying `msg`.
-fn encode(buf: &mut Vec<u8>, msg: &BenchMsg) -> BenchResult<()> {
-    frame::write_frame(buf, kind::SEND, usize::MAX, |b| {
-        rmp_serde::encode::write_named(b, msg).map_err(|e| switchyard::Error::Encode(e.to_string()))
-    })?;
-    Ok(())
+/// How raw frames are made: the message, then padding up to the size of our `SEND` frame.
+///
+/// Raw and ours then move the same bytes per message, so the ratio measures what
+/// Switchyard does per message (envelope, routing, registry), not a byte-count gap.
+#[derive(Clone, Copy)]
+struct RawCodec {
+    frame_len: usize,
+}
+
+impl RawCodec {
+    /// Frames as long as the ipc `SEND` frame that carries `cfg`'s message from `source` to `sink`.
+    fn like_ours(cfg: &RunConfig) -> RawCodec {
+        let env = Envelope::new(
+            u64::MAX >> 8,
+            "source".into(),
+            Address::Machine("sink".into()),
+            "E".into(),
+            Payload::new(cfg.msg_at(u64::MAX >> 8, u64::MAX >> 8)),
+        );
+        let mut buf = Vec::new();
+        let frame_len = match frame::write_send(&mut buf, usize::MAX, "sink", &env) {
+            Ok(()) => buf.len(),
+            Err(_) => 0,
+        };
+        RawCodec { frame_len }
+    }
+
+    /// Appends one frame: `len`, `kind`, `msg_len: u32 BE`, the MessagePack message, padding.
+    fn encode(self, buf: &mut Vec<u8>, msg: &BenchMsg) -> BenchResult<()> {
+        let start = buf.len();
+        frame::write_frame(buf, kind::SEND, usize::MAX, |b| {
+            let at = b.len();
+            b.extend_from_slice(&[0; 4]);
+            rmp_serde::encode::write_named(b, msg)
+                .map_err(|e| switchyard::Error::Encode(e.to_string()))?;
+            let msg_len = (b.len() - at - 4) as u32;
+            b[at..at + 4].copy_from_slice(&msg_len.to_be_bytes());
+            if b.len() - start < self.frame_len {
+                b.resize(start + self.frame_len, 0);
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Decodes a frame body (after the kind byte).
+    fn decode(body: &[u8]) -> BenchResult<BenchMsg> {
+        let len_bytes: [u8; 4] = body
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or("a raw frame is too short")?;
+        let msg_len = u32::from_be_bytes(len_bytes) as usize;
+        let msg = body
+            .get(4..4 + msg_len)
+            .ok_or("a raw frame is shorter than its message")?;
+        Ok(rmp_serde::from_slice(msg).map_err(|e| format!("a raw frame does not decode: {e}"))?)
+    }
 }
 
 /// Reads frames and hands each decoded message to `on_msg`, until the peer closes.
@@ -161,8 +214,7 @@ async fn read_frames(
                 break;
             }
             let body = &buf[start + frame::HEADER_LEN..start + 4 + len];
-            let msg: BenchMsg = rmp_serde::from_slice(body)
-                .map_err(|e| format!("a raw frame does not decode: {e}"))?;
+            let msg = RawCodec::decode(body)?;
             start += 4 + len;
             on_msg(msg).await?;
         }
@@ -179,6 +231,7 @@ async fn read_frames(
 /// One producer, `n` socket pairs; every message goes to all (`fan_out`) or to one in turn.
 async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sample> {
     let probe = Probe::new(n, cfg)?;
+    let codec = RawCodec::like_ours(cfg);
     let mut writers: Vec<(OwnedWriteHalf, Vec<u8>)> = Vec::with_capacity(n);
     let mut readers = Vec::with_capacity(n);
     for i in 0..n {
@@ -201,7 +254,7 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
         while !p.stopped() {
             let msg = p.cfg().msg(seq);
             frame_buf.clear();
-            encode(&mut frame_buf, &msg)?;
+            codec.encode(&mut frame_buf, &msg)?;
             let targets = if fan_out {
                 0..writers.len()
             } else {
@@ -238,6 +291,7 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
 /// Two sockets' worth of round trips: the ponger decodes each ping and answers with a new frame.
 async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
+    let codec = RawCodec::like_ours(cfg);
     let (a, b) = UnixStream::pair()?;
     let (mut a_rd, mut a_wr) = a.into_split();
     let (b_rd, b_wr) = b.into_split();
@@ -246,7 +300,7 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
         let wr = b_wr.clone();
         Box::pin(async move {
             let mut out = Vec::with_capacity(64 + m.data.len());
-            encode(&mut out, &m)?;
+            codec.encode(&mut out, &m)?;
             wr.lock().await.write_all(&out).await?;
             Ok(())
         })
@@ -263,14 +317,13 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
         let mut intended = cfg.now_ns();
         while !p.stopped() {
             out.clear();
-            encode(&mut out, &cfg.msg_at(seq, intended))?;
+            codec.encode(&mut out, &cfg.msg_at(seq, intended))?;
             a_wr.write_all(&out).await?;
             a_rd.read_exact(&mut header).await?;
             let len = u32::from_be_bytes(header) as usize;
             body.resize(len, 0);
             a_rd.read_exact(&mut body).await?;
-            let back: BenchMsg = rmp_serde::from_slice(&body[1..])
-                .map_err(|e| format!("a raw frame does not decode: {e}"))?;
+            let back = RawCodec::decode(body.get(1..).unwrap_or_default())?;
             intended = cfg.now_ns();
             p.round_trip(0, intended.saturating_sub(back.stamp_ns));
             seq += 1;
@@ -284,4 +337,35 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
         Err(e) => return Err(format!("the raw ponger failed: {e}").into()),
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn raw_frames_are_as_long_as_ours_and_decode_back() {
+        let cfg = RunConfig::new(64, Duration::ZERO, Duration::ZERO, 1, 1);
+        let codec = RawCodec::like_ours(&cfg);
+        assert!(
+            codec.frame_len > 64 + frame::HEADER_LEN,
+            "{}",
+            codec.frame_len
+        );
+        let mut buf = Vec::new();
+        codec.encode(&mut buf, &cfg.msg_at(7, 42)).expect("encodes");
+        assert_eq!(buf.len(), codec.frame_len);
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        assert_eq!(len + 4, buf.len());
+        let back = RawCodec::decode(&buf[frame::HEADER_LEN..]).expect("decodes");
+        assert_eq!((back.seq, back.stamp_ns, back.data.len()), (7, 42, 64));
+    }
+
+    #[test]
+    fn a_truncated_raw_frame_is_an_error() {
+        assert!(RawCodec::decode(&[0, 0]).is_err());
+        assert!(RawCodec::decode(&[0, 0, 0, 9, 0x80]).is_err());
+    }
 }
