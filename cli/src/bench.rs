@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Workers in the any-of-type workload.
     #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
+    /// Offer this many messages per second (per producer) instead of full speed; one-way
+    /// latency then counts from each message's scheduled send time. Ping-pong stays closed-loop.
+    #[arg(long, value_name = "MSGS_PER_SEC", value_parser = parse_rate)]
+    rate: Option<f64>,
     /// Also write the results as JSON, one object per (transport, workload).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -87,6 +91,16 @@ fn parse_transport(s: &str) -> Result<String, String> {
             KNOWN.join(", ")
         ))
     }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of messages per second"))?;
+    if !(1.0..=1e8).contains(&r) {
+        return Err("between 1 and 100000000 messages per second".into());
+    }
+    Ok(r)
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -171,7 +185,8 @@ pub async fn run(args: BenchArgs) -> CliResult {
         duration,
         args.fanout as usize,
         args.workers as usize,
-    );
+    )
+    .with_rate(args.rate);
     let (selected, not_built) = select(providers(), &args.transports);
     for n in not_built {
         say!("{n}: skipped: this build has no `{n}` transport yet");
@@ -216,7 +231,7 @@ pub async fn run(args: BenchArgs) -> CliResult {
     }
     bar.finish_and_clear();
 
-    report::print_table(&rows, &notes)?;
+    report::print_table(&rows, &notes, cfg.rate)?;
     if let Some(path) = &args.json {
         report::write_json(path, &rows)?;
         say!("wrote {}", path.display());
@@ -269,7 +284,7 @@ async fn measure_pair(
         p.name(),
         p.baseline(),
         w,
-        cfg.size,
+        cfg,
         Stats::combine(&ours),
         Stats::combine(&raw),
     ))

@@ -136,3 +136,39 @@ fn a_transport_that_cannot_run_is_skipped_with_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn an_offered_rate_is_recorded_with_each_paced_row() {
+    let path =
+        std::env::temp_dir().join(format!("switchyard-bench-rate-{}.json", std::process::id()));
+    let path_str = path.to_str().expect("temp path is UTF-8");
+    let out = switchyard(&[
+        "bench",
+        "--quick",
+        "--transports",
+        "memory",
+        "--rate",
+        "5000",
+        "--json",
+        path_str,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).expect("the JSON file was written");
+    let _ = std::fs::remove_file(&path);
+    let rows: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let rows = rows.as_array().expect("a JSON array");
+    assert_eq!(rows.len(), 4, "{text}");
+    for row in rows {
+        let rate = row["rate"].as_f64();
+        if row["workload"] == "ping-pong" {
+            assert_eq!(rate, None, "ping-pong is closed-loop: {row}");
+        } else {
+            assert_eq!(rate, Some(5000.0), "{row}");
+        }
+        assert!(row["ratio"].as_f64().is_some_and(|r| r > 0.0), "{row}");
+    }
+}

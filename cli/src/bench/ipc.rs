@@ -251,8 +251,11 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
         let mut seq = 0u64;
         let mut next = 0usize;
         let mut frame_buf = Vec::with_capacity(64);
+        let start = p.cfg().now_ns();
+        // At an offered rate nothing else is coming right away, so each frame is written at once.
+        let batch = if p.cfg().rate.is_some() { 1 } else { RAW_BATCH };
         while !p.stopped() {
-            let msg = p.cfg().msg(seq);
+            let msg = p.cfg().next_msg(seq, start).await;
             frame_buf.clear();
             codec.encode(&mut frame_buf, &msg)?;
             let targets = if fan_out {
@@ -262,7 +265,7 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
             };
             for (wr, buf) in &mut writers[targets] {
                 buf.extend_from_slice(&frame_buf);
-                if buf.len() >= RAW_BATCH {
+                if buf.len() >= batch {
                     wr.write_all(buf).await?;
                     buf.clear();
                 }

@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub workers: usize,
     /// Bound of every queue (mailboxes and raw channels alike).
     pub capacity: usize,
+    /// Messages per second each producer offers; `None` sends as fast as the consumers take them.
+    pub rate: Option<f64>,
     base: Instant,
     data: Arc<ByteBuf>,
 }
@@ -74,9 +76,43 @@ impl RunConfig {
             fanout,
             workers,
             capacity: switchyard::MailboxConfig::default().capacity,
+            rate: None,
             base: Instant::now(),
             data: Arc::new(ByteBuf::from(vec![0xA5u8; size])),
         }
+    }
+
+    /// Offers `rate` messages per second instead of sending as fast as possible.
+    pub fn with_rate(mut self, rate: Option<f64>) -> Self {
+        self.rate = rate.filter(|r| *r > 0.0 && r.is_finite());
+        self
+    }
+
+    /// The `seq`-th message of a producer that started at `start_ns`.
+    ///
+    /// At full speed it goes now (sampled ones stamped now). With a rate, it waits
+    /// for its slot `start + seq / rate` and is stamped with that slot, not with the
+    /// time it actually leaves: a stall delays every later message and all of that
+    /// delay is counted (no coordinated omission).
+    pub async fn next_msg(&self, seq: u64, start_ns: u64) -> BenchMsg {
+        let Some(rate) = self.rate else {
+            return self.msg(seq);
+        };
+        let intended = start_ns + (seq as f64 * 1e9 / rate) as u64;
+        loop {
+            let now = self.now_ns();
+            if now >= intended {
+                break;
+            }
+            let ahead = intended - now;
+            if ahead > 2_000_000 {
+                // Timers are coarse (about 1 ms): sleep most of a long gap, then poll.
+                tokio::time::sleep(Duration::from_nanos(ahead - 1_000_000)).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        self.msg_at(seq, intended)
     }
 
     /// Nanoseconds since the base instant, never 0.

@@ -60,14 +60,15 @@ pub fn only_transport(name: &'static str) -> BenchResult<Session> {
         .build()?)
 }
 
-/// Spawns a producer that sends `cfg.msg(seq)` with `$send` until the window closes; yields the count sent.
+/// Spawns a producer that sends `cfg.next_msg(seq)` with `$send` until the window closes; yields the count sent.
 macro_rules! produce {
     ($probe:expr, |$msg:ident| $send:expr) => {{
         let probe = $probe.clone();
         tokio::spawn(async move {
             let mut seq = 0u64;
+            let start = probe.cfg().now_ns();
             while !probe.stopped() {
-                let $msg = probe.cfg().msg(seq);
+                let $msg = probe.cfg().next_msg(seq, start).await;
                 $send;
                 seq += 1;
                 if seq.is_multiple_of($crate::bench::ours::YIELD_EVERY) {

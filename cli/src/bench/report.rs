@@ -26,6 +26,8 @@ pub struct Conditions {
     pub fanout: usize,
     /// Workers in any-of-type.
     pub workers: usize,
+    /// Offered rate per producer; `None` is full speed.
+    pub rate: Option<f64>,
 }
 
 impl Conditions {
@@ -40,14 +42,19 @@ impl Conditions {
             release: !cfg!(debug_assertions),
             fanout: cfg.fanout,
             workers: cfg.workers,
+            rate: cfg.rate,
         }
     }
 
     /// One line for the top of the report.
     pub fn describe(&self) -> String {
         format!(
-            "switchyard bench: {} B payloads, {} ms window after {} ms warm-up, {} round(s) alternating raw/ours, fan-out {}, workers {}, {} CPUs, {}",
+            "switchyard bench: {} B payloads, {}, {} ms window after {} ms warm-up, {} round(s) alternating raw/ours, fan-out {}, workers {}, {} CPUs, {}",
             self.size,
+            match self.rate {
+                Some(r) => format!("producers offer {}/s", si(r)),
+                None => "full speed".to_string(),
+            },
             self.window_ms,
             self.warmup_ms,
             self.rounds,
@@ -157,6 +164,8 @@ pub struct Row {
     pub baseline: &'static str,
     /// What `msgs_per_sec` counts.
     pub unit: &'static str,
+    /// Messages per second the producer offered (`--rate`); `null` for full speed.
+    pub rate: Option<f64>,
 }
 
 impl Row {
@@ -165,7 +174,7 @@ impl Row {
         transport: &'static str,
         baseline: &'static str,
         w: Workload,
-        size: usize,
+        cfg: &RunConfig,
         ours: Stats,
         raw: Stats,
     ) -> Row {
@@ -173,7 +182,7 @@ impl Row {
         Row {
             transport,
             workload: w.name(),
-            size,
+            size: cfg.size,
             msgs_per_sec: ours.msgs_per_sec,
             p50_us: ours.p50_us,
             p99_us: ours.p99_us,
@@ -192,6 +201,11 @@ impl Row {
                 "round trips"
             } else {
                 "messages received"
+            },
+            rate: if w == Workload::PingPong {
+                None
+            } else {
+                cfg.rate
             },
         }
     }
@@ -262,7 +276,7 @@ pub fn table(rows: &[Row]) -> String {
 }
 
 /// Prints the table, the baselines and the workloads a transport does not offer.
-pub fn print_table(rows: &[Row], notes: &[String]) -> Result<(), String> {
+pub fn print_table(rows: &[Row], notes: &[String], rate: Option<f64>) -> Result<(), String> {
     say!();
     say!("{}", table(rows).trim_end());
     say!();
@@ -279,8 +293,12 @@ pub fn print_table(rows: &[Row], notes: &[String]) -> Result<(), String> {
     say!(
         "ratio = ours / raw throughput (higher is better); p50 × = ours / raw p50 latency (lower is better)."
     );
+    let load = match rate {
+        Some(r) => format!("with producers offering {}/s", si(r)),
+        None => "at full load, so mostly queueing".to_string(),
+    };
     say!(
-        "ping-pong msg/s counts round trips and its latency is the round trip; other latencies are one-way, from the intended send time, at full load."
+        "ping-pong msg/s counts round trips and its latency is the round trip; other latencies are one-way, from the intended send time, {load}."
     );
     Ok(())
 }
