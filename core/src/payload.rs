@@ -19,6 +19,8 @@ pub trait LocalValue: Any + Send + Sync {
     fn as_any(&self) -> &dyn Any;
     /// MessagePack (named struct fields) encoding of the value.
     fn encode(&self) -> Result<Vec<u8>>;
+    /// Appends the same encoding to `buf`, for transports that write straight into their frame buffer.
+    fn encode_into(&self, buf: &mut Vec<u8>) -> Result<()>;
 }
 
 impl<T: Serialize + Any + Send + Sync> LocalValue for T {
@@ -27,6 +29,9 @@ impl<T: Serialize + Any + Send + Sync> LocalValue for T {
     }
     fn encode(&self) -> Result<Vec<u8>> {
         rmp_serde::to_vec_named(self).map_err(|e| Error::Encode(e.to_string()))
+    }
+    fn encode_into(&self, buf: &mut Vec<u8>) -> Result<()> {
+        rmp_serde::encode::write_named(buf, self).map_err(|e| Error::Encode(e.to_string()))
     }
 }
 
@@ -105,6 +110,21 @@ impl Payload {
             return Ok(t.clone());
         }
         self.read()
+    }
+
+    /// Appends the MessagePack encoding to `buf` without an intermediate allocation.
+    pub fn write_msgpack(&self, buf: &mut Vec<u8>) -> Result<()> {
+        match self {
+            Payload::Empty => {
+                buf.extend_from_slice(MSGPACK_NIL);
+                Ok(())
+            }
+            Payload::Encoded(b) => {
+                buf.extend_from_slice(b);
+                Ok(())
+            }
+            Payload::Value(v) => v.encode_into(buf),
+        }
     }
 
     /// The MessagePack encoding, for transports that cross a process.

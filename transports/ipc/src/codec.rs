@@ -58,8 +58,21 @@ pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
     match &env.payload {
         Payload::Encoded(b) => rmp::encode::write_bin(buf, b).map_err(enc)?,
         other => {
-            let b = other.to_msgpack()?;
-            rmp::encode::write_bin(buf, &b).map_err(enc)?
+            // Encode in place behind a bin8 header, widened afterwards when the value is bigger.
+            let start = buf.len();
+            buf.extend_from_slice(&[0xc4, 0]);
+            other.write_msgpack(buf)?;
+            let len = buf.len() - start - 2;
+            if len < 0x100 {
+                buf[start + 1] = len as u8;
+            } else if len < 0x1_0000 {
+                let h = [0xc5, (len >> 8) as u8, len as u8];
+                buf.splice(start..start + 2, h);
+            } else {
+                let n = u32::try_from(len).map_err(enc)?.to_be_bytes();
+                let h = [0xc6, n[0], n[1], n[2], n[3]];
+                buf.splice(start..start + 2, h);
+            }
         }
     }
     write_str(buf, "headers")?;
@@ -123,7 +136,8 @@ impl<'a> Rd<'a> {
                 .fold(0u64, |a, &b| (a << 8) | u64::from(b)),
         )
     }
-    fn str(&mut self) -> Option<&'a str> {
+    /// A string's bytes, unvalidated: keys are compared as bytes, values validated by [`Rd::str`].
+    fn raw_str(&mut self) -> Option<&'a [u8]> {
         let n = match self.marker()? {
             Marker::FixStr(n) => n as usize,
             Marker::Str8 => self.be(1)? as usize,
@@ -131,7 +145,10 @@ impl<'a> Rd<'a> {
             Marker::Str32 => self.be(4)? as usize,
             _ => return None,
         };
-        std::str::from_utf8(self.take(n)?).ok()
+        self.take(n)
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.raw_str()?).ok()
     }
     fn uint(&mut self) -> Option<u64> {
         match self.marker()? {
@@ -182,41 +199,41 @@ fn fast_decode(bytes: &[u8]) -> Option<Envelope> {
     let (mut id, mut source, mut target, mut event, mut payload) = (None, None, None, None, None);
     let mut headers = Headers::default();
     for _ in 0..n {
-        match r.str()? {
-            "id" => id = Some(r.uint()?),
-            "source" => source = Some(MachineId::from(r.str()?)),
-            "target" => {
+        match r.raw_str()? {
+            b"id" => id = Some(r.uint()?),
+            b"source" => source = Some(MachineId::from(r.str()?)),
+            b"target" => {
                 if r.map()? != 1 {
                     return None;
                 }
-                let v = r.str()?;
+                let v = r.raw_str()?;
                 let s: Arc<str> = r.str()?.into();
                 target = Some(match v {
-                    "Machine" => Address::Machine(MachineId::new(s)),
-                    "AnyOfType" => Address::AnyOfType(s),
-                    "AllOfType" => Address::AllOfType(s),
-                    "Topic" => Address::Topic(s),
-                    "Group" => Address::Group(s),
+                    b"Machine" => Address::Machine(MachineId::new(s)),
+                    b"AnyOfType" => Address::AnyOfType(s),
+                    b"AllOfType" => Address::AllOfType(s),
+                    b"Topic" => Address::Topic(s),
+                    b"Group" => Address::Group(s),
                     _ => return None,
                 });
             }
-            "event" => event = Some(Arc::<str>::from(r.str()?)),
-            "payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
-            "headers" => {
+            b"event" => event = Some(Arc::<str>::from(r.str()?)),
+            b"payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
+            b"headers" => {
                 for _ in 0..r.map()? {
-                    match r.str()? {
-                        "correlation_id" => headers.correlation_id = r.opt_uint()?,
-                        "reply_to" => headers.reply_to = r.opt_str()?.map(MachineId::from),
-                        "is_reply" => {
+                    match r.raw_str()? {
+                        b"correlation_id" => headers.correlation_id = r.opt_uint()?,
+                        b"reply_to" => headers.reply_to = r.opt_str()?.map(MachineId::from),
+                        b"is_reply" => {
                             headers.is_reply = match r.marker()? {
                                 Marker::True => true,
                                 Marker::False => false,
                                 _ => return None,
                             }
                         }
-                        "sent_at_us" => headers.sent_at_us = r.uint()?,
-                        "priority" => headers.priority = u8::try_from(r.uint()?).ok()?,
-                        "expires_at_us" => headers.expires_at_us = r.opt_uint()?,
+                        b"sent_at_us" => headers.sent_at_us = r.uint()?,
+                        b"priority" => headers.priority = u8::try_from(r.uint()?).ok()?,
+                        b"expires_at_us" => headers.expires_at_us = r.opt_uint()?,
                         _ => return None,
                     }
                 }
@@ -258,7 +275,7 @@ mod tests {
                 "ünï-source".into(),
                 target,
                 "EV".into(),
-                Payload::new(vec![i as u32; i * 40]),
+                Payload::new(vec![i as u32; [0, 40, 300, 20_000, 3][i]]),
             );
             if i % 2 == 1 {
                 e.headers.correlation_id = Some(1 << 40);

@@ -48,6 +48,8 @@ pub(crate) struct Outbox {
     space: Notify,
     finished: Notify,
     done: AtomicBool,
+    /// Mirrors `closed || draining` so the send path can check it without the lock.
+    shut: AtomicBool,
     limit: usize,
     max_frame: usize,
     stream: Arc<Stream>,
@@ -79,6 +81,7 @@ impl Outbox {
             space: Notify::new(),
             finished: Notify::new(),
             done: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
             limit,
             max_frame,
             stream,
@@ -124,6 +127,7 @@ impl Outbox {
                 if let Err(e) = self.write_direct(&mut st.buf) {
                     let why = e.to_string();
                     st.closed = Some(why.clone());
+                    self.shut.store(true, Ordering::Release);
                     drop(st);
                     self.wake.notify_one();
                     self.space.notify_waiters();
@@ -205,6 +209,7 @@ impl Outbox {
             if st.closed.is_none() {
                 st.closed = Some(why.to_string());
             }
+            self.shut.store(true, Ordering::Release);
         }
         self.wake.notify_one();
         self.space.notify_waiters();
@@ -218,6 +223,7 @@ impl Outbox {
         {
             let mut st = lock(&self.st);
             st.draining = true;
+            self.shut.store(true, Ordering::Release);
         }
         self.wake.notify_one();
         if !self.done.load(Ordering::Acquire) {
@@ -227,12 +233,11 @@ impl Outbox {
 
     /// Whether the connection is closed (write error, close or drain).
     pub(crate) fn is_closed(&self) -> bool {
-        let st = lock(&self.st);
-        st.closed.is_some() || st.draining
+        self.shut.load(Ordering::Acquire)
     }
 
     async fn run_writer(self: Arc<Self>) {
-        let mut spare: Vec<u8> = Vec::with_capacity(4096);
+        let mut spare: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         loop {
             let step = {
                 let mut st = lock(&self.st);
@@ -268,8 +273,10 @@ impl Outbox {
                 break;
             }
             spare.clear();
-            if spare.capacity() > 4 * READ_CHUNK {
-                spare = Vec::with_capacity(4096);
+            // Keep the buffer for the next batch (regrowing it costs page faults and copies),
+            // unless one huge frame inflated it past the queue bound.
+            if spare.capacity() > self.limit.max(4 * READ_CHUNK) {
+                spare = Vec::with_capacity(READ_CHUNK);
             }
         }
         self.done.store(true, Ordering::Release);
