@@ -287,6 +287,12 @@ pub enum Effect {
         /// How long to wait for the reply.
         timeout: Duration,
     },
+    /// `Node::locate`, run in the background; the answer comes back as `done.locate.<target>`
+    /// (data: [`crate::Located`]), a failure as `error.locate.<target>` (data: [`crate::SendFailure`]).
+    Locate {
+        /// The machine to locate.
+        target: MachineId,
+    },
     /// `Node::reply` to the current event's sender.
     Reply {
         /// Who asked.
@@ -309,6 +315,7 @@ impl Effect {
             | Effect::SendDelayed { event, .. }
             | Effect::Request { event, .. }
             | Effect::Reply { event, .. } => event,
+            Effect::Locate { .. } => "locate",
         }
     }
 }
@@ -490,8 +497,9 @@ impl<'a> ActionContext<'a> {
     /// Where a machine lives: its registry entry and its [`Location`] from this machine.
     ///
     /// Answered from the session's registry without waiting; a registry that needs I/O for the
-    /// lookup (not cached) gives a retryable `Error::Transport`. Without a Node (pure interpreter)
-    /// it is `Error::NotSupported`.
+    /// lookup (one shared by several processes, e.g. the ipc bus registry) gives a retryable
+    /// `Error::Transport`: use [`ActionContext::request_location`] there. Without a Node (pure
+    /// interpreter) it is `Error::NotSupported`.
     pub fn locate(&self, target: &str) -> Result<(MachineEntry, Location), Error> {
         let Some(node) = self.node else {
             return Err(Error::NotSupported {
@@ -503,10 +511,21 @@ impl<'a> ActionContext<'a> {
         node.locate(&id).now_or_never().unwrap_or_else(|| {
             Err(Error::Transport {
                 transport: "registry",
-                reason: "the lookup needs I/O and actions cannot wait: locate the target from an async task, or send first so the route is cached".into(),
+                reason: "the lookup needs I/O and actions cannot wait: use `request_location`, whose answer arrives as `done.locate.<target>`".into(),
                 retryable: true,
             })
         })
+    }
+
+    /// Locates a machine without blocking the machine, with any registry (also one that needs I/O):
+    /// the answer arrives as the event `done.locate.<target>` (data: [`crate::Located`]), a failure
+    /// (unknown target, registry unreachable) as `error.locate.<target>` (data: [`crate::SendFailure`]).
+    ///
+    /// Like a send, the lookup starts after the step, in order with the step's sends.
+    pub fn request_location(&mut self, target: impl Into<MachineId>) {
+        self.effects.push(Effect::Locate {
+            target: target.into(),
+        });
     }
 
     /// The Node the machine is bound to (`None` in the pure interpreter).

@@ -9,7 +9,9 @@ use std::task::Poll;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchyard_core::{Address, Envelope, Error, MachineBuilder, MachineId, Node, Session};
+use switchyard_core::{
+    Address, Envelope, Error, Location, MachineBuilder, MachineEntry, MachineId, Node, Session,
+};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -25,6 +27,10 @@ pub const ERROR_COMMUNICATION: &str = "error.communication";
 pub const DONE_REQUEST: &str = "done.request.";
 /// Prefix of the event reporting a failed request or timeout: `error.request.<request event>`.
 pub const ERROR_REQUEST: &str = "error.request.";
+/// Prefix of the event answering [`crate::ActionContext::request_location`]: `done.locate.<target>`.
+pub const DONE_LOCATE: &str = "done.locate.";
+/// Prefix of the event reporting a failed location request: `error.locate.<target>`.
+pub const ERROR_LOCATE: &str = "error.locate.";
 /// Default bound of a machine's own event queue.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 
@@ -37,6 +43,15 @@ pub struct SendFailure {
     pub event: String,
     /// The error.
     pub message: String,
+}
+
+/// Data of `done.locate.<target>`: where the target lives, as the selector sees it from this machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Located {
+    /// The target's registry entry.
+    pub entry: MachineEntry,
+    /// Its location relative to this machine.
+    pub location: Location,
 }
 
 /// Data published on `state.<machine id>.<state path>` when a machine enters an atomic state.
@@ -340,6 +355,43 @@ impl Shared {
                     Poll::Ready(r) => {
                         if !self.push(Input::Event(outcome(r))) {
                             tracing::warn!(machine = %node.id(), "machine event queue full; request outcome dropped");
+                        }
+                    }
+                    Poll::Pending => {
+                        let shared = self.clone();
+                        let n = node.clone();
+                        tokio::spawn(async move {
+                            let ev = outcome(fut.await);
+                            shared.deliver_owned(n, Input::Event(ev)).await;
+                        });
+                    }
+                }
+                return;
+            }
+            Effect::Locate { target } => {
+                let n = node.clone();
+                let id = target.clone();
+                let mut fut = Box::pin(async move { n.locate(&id).await });
+                let outcome = move |r: Result<(MachineEntry, Location), Error>| match r {
+                    Ok((entry, location)) => Event::with_data(
+                        format!("{DONE_LOCATE}{target}"),
+                        Located { entry, location },
+                    ),
+                    Err(e) => Event::with_data(
+                        format!("{ERROR_LOCATE}{target}"),
+                        SendFailure {
+                            target: target.to_string(),
+                            event: "locate".into(),
+                            message: e.to_string(),
+                        },
+                    ),
+                };
+                // An in-process registry answers at once: queue the answer behind this step like
+                // `send_self`; a registry that needs I/O answers from a task.
+                match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+                    Poll::Ready(r) => {
+                        if !self.push(Input::Event(outcome(r))) {
+                            tracing::warn!(machine = %node.id(), "machine event queue full; location answer dropped");
                         }
                     }
                     Poll::Pending => {

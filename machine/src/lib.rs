@@ -32,6 +32,10 @@
 //!   sends (whenever the transport takes it at once), and the reply arrives later as the event
 //!   `done.request.<event>` (its data is the reply's data), a failure or timeout as
 //!   `error.request.<event>` (data: [`SendFailure`]).
+//! - **Locating** a peer: [`ActionContext::locate`] answers at once when the registry can
+//!   (in-process); with a registry that needs I/O (the ipc bus registry, shared by the host's
+//!   processes) use [`ActionContext::request_location`], answered later as the event
+//!   `done.locate.<target>` (data: [`Located`]) or `error.locate.<target>`.
 //! - **Failures**: an action that returns an error or panics (or a guard that panics) rolls the
 //!   whole event back (configuration, context, timers, sends), and the machine gets an
 //!   `error.action` event ([`Failure`]) and logs it with tracing. A failure while handling
@@ -106,8 +110,8 @@ pub use actions::{
     ActionContext, ActionFn, Actions, Effect, Event, GuardContext, GuardFn, Origin, OutPayload,
 };
 pub use binding::{
-    DEFAULT_QUEUE_CAPACITY, DONE_REQUEST, ERROR_COMMUNICATION, ERROR_REQUEST, SendFailure,
-    StateChange, StateMachine, StateMachineBuilder,
+    DEFAULT_QUEUE_CAPACITY, DONE_LOCATE, DONE_REQUEST, ERROR_COMMUNICATION, ERROR_LOCATE,
+    ERROR_REQUEST, Located, SendFailure, StateChange, StateMachine, StateMachineBuilder,
 };
 pub use chart::{Chart, StateKind};
 pub use error::{ActionError, Failure, FailureKind, LoadError, MachineError};

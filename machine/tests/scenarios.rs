@@ -1,16 +1,21 @@
-//! Machines bound to Nodes: timers, the original guide's UI + worker and pipeline,
-//! requests, failures, and concurrent deliveries on two transports.
+//! Machines bound to Nodes: timers, the original guide's UI + worker (also across two
+//! processes) and pipeline, locating peers, requests, failures, and concurrent deliveries
+//! on two transports.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Observer, memory_session, within};
+use common::{
+    ChildProcess, Observer, child_role, ipc_session, memory_session, parent_lines, say, within,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use switchyard::Node;
+use switchyard::ipc::{Daemon, DaemonConfig, unique_socket_path};
+use switchyard::{Node, Session};
 use switchyard_machine::{
-    Actions, ERROR_ACTION, Failure, FailureKind, Interpreter, SendFailure, Status,
+    Actions, ERROR_ACTION, Failure, FailureKind, Interpreter, Located, SendFailure, StateMachine,
+    Status,
 };
 use tokio::time::Instant;
 
@@ -148,21 +153,43 @@ fn ui_worker_actions() -> Actions {
         })
 }
 
+/// The worker of the UI + worker pair, on `session`.
+async fn start_worker(session: &Session) -> StateMachine {
+    interp(include_str!("fixtures/worker.json"), &ui_worker_actions())
+        .bind(session, "worker-1", "Worker")
+        .build()
+        .await
+        .unwrap()
+}
+
+/// The UI of the UI + worker pair, on `session`.
+async fn start_ui(session: &Session) -> StateMachine {
+    interp(include_str!("fixtures/ui.json"), &ui_worker_actions())
+        .bind(session, "ui-main", "UI")
+        .build()
+        .await
+        .unwrap()
+}
+
+/// The results the UI collected, which must be one success per round.
+fn assert_results(ui: &StateMachine, rounds: u64) {
+    let results: Vec<WorkResult> =
+        serde_json::from_value(ui.snapshot().context["results"].clone()).unwrap();
+    let want: Vec<WorkResult> = (1..=rounds)
+        .map(|task_id| WorkResult {
+            task_id,
+            result: "Success".into(),
+        })
+        .collect();
+    assert_eq!(results, want);
+}
+
 #[tokio::test(start_paused = true)]
 async fn ui_and_worker() {
     let session = switchyard::builder().build().unwrap();
     let mut states = Observer::new(&session, "watch", "state.#").await;
-    let actions = ui_worker_actions();
-    let worker = interp(include_str!("fixtures/worker.json"), &actions)
-        .bind(&session, "worker-1", "Worker")
-        .build()
-        .await
-        .unwrap();
-    let ui = interp(include_str!("fixtures/ui.json"), &actions)
-        .bind(&session, "ui-main", "UI")
-        .build()
-        .await
-        .unwrap();
+    let worker = start_worker(&session).await;
+    let ui = start_ui(&session).await;
     states.until("state.ui-main.idle").await;
     for round in 1..=2u64 {
         let start = Instant::now();
@@ -180,21 +207,83 @@ async fn ui_and_worker() {
         assert!(start.elapsed() >= Duration::from_millis(2000));
         assert_eq!(worker.snapshot().context["done"], round);
     }
-    let results: Vec<WorkResult> =
-        serde_json::from_value(ui.snapshot().context["results"].clone()).unwrap();
-    assert_eq!(
-        results,
-        [
-            WorkResult {
-                task_id: 1,
-                result: "Success".into()
-            },
-            WorkResult {
-                task_id: 2,
-                result: "Success".into()
+    assert_results(&ui, 2);
+}
+
+/// The same pair with the worker in a child process (this test binary re-executed to run only
+/// `ipc_child`) and the UI here, both sessions on one ipc bus daemon. The worker's two seconds
+/// of work are real time here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ui_and_worker_across_processes() {
+    let socket = unique_socket_path(&std::env::temp_dir(), "machine-ui-worker");
+    let _daemon = Daemon::start(DaemonConfig::new(&socket)).expect("the bus daemon starts");
+    let mut child = ChildProcess::spawn("ipc_child", "worker", &socket, false);
+    child.expect("READY").await;
+    let (session, _bus) = ipc_session(&socket, false);
+    // State changes arrive from both processes: the UI's through memory, the worker's through
+    // the daemon; each machine's own changes are in order.
+    let mut states = Observer::new(&session, "watch", "state.#").await;
+    let ui = start_ui(&session).await;
+    states.until("state.ui-main.idle").await;
+    for round in 1..=2u64 {
+        ui.send("START_WORK", ()).await;
+        let mut seen = states.until("state.ui-main.idle").await;
+        if !seen.iter().any(|t| t == "state.worker-1.ready") {
+            seen.extend(states.until("state.worker-1.ready").await);
+        }
+        let of = |machine: &str| -> Vec<&str> {
+            seen.iter()
+                .map(String::as_str)
+                .filter(|t| t.starts_with(machine))
+                .collect()
+        };
+        assert_eq!(
+            of("state.ui-main."),
+            ["state.ui-main.waiting", "state.ui-main.idle"]
+        );
+        assert_eq!(
+            of("state.worker-1."),
+            ["state.worker-1.working", "state.worker-1.ready"]
+        );
+        child.tell("CONTEXT");
+        let worker: serde_json::Value =
+            serde_json::from_str(&child.expect("CONTEXT").await).expect("the worker's context");
+        assert_eq!(worker["done"], round);
+        assert_eq!(worker["requester"], "ui-main");
+    }
+    assert_results(&ui, 2);
+    child.tell("QUIT");
+    child.expect("BYE").await;
+}
+
+/// The child side of the cross-process test; does nothing in an ordinary test run.
+#[test]
+fn ipc_child() {
+    let Some((role, socket, p2p)) = child_role() else {
+        return;
+    };
+    assert_eq!(role, "worker", "the only role of this binary");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let mut parent = parent_lines();
+        let (session, _bus) = ipc_session(&socket, p2p);
+        let worker = start_worker(&session).await;
+        say("READY", "");
+        while let Some(line) = parent.recv().await {
+            match line.as_str() {
+                "CONTEXT" => say("CONTEXT", &worker.snapshot().context.to_string()),
+                "QUIT" => break,
+                other => panic!("unknown command {other:?}"),
             }
-        ]
-    );
+        }
+        worker.stop().await.expect("the worker stops");
+        session.shutdown();
+        say("BYE", "");
+    });
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -358,6 +447,75 @@ async fn request_reply_and_timeout_come_back_as_events() {
     assert!(start.elapsed() >= Duration::from_millis(500));
     assert_eq!(snap.context["error"]["target"], "silent");
     assert_eq!(snap.context["error"]["event"], "ADD");
+}
+
+const FINDER: &str = r#"{
+  "id": "finder", "initial": "idle", "context": {},
+  "states": {
+    "idle": { "on": { "FIND": { "target": "finding", "actions": "find" } } },
+    "finding": {
+      "on": {
+        "done.locate.*": { "target": "found", "actions": "store" },
+        "error.locate.*": { "target": "lost", "actions": "storeError" }
+      }
+    },
+    "found": {},
+    "lost": {}
+  }
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locate_now_or_as_an_event() {
+    let session = memory_session();
+    let actions = Actions::new()
+        .action("find", |ctx| {
+            let target: String = ctx.data()?;
+            // The in-process registry answers at once; an unknown id is an error.
+            match ctx.locate(&target) {
+                Ok((entry, location)) => {
+                    ctx.set("now", format!("{location:?}"))?;
+                    ctx.set("now_type", entry.machine_type.to_string())?;
+                }
+                Err(e) => ctx.set("now_error", e.to_string())?,
+            }
+            ctx.request_location(target);
+            Ok(())
+        })
+        .action("store", |ctx| {
+            let found: Located = ctx.data()?;
+            ctx.set("later", format!("{:?}", found.location))?;
+            ctx.set("later_type", found.entry.machine_type.to_string())?;
+            ctx.set("event", ctx.event_name().to_owned())
+        })
+        .action("storeError", |ctx| {
+            let f: SendFailure = ctx.data()?;
+            ctx.set("error", f)?;
+            ctx.set("event", ctx.event_name().to_owned())
+        });
+    let _peer: Node = session.machine("peer", "Peer").build().await.unwrap();
+    let finder = interp(FINDER, &actions);
+
+    let a = finder.bind(&session, "a", "Finder").build().await.unwrap();
+    a.send("FIND", "peer".to_string()).await;
+    let snap = within(a.wait_for_state("found")).await;
+    assert_eq!(snap.context["now"], "SameProcess");
+    assert_eq!(snap.context["now_type"], "Peer");
+    assert_eq!(snap.context["later"], "SameProcess");
+    assert_eq!(snap.context["later_type"], "Peer");
+    assert_eq!(snap.context["event"], "done.locate.peer");
+
+    let b = finder.bind(&session, "b", "Finder").build().await.unwrap();
+    b.send("FIND", "nobody".to_string()).await;
+    let snap = within(b.wait_for_state("lost")).await;
+    assert!(
+        snap.context["now_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nobody")),
+        "{snap:?}"
+    );
+    assert_eq!(snap.context["event"], "error.locate.nobody");
+    assert_eq!(snap.context["error"]["target"], "nobody");
+    assert_eq!(snap.context["error"]["event"], "locate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
