@@ -178,7 +178,7 @@ fn ping_pong(c: &mut Criterion) {
     for transport in ["direct", "memory"] {
         let mut g = c.benchmark_group(format!("{transport}/ping_pong"));
         if transport == "direct" {
-            let pong: Arc<dyn Fn(P64) -> P64 + Send + Sync> = Arc::new(|p| black_box(p));
+            let pong: Arc<dyn Fn(P64) -> P64 + Send + Sync> = Arc::new(black_box::<P64>);
             g.bench_function(BenchmarkId::new("raw", "fn_call_round_trip"), |b| {
                 b.iter(|| black_box(pong(black_box(P))))
             });
