@@ -125,6 +125,7 @@ impl RouteCache {
 
 struct TypeCache {
     generation: u64,
+    name: Arc<str>,
     peers: Arc<[MachineId]>,
     next: usize,
 }
@@ -640,13 +641,14 @@ impl Node {
         Ok(Delayed(task.abort_handle()))
     }
 
-    async fn peers_of_type(&self, machine_type: &str) -> Result<Arc<[MachineId]>> {
+    /// The other machines of a type, cached until the registry changes.
+    async fn peers_of_type(&self, machine_type: &str) -> Result<(Arc<str>, Arc<[MachineId]>)> {
         let s = &self.0.session;
         let generation = s.registry.generation();
         if let Some(c) = lock(&self.0.types).get(machine_type)
             && c.generation == generation
         {
-            return Ok(c.peers.clone());
+            return Ok((c.name.clone(), c.peers.clone()));
         }
         let peers: Arc<[MachineId]> = s
             .registry
@@ -656,18 +658,35 @@ impl Node {
             .map(|e| e.id)
             .filter(|id| id != self.id())
             .collect();
+        let name: Arc<str> = machine_type.into();
         lock(&self.0.types).insert(
-            machine_type.into(),
+            name.clone(),
             TypeCache {
                 generation,
+                name: name.clone(),
                 peers: peers.clone(),
                 next: 0,
             },
         );
-        Ok(peers)
+        Ok((name, peers))
     }
 
-    fn pick(&self, machine_type: &str, peers: &[MachineId]) -> MachineId {
+    /// The next instance of a type for `send_to_any_of_type`, from a cached list when it is current.
+    async fn pick_of_type(&self, machine_type: &str) -> Result<(Arc<str>, MachineId)> {
+        let generation = self.0.session.registry.generation();
+        if self.0.balance == Balance::RoundRobin
+            && let Some(c) = lock(&self.0.types).get_mut(machine_type)
+            && c.generation == generation
+            && !c.peers.is_empty()
+        {
+            let i = c.next % c.peers.len();
+            c.next = c.next.wrapping_add(1);
+            return Ok((c.name.clone(), c.peers[i].clone()));
+        }
+        let (name, peers) = self.peers_of_type(machine_type).await?;
+        if peers.is_empty() {
+            return Err(Error::NoMachineOfType(name));
+        }
         let i = match self.0.balance {
             Balance::Random => lock(&self.0.rng).usize(..peers.len()),
             Balance::RoundRobin => {
@@ -682,7 +701,7 @@ impl Node {
                 }
             }
         };
-        peers[i].clone()
+        Ok((name, peers[i].clone()))
     }
 
     /// Sends to exactly one other machine of a type (round-robin, or random); returns its id.
@@ -692,13 +711,8 @@ impl Node {
         event: impl Into<Arc<str>>,
         payload: P,
     ) -> Result<MachineId> {
-        let peers = self.peers_of_type(machine_type).await?;
-        if peers.is_empty() {
-            return Err(Error::NoMachineOfType(machine_type.into()));
-        }
-        let to = self.pick(machine_type, &peers);
-        let mut env = self.envelope(Address::AnyOfType(machine_type.into()), event, payload);
-        env.target = Address::AnyOfType(machine_type.into());
+        let (name, to) = self.pick_of_type(machine_type).await?;
+        let env = self.envelope(Address::AnyOfType(name), event, payload);
         self.send_envelope(&to, env).await?;
         Ok(to)
     }
@@ -740,7 +754,7 @@ impl Node {
         event: impl Into<Arc<str>>,
         payload: P,
     ) -> Result<usize> {
-        let peers = self.peers_of_type(machine_type).await?;
+        let (_, peers) = self.peers_of_type(machine_type).await?;
         self.send_each(
             &peers,
             Address::AllOfType(machine_type.into()),

@@ -99,6 +99,11 @@ impl TopicPattern {
         let parts: Vec<&str> = topic.split('.').collect();
         match_segments(&self.segments, &parts)
     }
+
+    /// Whether a topic already split at its dots matches; saves the split when testing many patterns.
+    pub fn matches_segments(&self, topic: &[&str]) -> bool {
+        match_segments(&self.segments, topic)
+    }
 }
 
 fn match_segments(pat: &[Segment], topic: &[&str]) -> bool {

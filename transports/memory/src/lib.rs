@@ -234,12 +234,16 @@ impl MemoryTransport {
 
     /// Picks the receivers of a published envelope: every plain match, one member per matching group.
     fn receivers(&self, target: &Address, env: &Envelope) -> Vec<Arc<Mailbox>> {
+        let parts: Vec<&str> = match target {
+            Address::Topic(t) => t.split('.').collect(),
+            _ => Vec::new(),
+        };
         let subs = read(&self.fabric.subs);
         let mut out = Vec::new();
         let mut groups: Vec<(Arc<str>, Vec<Arc<Mailbox>>)> = Vec::new();
         for s in subs.iter() {
             let hit = match (target, &s.topic, &s.group) {
-                (Address::Topic(t), Some(p), _) => p.matches(t),
+                (Address::Topic(_), Some(p), _) => p.matches_segments(&parts),
                 (Address::Group(g), None, Some(sg)) => g == sg,
                 _ => false,
             };
