@@ -52,9 +52,15 @@ pub fn draw(path: &Path, rows: &[Row], cond: &Conditions) -> Result<(), String> 
         None,
         true,
     )?;
+    let load = match cond.rate {
+        Some(r) => format!("one-way with producers offering {}/s", si(r)),
+        None => "one-way at full load".to_string(),
+    };
     panel(
         &bottom,
-        "latency p50 in µs, whisker to p99 (ping-pong: round trip; others: one-way at full load), log scale",
+        &format!(
+            "latency p50 in µs, whisker to p99 (ping-pong: round trip; others: {load}), log scale"
+        ),
         rows,
         |r| (r.p50_us, r.raw_p50_us),
         Some(|r| (r.p99_us, r.raw_p99_us)),
