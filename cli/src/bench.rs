@@ -224,7 +224,12 @@ pub async fn run(args: BenchArgs) -> CliResult {
             Ok(row) => rows.push(row),
             Err(e) => {
                 let line = format!("{} {w}: failed: {e}", p.name());
-                bar.println(&line);
+                // A hidden bar drops its println, and the line must not be lost with it.
+                if bar.is_hidden() {
+                    say!("{line}");
+                } else {
+                    bar.println(&line);
+                }
                 failures.push(line);
             }
         }

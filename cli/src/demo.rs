@@ -4,11 +4,13 @@
 //! reach: pinned to its own single-threaded context (`SameThread`), elsewhere in
 //! this process (`SameProcess`), in a second process that the demo starts from
 //! its own binary (`SameMachine`, through a bus daemon it runs in-process on a
-//! temporary socket) and, when remote flags are given, behind a broker. It
-//! sends by id, by type (`send_to_any_of_type`) and by topic; every
-//! receiver answers `SEEN` with the transport that carried the event
-//! (`Envelope::carried_by`), and the sender prints that beside the location the
-//! selector computed (`Node::locate`).
+//! temporary socket). It sends by id, by type (`send_to_any_of_type`) and by
+//! topic; every receiver answers `SEEN` with the transport that carried the
+//! event (`Envelope::carried_by`), and the sender prints that beside the
+//! location the selector computed (`Node::locate`).
+//!
+//! `--amqp` / `--redis` are where remote machines will join; until those
+//! transports exist the demo checks that the broker answers and says so in one line.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -190,7 +192,8 @@ async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliRes
     for line in remote {
         say!("{line}");
     }
-    let locations: Vec<String> = demo.seen.iter().map(|(l, _)| format!("{l:?}")).collect();
+    let locations: BTreeSet<Location> = demo.seen.iter().map(|(l, _)| *l).collect();
+    let locations: Vec<String> = locations.iter().map(|l| format!("{l:?}")).collect();
     let transports: BTreeSet<&str> = demo.seen.iter().map(|(_, t)| t.as_str()).collect();
     say!(
         "locations seen: {}; transports used: {}",
