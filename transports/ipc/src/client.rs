@@ -284,7 +284,7 @@ impl Client {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let _ = self.stop.send(true);
+        let _ = self.stop.send_replace(true);
         if let Some(o) = write(&self.conn).take() {
             o.close("transport closed");
         }
@@ -463,7 +463,7 @@ impl Client {
         let subs = self.local.sub_requests();
         *write(&self.conn) = Some(outbox.clone());
         self.bump();
-        let _ = self.connected.send(true);
+        let _ = self.connected.send_replace(true);
         if !entries.is_empty() || !subs.is_empty() {
             let me = self.clone();
             tokio::spawn(async move { me.restore(entries, subs).await });
@@ -473,7 +473,7 @@ impl Client {
             tracing::warn!(error = %e, "bus daemon connection failed");
         }
         *write(&self.conn) = None;
-        let _ = self.connected.send(false);
+        let _ = self.connected.send_replace(false);
         outbox.close("connection lost");
         lock(&self.pending).clear();
         // No generation bump here: cached peer-to-peer routes keep working while the

@@ -163,6 +163,14 @@ impl Outbox {
 
     /// Appends an already-encoded frame, waiting while the buffer is full (policy `Wait`).
     pub(crate) async fn push_bytes(&self, frame: &[u8]) -> Result<()> {
+        let push = |b: &mut Vec<u8>, _: usize| {
+            b.extend_from_slice(frame);
+            Ok(())
+        };
+        // Fast path without registering as a waiter.
+        if self.try_push(push)? {
+            return Ok(());
+        }
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -180,8 +188,11 @@ impl Outbox {
     /// Appends a frame written by `f`, waiting while the buffer is full.
     pub(crate) async fn push_with(
         &self,
-        f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
+        f: impl Fn(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<()> {
+        if self.try_push(&f)? {
+            return Ok(());
+        }
         let mut tmp = Vec::new();
         f(&mut tmp, self.max_frame)?;
         self.push_bytes(&tmp).await

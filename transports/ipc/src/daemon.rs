@@ -179,8 +179,17 @@ pub(crate) fn bind_listener(path: &Path, mode: u32) -> Result<Listener, IpcError
     };
     #[cfg(not(unix))]
     let _ = mode;
-    opts.create_tokio()
-        .map_err(|e| IpcError::io(path.display().to_string(), e))
+    let listener = opts
+        .create_tokio()
+        .map_err(|e| IpcError::io(path.display().to_string(), e))?;
+    // The mode set before bind() is still masked by the umask (0660 became 0640); set it exactly.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| IpcError::io(path.display().to_string(), e))?;
+    }
+    Ok(listener)
 }
 
 /// The uid that owns `path` (the daemon's own uid right after it created the socket).
@@ -278,7 +287,7 @@ impl DaemonHandle {
 
     /// Stops accepting, lets every connection write what is queued, and removes the socket file.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send_replace(true);
         if let Some(t) = self.accept.take() {
             let _ = t.await;
         }
@@ -287,7 +296,7 @@ impl DaemonHandle {
 
 impl Drop for DaemonHandle {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send_replace(true);
         if let Some(t) = self.accept.take() {
             t.abort();
             // The listener drops with the task; remove the file ourselves in case it has not yet.

@@ -60,7 +60,7 @@ impl P2p {
     }
 
     pub(crate) fn close(&self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send_replace(true);
         for (_, o) in write(&self.routes).drain() {
             o.close("transport closed");
         }
@@ -113,7 +113,7 @@ impl P2p {
             match pool.get(&endpoint).filter(|o| !o.is_closed()) {
                 Some(o) => o.clone(),
                 None => {
-                    let o = connect_peer(Path::new(&endpoint), &client.cfg)
+                    let o = connect_peer(Path::new(&endpoint), &client.cfg, self.stop.subscribe())
                         .await
                         .map_err(|e| {
                             tracing::debug!(machine = %to, endpoint, error = %e, "peer unreachable");
@@ -129,7 +129,11 @@ impl P2p {
     }
 }
 
-async fn connect_peer(path: &Path, cfg: &IpcConfig) -> std::result::Result<Arc<Outbox>, IpcError> {
+async fn connect_peer(
+    path: &Path,
+    cfg: &IpcConfig,
+    mut stop: watch::Receiver<bool>,
+) -> std::result::Result<Arc<Outbox>, IpcError> {
     let stream = crate::daemon::connect(path)
         .await
         .map_err(|e| IpcError::io(path.display().to_string(), e))?;
@@ -162,8 +166,10 @@ async fn connect_peer(path: &Path, cfg: &IpcConfig) -> std::result::Result<Arc<O
                     }
                     rd.consume(&f);
                 }
-                if !rd.fill(&stream).await? {
-                    return Ok(());
+                // Stop with the transport, so the socket is released even if the peer lingers.
+                tokio::select! {
+                    more = rd.fill(&stream) => if !more? { return Ok(()) },
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
                 }
             }
         }

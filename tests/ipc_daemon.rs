@@ -1,0 +1,108 @@
+//! The bus daemon's socket, handshake and health, in process.
+#![cfg(all(feature = "ipc", unix))]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use switchyard::ipc::frame::{self, ErrorMsg, Hello, kind};
+use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig, IpcError, unique_socket_path};
+
+fn path(tag: &str) -> std::path::PathBuf {
+    unique_socket_path(&std::env::temp_dir(), tag)
+}
+
+/// Sends a HELLO with `protocol` and returns the first frame's kind and body.
+fn raw_hello(socket: &std::path::Path, protocol: u32) -> (u8, Vec<u8>) {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let hello = frame::msg_frame(
+        kind::HELLO,
+        &Hello {
+            protocol,
+            client_id: "raw".into(),
+            token: None,
+            watch: false,
+        },
+    )
+    .unwrap();
+    s.write_all(&hello).unwrap();
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize - 1];
+    s.read_exact(&mut body).unwrap();
+    (head[4], body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_is_private_and_a_live_daemon_is_not_displaced() {
+    let socket = path("perm");
+    let d = Daemon::start(DaemonConfig::new(&socket)).unwrap();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(matches!(
+        Daemon::start(DaemonConfig::new(&socket)),
+        Err(IpcError::AlreadyRunning(_))
+    ));
+    d.shutdown().await;
+    assert!(!socket.exists(), "shutdown removes the socket file");
+
+    // A group makes it 0660 and owned by that group.
+    let gid = std::fs::metadata(std::env::temp_dir()).unwrap().gid();
+    let mut cfg = DaemonConfig::new(&socket);
+    cfg.group = Some(gid);
+    let d = Daemon::start(cfg).unwrap();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.gid()),
+        (0o660, gid)
+    );
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_file_is_reclaimed() {
+    let socket = path("stale");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists(), "a socket file nobody listens on");
+    let _d = Daemon::start(DaemonConfig::new(&socket)).expect("the stale file is replaced");
+    let bus = IpcBus::connect(IpcConfig::new(&socket)).unwrap();
+    bus.wait_connected(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_version_gets_a_typed_error() {
+    let socket = path("ver");
+    let d = Daemon::start(DaemonConfig::new(&socket)).unwrap();
+    let (k, body) = raw_hello(&socket, 99);
+    assert_eq!(k, kind::ERROR);
+    let e: ErrorMsg = frame::decode_msg(&body).unwrap();
+    assert_eq!(e.code, "handshake");
+    assert!(e.message.contains("protocol version 99"), "{}", e.message);
+    let (k, _) = raw_hello(&socket, frame::PROTOCOL_VERSION);
+    assert_eq!(k, kind::WELCOME);
+    assert_eq!(d.health().rejected, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_required_when_configured() {
+    let socket = path("tok");
+    let mut cfg = DaemonConfig::new(&socket);
+    cfg.token = Some("s3cret".into());
+    let d = Daemon::start(cfg).unwrap();
+    let (k, body) = raw_hello(&socket, frame::PROTOCOL_VERSION);
+    assert_eq!(k, kind::ERROR);
+    assert!(
+        frame::decode_msg::<ErrorMsg>(&body)
+            .unwrap()
+            .message
+            .contains("token")
+    );
+    let mut good = IpcConfig::new(&socket);
+    good.token = Some("s3cret".into());
+    let bus = IpcBus::connect(good).unwrap();
+    bus.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let h = bus.daemon_health().await.unwrap();
+    assert_eq!((h.connections, h.rejected), (1, 1));
+    assert!(h.last_activity_us > 0);
+    drop(d);
+}
