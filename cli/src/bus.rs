@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use switchyard::ipc::{DaemonConfig, default_socket_path, frame::DEFAULT_MAX_FRAME};
+use switchyard::ipc::{
+    DaemonConfig, IpcBus, IpcConfig, default_socket_path, frame::DEFAULT_MAX_FRAME,
+};
 
 use crate::CliResult;
 
@@ -28,11 +30,17 @@ pub struct BusArgs {
     /// Heartbeat TTL of machines that register without one, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub ttl_ms: u64,
+    /// Do not start a daemon: ask the one running on --socket for its health and print it.
+    #[arg(long)]
+    pub status: bool,
 }
 
 /// Runs `switchyard bus` until SIGINT/SIGTERM, then drains and removes the socket.
 pub async fn run(args: BusArgs) -> CliResult {
     let socket = args.socket.unwrap_or_else(default_socket_path);
+    if args.status {
+        return status(socket, args.token).await;
+    }
     let mut cfg = DaemonConfig::new(&socket);
     cfg.group = args.group;
     cfg.allow_any_uid = args.allow_any_uid;
@@ -68,4 +76,30 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Prints the health report of the daemon on `socket`.
+async fn status(socket: PathBuf, token: Option<String>) -> CliResult {
+    let mut cfg =
+        IpcConfig::new(&socket).client_id(format!("switchyard-status-{}", std::process::id()));
+    cfg.token = token;
+    cfg.request_timeout = Duration::from_secs(3);
+    let bus = IpcBus::connect(cfg)?;
+    bus.wait_connected(Duration::from_secs(3)).await?;
+    let h = bus.daemon_health().await?;
+    let last = if h.last_activity_us == 0 {
+        "never".to_string()
+    } else {
+        let ago = switchyard::core::envelope::now_micros().saturating_sub(h.last_activity_us);
+        format!("{:.1} s ago", ago as f64 / 1e6)
+    };
+    println!("switchyard bus on {}", socket.display());
+    println!("  connections          {}", h.connections);
+    println!("  registered machines  {}", h.machines);
+    println!("  messages routed      {}", h.routed);
+    println!("  dropped              {}", h.dropped);
+    println!("  clients rejected     {}", h.rejected);
+    println!("  last activity        {last}");
+    bus.close();
+    Ok(())
 }

@@ -99,6 +99,22 @@ fn bus_send_listen_and_clean_shutdown() {
     assert!(!out.status.success(), "a send to an unknown machine fails");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no machine `nobody`"));
 
+    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["bus", "--status", "--socket", s])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(report.contains("messages routed"), "{report}");
+    assert!(
+        report.contains("messages routed      1"),
+        "the one topic event; the send to nobody failed at the sender: {report}"
+    );
+
     let term = Command::new("kill")
         .args(["-TERM", &bus.child.id().to_string()])
         .status()

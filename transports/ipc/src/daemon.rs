@@ -952,6 +952,9 @@ async fn handle_frame(
                 }
             };
             let mut count = 0;
+            if chosen.is_none() {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some((o, sub)) = chosen {
                 let mut fr = Vec::with_capacity(bytes.len() + 8);
                 frame::write_frame(&mut fr, kind::GROUP_DELIVER, usize::MAX, |w| {
