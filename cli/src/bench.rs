@@ -16,6 +16,7 @@ macro_rules! say {
 pub(crate) use say;
 
 mod direct;
+pub(crate) mod helper;
 // The raw baseline is a unix socket pair; elsewhere ipc (named pipes) is not measured yet.
 #[cfg(unix)]
 mod ipc;

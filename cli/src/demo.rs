@@ -13,28 +13,21 @@
 //! transports exist the demo checks that the broker answers and says so in one line.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig};
 use switchyard::{Envelope, Location, MachineId, Node, Session};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::CliResult;
+use crate::bench::helper::{Helper, READY, until_parent_leaves};
 use crate::bench::say;
 
 /// How long the demo waits for one answer before giving up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long the second process may take to connect and register its machines.
-const CHILD_READY_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// What the second process prints once its machines are registered.
-const READY: &str = "switchyard-demo-child ready";
 
 /// Options of `switchyard demo`.
 #[derive(clap::Args)]
@@ -156,7 +149,15 @@ async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliRes
     let _sub = logger.subscribe("orders.#").await?;
 
     // Another process on this host: SameMachine. Killed on drop, so an early return cannot leak it.
-    let mut child = SecondProcess::start(socket).await?;
+    let mut child = Helper::start(
+        "demo's second process",
+        [
+            OsStr::new("demo"),
+            OsStr::new("--child"),
+            socket.as_os_str(),
+        ],
+    )
+    .await?;
 
     let remote = remote_notes(args).await;
     let worker_count = ui.discover("Worker").await?.len();
@@ -203,72 +204,6 @@ async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliRes
     Ok(())
 }
 
-/// The demo's second process: this binary again, with `demo --child SOCKET`.
-struct SecondProcess {
-    child: Child,
-}
-
-impl SecondProcess {
-    /// Starts it and waits for its ready line (not a sleep): its machines are registered by then.
-    async fn start(
-        socket: &Path,
-    ) -> Result<SecondProcess, Box<dyn std::error::Error + Send + Sync>> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find this program to start the second process: {e}"))?;
-        let mut child = Command::new(exe)
-            .arg("demo")
-            .arg("--child")
-            .arg(socket)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start the demo's second process: {e}"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or("the second process has no stdout pipe")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(CHILD_READY_TIMEOUT, async {
-            while let Some(line) = lines.next_line().await? {
-                if line == READY {
-                    return Ok(true);
-                }
-            }
-            Ok::<bool, std::io::Error>(false)
-        })
-        .await;
-        match ready {
-            Ok(Ok(true)) => Ok(SecondProcess { child }),
-            Ok(Ok(false)) => Err("the demo's second process exited before it was ready".into()),
-            Ok(Err(e)) => Err(format!("cannot read the second process's output: {e}").into()),
-            Err(_) => Err(format!(
-                "the demo's second process was not ready within {CHILD_READY_TIMEOUT:?}"
-            )
-            .into()),
-        }
-    }
-
-    /// Its process id.
-    fn pid(&self) -> String {
-        self.child
-            .id()
-            .map_or_else(|| "?".to_string(), |p| p.to_string())
-    }
-
-    /// Closes its stdin, which tells it to leave, and waits for it; kills it if it lingers.
-    async fn stop(&mut self) {
-        drop(self.child.stdin.take());
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
 /// The second process: `worker-3` (a Worker), `billing` and `audit` (subscribed to `orders.#`), until stdin closes.
 async fn run_child(socket: &Path) -> CliResult {
     let bus = IpcBus::connect(IpcConfig::new(socket).client_id("switchyard-demo-child"))?;
@@ -290,9 +225,7 @@ async fn run_child(socket: &Path) -> CliResult {
         .await?;
     let _sub = audit.subscribe("orders.#").await?;
     say!("{READY}");
-    // Serve until the parent closes our stdin (or dies, which closes it too).
-    let mut sink = Vec::new();
-    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    until_parent_leaves().await;
     session.shutdown();
     bus.close();
     Ok(())
