@@ -186,3 +186,43 @@ impl Router for Selector {
         &self.all
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, process: &str) -> MachineEntry {
+        MachineEntry {
+            id: id.into(),
+            machine_type: "T".into(),
+            host_id: "h".into(),
+            process_id: process.into(),
+            context: None,
+            version: None,
+            accepts: Vec::new(),
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn force_location_all_applies_to_every_target_but_per_machine_overrides_win() {
+        let sel = Selector::builder()
+            .force_location_all(Location::SameMachine)
+            .force_location("pinned", Location::Remote)
+            .build();
+        let from = entry("a", "p1");
+        assert_eq!(
+            sel.location(&from, &entry("b", "p1")),
+            Location::SameMachine
+        );
+        assert_eq!(
+            sel.location(&from, &entry("pinned", "p1")),
+            Location::Remote
+        );
+        let plain = Selector::builder().build();
+        assert_eq!(
+            plain.location(&from, &entry("b", "p1")),
+            Location::SameProcess
+        );
+    }
+}
