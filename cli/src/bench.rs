@@ -74,6 +74,15 @@ pub struct BenchArgs {
     /// latency then counts from each message's scheduled send time. Ping-pong stays closed-loop.
     #[arg(long, value_name = "MSGS_PER_SEC", value_parser = parse_rate)]
     rate: Option<f64>,
+    /// Internal: serve the remote ponger of the ipc ping-pong, on the bus daemon at this socket.
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    serve_ponger: Option<PathBuf>,
+    /// Internal: with --serve-ponger, in peer-to-peer mode.
+    #[arg(long, hide = true)]
+    p2p: bool,
+    /// Internal: serve the raw echo of the ipc ping-pong baseline on a unix socket at this path.
+    #[arg(long, hide = true, value_name = "PATH")]
+    serve_raw_echo: Option<PathBuf>,
     /// Also write the results as JSON, one object per (transport, workload).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -171,8 +180,17 @@ fn select(all: Vec<Box<dyn Provider>>, names: &[String]) -> Selection {
     (chosen, not_built)
 }
 
-/// Runs `switchyard bench`.
+/// Runs `switchyard bench` (or, with a hidden `--serve-*` option, one of its helper processes).
 pub async fn run(args: BenchArgs) -> CliResult {
+    #[cfg(unix)]
+    {
+        if let Some(socket) = &args.serve_ponger {
+            return ipc::serve_ponger(socket, args.p2p).await;
+        }
+        if let Some(path) = &args.serve_raw_echo {
+            return ipc::serve_raw_echo(path, args.size).await;
+        }
+    }
     let duration = args.duration.unwrap_or(if args.quick {
         Duration::from_millis(200)
     } else {

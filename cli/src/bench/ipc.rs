@@ -1,22 +1,30 @@
 //! The `ipc` transport (same host, other process) beside a raw unix socket with the same framing.
 //!
-//! Both sides run in this process so they share the measurement: ours is two
-//! sessions (each its own process instance, so `SameMachine`) with their own
-//! connections to a bus daemon started in-process on a fresh socket; raw is
-//! tokio unix socket pairs carrying the same frames (`len: u32 BE`, `kind: u8`,
-//! body) with the same `BenchMsg` MessagePack-encoded and decoded at each end,
-//! padded to the byte size of our `SEND` frame for that message.
+//! Ours runs on a bus daemon started in-process on a fresh socket; raw is tokio
+//! unix sockets carrying the same frames (`len: u32 BE`, `kind: u8`, body) with
+//! the same `BenchMsg` MessagePack-encoded and decoded at each end, padded to
+//! the byte size of our `SEND` frame for that message.
+//!
+//! Ping-pong crosses a real process boundary on both sides: the ponger (ours)
+//! or the echo (raw) is this binary started again as a helper, so each round
+//! trip pays the wake-ups of two processes. The throughput workloads keep both
+//! ends in this process, where the window and the counters are: two sessions
+//! (each its own process instance, so `SameMachine`) with their own
+//! connections to the daemon, against unix socket pairs.
 
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use switchyard::ipc::frame::{self, kind};
 use switchyard::ipc::{Daemon, DaemonConfig, DaemonHandle, IpcBus, IpcConfig};
-use switchyard::{Address, Envelope, Payload};
+use switchyard::{Address, Envelope, MachineId, Payload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
 
+use super::helper::{Helper, READY, until_parent_leaves};
 use super::measure::{BenchError, BenchMsg, BenchResult, Probe, RunConfig, Sample};
 use super::ours::{self, Deployment, finish};
 use super::provider::{Provider, Side, Workload};
@@ -56,15 +64,9 @@ impl IpcRun {
         };
         let a = IpcBus::connect(config("bench-senders"))?;
         let b = IpcBus::connect(config("bench-receivers"))?;
-        let session = |bus: &IpcBus| {
-            switchyard::builder()
-                .ipc(bus)
-                .selector(|s| s.without(["direct", "memory"]))
-                .build()
-        };
         let dep = Deployment {
-            senders: session(&a)?,
-            receivers: Some(session(&b)?),
+            senders: ipc_session(&a)?,
+            receivers: Some(ipc_session(&b)?),
             context: None,
         };
         Ok(IpcRun {
@@ -112,6 +114,9 @@ impl Provider for Ipc {
         Box::pin(async move {
             match side {
                 Side::Ours => {
+                    if w == Workload::PingPong {
+                        return pingpong_two_processes(self.p2p, cfg).await;
+                    }
                     let run = IpcRun::start(self.p2p).await?;
                     let r = match w {
                         Workload::OneWay => ours::oneway(&run.dep, cfg).await,
@@ -291,23 +296,51 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
     r
 }
 
-/// Two sockets' worth of round trips: the ponger decodes each ping and answers with a new frame.
-async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
-    let probe = Probe::new(1, cfg)?;
-    let codec = RawCodec::like_ours(cfg);
-    let (a, b) = UnixStream::pair()?;
-    let (mut a_rd, mut a_wr) = a.into_split();
-    let (b_rd, b_wr) = b.into_split();
-    let b_wr = std::sync::Arc::new(tokio::sync::Mutex::new(b_wr));
-    let ponger = tokio::spawn(read_frames(b_rd, move |m| {
-        let wr = b_wr.clone();
+/// Answers every frame read from `stream` with the same message in a new frame, until the peer closes.
+async fn echo_frames(stream: UnixStream, codec: RawCodec) -> BenchResult<()> {
+    let (rd, wr) = stream.into_split();
+    let wr = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
+    read_frames(rd, move |m| {
+        let wr = wr.clone();
         Box::pin(async move {
             let mut out = Vec::with_capacity(64 + m.data.len());
             codec.encode(&mut out, &m)?;
             wr.lock().await.write_all(&out).await?;
             Ok(())
         })
-    }));
+    })
+    .await
+}
+
+/// Raw round trips to an echo in another process: this binary as `bench --serve-raw-echo`.
+async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
+    let path = temp_socket("switchyard-bench-raw");
+    let size = cfg.size.to_string();
+    let mut helper = Helper::start(
+        "raw echo process",
+        [
+            OsStr::new("bench"),
+            OsStr::new("--serve-raw-echo"),
+            path.as_os_str(),
+            OsStr::new("--size"),
+            OsStr::new(&size),
+        ],
+    )
+    .await?;
+    let r = match UnixStream::connect(&path).await {
+        Ok(stream) => raw_pinger(stream, cfg).await,
+        Err(e) => Err(format!("cannot connect to the raw echo at {}: {e}", path.display()).into()),
+    };
+    helper.stop().await;
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
+/// Closed-loop pings over `stream`; each carries its intended send time (when the previous answer came in).
+async fn raw_pinger(stream: UnixStream, cfg: &RunConfig) -> BenchResult<Sample> {
+    let probe = Probe::new(1, cfg)?;
+    let codec = RawCodec::like_ours(cfg);
+    let (mut rd, mut wr) = stream.into_split();
     let clock = probe.start_clock();
     let p = probe.clone();
     let pinger = tokio::spawn(async move {
@@ -316,30 +349,110 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
         let mut header = [0u8; 4];
         let mut body = Vec::new();
         let mut seq = 0u64;
-        // Closed loop: each ping is meant to go out the moment the previous answer is in.
         let mut intended = cfg.now_ns();
         while !p.stopped() {
             out.clear();
             codec.encode(&mut out, &cfg.msg_at(seq, intended))?;
-            a_wr.write_all(&out).await?;
-            a_rd.read_exact(&mut header).await?;
+            wr.write_all(&out).await?;
+            rd.read_exact(&mut header).await?;
             let len = u32::from_be_bytes(header) as usize;
+            if len == 0 || len > frame::DEFAULT_MAX_FRAME {
+                return Err(format!("the raw echo sent a frame of {len} bytes").into());
+            }
             body.resize(len, 0);
-            a_rd.read_exact(&mut body).await?;
+            rd.read_exact(&mut body).await?;
             let back = RawCodec::decode(body.get(1..).unwrap_or_default())?;
             intended = cfg.now_ns();
             p.round_trip(0, intended.saturating_sub(back.stamp_ns));
             seq += 1;
         }
-        a_wr.shutdown().await?;
+        wr.shutdown().await?;
         Ok::<u64, BenchError>(0)
     });
-    let r = finish(&probe, clock, pinger, 0).await;
-    match ponger.await {
-        Ok(Ok(())) | Ok(Err(_)) => {}
-        Err(e) => return Err(format!("the raw ponger failed: {e}").into()),
+    finish(&probe, clock, pinger, 0).await
+}
+
+/// Our round trips to a ponger in another process: this binary as `bench --serve-ponger`.
+async fn pingpong_two_processes(p2p: bool, cfg: &RunConfig) -> BenchResult<Sample> {
+    let daemon = start_daemon()?;
+    let socket = daemon.socket().to_path_buf();
+    let mut config = IpcConfig::new(&socket).client_id("bench-pinger");
+    if p2p {
+        config = config.peer_to_peer();
     }
+    let bus = IpcBus::connect(config)?;
+    let dep = Deployment {
+        senders: ipc_session(&bus)?,
+        receivers: None,
+        context: None,
+    };
+    let mut args = vec![
+        OsStr::new("bench"),
+        OsStr::new("--serve-ponger"),
+        socket.as_os_str(),
+    ];
+    if p2p {
+        args.push(OsStr::new("--p2p"));
+    }
+    let r = match Helper::start("remote ponger", args).await {
+        Ok(mut helper) => {
+            let r = ours::pingpong_with(&dep, cfg, MachineId::from("ponger"), None).await;
+            helper.stop().await;
+            r
+        }
+        Err(e) => Err(e),
+    };
+    dep.senders.shutdown();
+    bus.close();
+    daemon.shutdown().await;
     r
+}
+
+/// A session whose only transport is ipc on `bus`.
+fn ipc_session(bus: &IpcBus) -> switchyard::Result<switchyard::Session> {
+    switchyard::builder()
+        .ipc(bus)
+        .selector(|s| s.without(["direct", "memory"]))
+        .build()
+}
+
+/// In the helper process: the ponger, on the bus daemon at `socket`, until the parent leaves.
+pub async fn serve_ponger(socket: &Path, p2p: bool) -> BenchResult<()> {
+    let mut config = IpcConfig::new(socket).client_id("bench-ponger");
+    if p2p {
+        config = config.peer_to_peer();
+    }
+    let bus = IpcBus::connect(config)?;
+    let session = ipc_session(&bus)?;
+    let _ponger = session
+        .machine("ponger", "Ponger")
+        .handler(ours::ponger())
+        .build()
+        .await?;
+    say!("{READY}");
+    until_parent_leaves().await;
+    session.shutdown();
+    bus.close();
+    Ok(())
+}
+
+/// In the helper process: a raw echo on a unix socket at `path`, until the parent leaves.
+pub async fn serve_raw_echo(path: &Path, size: usize) -> BenchResult<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let cfg = RunConfig::new(size, Duration::ZERO, Duration::ZERO, 1, 1);
+    let codec = RawCodec::like_ours(&cfg);
+    say!("{READY}");
+    let served = tokio::select! {
+        r = async {
+            let (stream, _) = listener.accept().await?;
+            echo_frames(stream, codec).await
+        } => r,
+        () = until_parent_leaves() => Ok(()),
+    };
+    let _ = std::fs::remove_file(path);
+    served
 }
 
 #[cfg(test)]

@@ -132,33 +132,41 @@ pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
 /// records each round trip and sends the next ping, stamped with its intended send time
 /// (when the previous answer arrived), so time spent before the send is counted too.
 pub async fn pingpong(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
+    let ponger = dep
+        .machine(dep.rx(), "ponger", "Ponger")
+        .handler(ponger())
+        .build()
+        .await?;
+    pingpong_with(dep, cfg, ponger.id().clone(), Some(&ponger)).await
+}
+
+/// The ponger's handler: answers every ping with the same message.
+pub fn ponger() -> impl Fn(&Node, switchyard::Envelope) + Send + Sync + 'static {
+    let pong: Arc<str> = "PONG".into();
+    move |node, ev| {
+        if let Some(m) = BenchMsg::from_payload(&ev.payload)
+            && let Err(e) = node.post(ev.source.clone(), pong.clone(), m)
+        {
+            tracing::warn!(error = %e, "ponger could not answer");
+        }
+    }
+}
+
+/// Ping-pong against a ponger that already runs (here, or in another process: `local` is `None`).
+pub async fn pingpong_with(
+    dep: &Deployment,
+    cfg: &RunConfig,
+    ponger_id: MachineId,
+    local: Option<&Node>,
+) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let done = Arc::new(Notify::new());
     let ping: Arc<str> = "PING".into();
-    let pong: Arc<str> = "PONG".into();
-    let ponger = dep
-        .machine(dep.rx(), "ponger", "Ponger")
-        .handler({
-            let pong = pong.clone();
-            move |node, ev| {
-                if let Some(m) = BenchMsg::from_payload(&ev.payload)
-                    && let Err(e) = node.post(ev.source.clone(), pong.clone(), m)
-                {
-                    tracing::warn!(error = %e, "ponger could not answer");
-                }
-            }
-        })
-        .build()
-        .await?;
     let pinger = dep
         .machine(&dep.senders, "pinger", "Pinger")
         .handler({
-            let (probe, done, ping, to) = (
-                probe.clone(),
-                done.clone(),
-                ping.clone(),
-                ponger.id().clone(),
-            );
+            let (probe, done, ping, to) =
+                (probe.clone(), done.clone(), ping.clone(), ponger_id.clone());
             move |node, ev| {
                 let cfg = probe.cfg();
                 let arrived = cfg.now_ns();
@@ -180,12 +188,14 @@ pub async fn pingpong(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> 
         })
         .build()
         .await?;
-    pinger.locate(ponger.id()).await?;
-    ponger.locate(pinger.id()).await?;
+    pinger.locate(&ponger_id).await?;
+    if let Some(ponger) = local {
+        ponger.locate(pinger.id()).await?;
+    }
     let clock = probe.start_clock();
     let first = cfg.msg_at(0, cfg.now_ns());
     // On a same-thread transport this runs the whole exchange inline and returns when the window closes.
-    let kick = pinger.send(ponger.id().clone(), ping, first).await;
+    let kick = pinger.send(ponger_id, ping, first).await;
     let window = clock.finish().await;
     probe.stop();
     kick?;
