@@ -9,7 +9,7 @@
 //! plus this configuration.
 //!
 //! ```
-//! use switchyard_core::Location;
+//! use switchyard_core::{Location, Router};
 //! use switchyard_selector::Selector;
 //! let sel = Selector::builder()
 //!     .prefer(Location::SameProcess, ["memory"])
