@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::Stream;
+use rustc_hash::FxHashMap;
 use switchyard_core::{
     Envelope, Error, Filter, Inbox, MachineEntry, MachineId, RegistryEvent, Result, TopicPattern,
 };
@@ -58,7 +59,7 @@ pub(crate) type LeftHook = Box<dyn Fn(&MachineId) + Send + Sync>;
 
 /// The machines and subscriptions of this process bound to the ipc transport.
 pub(crate) struct Local {
-    machines: RwLock<HashMap<MachineId, Bound>>,
+    machines: RwLock<FxHashMap<MachineId, Bound>>,
     subs: RwLock<Vec<LocalSub>>,
     next_sub: AtomicU64,
     pub(crate) delivered: AtomicU64,
@@ -69,7 +70,7 @@ pub(crate) struct Local {
 impl Local {
     fn new(async_queue: usize) -> Local {
         Local {
-            machines: RwLock::new(HashMap::new()),
+            machines: RwLock::new(FxHashMap::default()),
             subs: RwLock::new(Vec::new()),
             next_sub: AtomicU64::new(1),
             delivered: AtomicU64::new(0),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::traits::tokio::Stream as _;
+use rustc_hash::FxHashMap;
 use switchyard_core::{
     Error, MachineEntry, MachineId, TopicPattern, envelope::now_micros, glob_matches,
 };
@@ -794,7 +795,7 @@ pub(crate) fn error_frame_for(e: &IpcError) -> Vec<u8> {
 
 struct RouteCache {
     generation: u64,
-    by_id: HashMap<Box<str>, Arc<Outbox>>,
+    by_id: FxHashMap<Box<str>, Arc<Outbox>>,
 }
 
 async fn read_loop(
@@ -807,7 +808,7 @@ async fn read_loop(
 ) -> Result<(), IpcError> {
     let mut cache = RouteCache {
         generation: u64::MAX,
-        by_id: HashMap::new(),
+        by_id: FxHashMap::default(),
     };
     loop {
         while let Some(f) = rd.next_frame()? {

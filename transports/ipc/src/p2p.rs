@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::Listener as _;
+use rustc_hash::FxHashMap;
 use switchyard_core::{Error, MachineId, Result};
 use tokio::sync::watch;
 
@@ -24,7 +25,8 @@ use crate::{ENDPOINT_KEY, IpcConfig};
 /// The peer-to-peer side of one transport: its listener and its connections to other processes.
 pub(crate) struct P2p {
     pub(crate) path: PathBuf,
-    routes: RwLock<HashMap<MachineId, Arc<Outbox>>>,
+    // Looked up on every send: a fast hash, ids are not attacker-chosen here.
+    routes: RwLock<FxHashMap<MachineId, Arc<Outbox>>>,
     pool: tokio::sync::Mutex<HashMap<String, Arc<Outbox>>>,
     stop: watch::Sender<bool>,
 }
@@ -44,7 +46,7 @@ impl P2p {
         };
         let p2p = Arc::new(P2p {
             path,
-            routes: RwLock::new(HashMap::new()),
+            routes: RwLock::new(FxHashMap::default()),
             pool: tokio::sync::Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
         });
