@@ -12,7 +12,7 @@ use crate::CliResult;
 /// Options of `switchyard bus`.
 #[derive(clap::Args)]
 pub struct BusArgs {
-    /// Socket path [default: $XDG_RUNTIME_DIR/switchyard/bus.sock, else <temp>/switchyard-<user>/bus.sock].
+    /// Socket path [default: $XDG_RUNTIME_DIR/switchyard/bus.sock, else $TMPDIR/switchyard-$USER/bus.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Numeric group id allowed to connect: the socket becomes mode 0660 owned by it (default 0600, own uid only).
