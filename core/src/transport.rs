@@ -122,7 +122,7 @@ pub struct TransportHealth {
 /// One way of carrying envelopes; implemented once per transport crate, used as `Arc<dyn Transport>`.
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Short name, e.g. `"memory"`; shown in [`Envelope::carried_by`].
+    /// Short name, e.g. `"memory"`; shown in [`EnvelopeData::carried_by`](crate::EnvelopeData::carried_by).
     fn name(&self) -> &'static str;
 
     /// What it can do.
