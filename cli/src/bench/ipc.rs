@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use switchyard::ipc::frame::{self, kind};
 use switchyard::ipc::{Daemon, DaemonConfig, DaemonHandle, IpcBus, IpcConfig};
 use switchyard::{Address, Envelope, MachineId, Payload};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -200,7 +200,7 @@ impl RawCodec {
 /// Reads frames and hands each decoded message to `on_msg`, until the peer closes.
 async fn read_frames(
     mut rd: OwnedReadHalf,
-    mut on_msg: impl FnMut(BenchMsg) -> BoxFuture<'static, BenchResult<()>> + Send,
+    mut on_msg: impl FnMut(BenchMsg) + Send,
 ) -> BenchResult<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(RAW_BATCH * 2);
     let mut start = 0usize;
@@ -221,7 +221,7 @@ async fn read_frames(
             let body = &buf[start + frame::HEADER_LEN..start + 4 + len];
             let msg = RawCodec::decode(body)?;
             start += 4 + len;
-            on_msg(msg).await?;
+            on_msg(msg);
         }
         buf.drain(..start);
         start = 0;
@@ -245,10 +245,7 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
         let (rd, _) = b.into_split();
         writers.push((wr, Vec::with_capacity(RAW_BATCH * 2)));
         let p = probe.clone();
-        readers.push(tokio::spawn(read_frames(rd, move |m| {
-            p.received(i, &m);
-            Box::pin(async { Ok(()) })
-        })));
+        readers.push(tokio::spawn(read_frames(rd, move |m| p.received(i, &m))));
     }
     let clock = probe.start_clock();
     let p = probe.clone();
@@ -298,18 +295,37 @@ async fn raw_sockets(cfg: &RunConfig, n: usize, fan_out: bool) -> BenchResult<Sa
 
 /// Answers every frame read from `stream` with the same message in a new frame, until the peer closes.
 async fn echo_frames(stream: UnixStream, codec: RawCodec) -> BenchResult<()> {
-    let (rd, wr) = stream.into_split();
-    let wr = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
-    read_frames(rd, move |m| {
-        let wr = wr.clone();
-        Box::pin(async move {
-            let mut out = Vec::with_capacity(64 + m.data.len());
-            codec.encode(&mut out, &m)?;
-            wr.lock().await.write_all(&out).await?;
-            Ok(())
-        })
-    })
-    .await
+    let (rd, mut wr) = stream.into_split();
+    // Buffered, so a whole frame costs one read, as the transport's frame reader does.
+    let mut rd = BufReader::new(rd);
+    let mut body = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        match read_frame(&mut rd, &mut body).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let m = RawCodec::decode(body.get(1..).unwrap_or_default())?;
+        out.clear();
+        codec.encode(&mut out, &m)?;
+        wr.write_all(&out).await?;
+    }
+}
+
+/// Reads one frame into `body` (kind byte first).
+async fn read_frame(rd: &mut BufReader<OwnedReadHalf>, body: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut header = [0u8; 4];
+    rd.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes(header) as usize;
+    if len == 0 || len > frame::DEFAULT_MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a raw frame of {len} bytes"),
+        ));
+    }
+    body.resize(len, 0);
+    rd.read_exact(body).await.map(|_| ())
 }
 
 /// Raw round trips to an echo in another process: this binary as `bench --serve-raw-echo`.
@@ -340,13 +356,13 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
 async fn raw_pinger(stream: UnixStream, cfg: &RunConfig) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let codec = RawCodec::like_ours(cfg);
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
     let clock = probe.start_clock();
     let p = probe.clone();
     let pinger = tokio::spawn(async move {
         let cfg = p.cfg();
         let mut out = Vec::with_capacity(64);
-        let mut header = [0u8; 4];
         let mut body = Vec::new();
         let mut seq = 0u64;
         let mut intended = cfg.now_ns();
@@ -354,13 +370,7 @@ async fn raw_pinger(stream: UnixStream, cfg: &RunConfig) -> BenchResult<Sample> 
             out.clear();
             codec.encode(&mut out, &cfg.msg_at(seq, intended))?;
             wr.write_all(&out).await?;
-            rd.read_exact(&mut header).await?;
-            let len = u32::from_be_bytes(header) as usize;
-            if len == 0 || len > frame::DEFAULT_MAX_FRAME {
-                return Err(format!("the raw echo sent a frame of {len} bytes").into());
-            }
-            body.resize(len, 0);
-            rd.read_exact(&mut body).await?;
+            read_frame(&mut rd, &mut body).await?;
             let back = RawCodec::decode(body.get(1..).unwrap_or_default())?;
             intended = cfg.now_ns();
             p.round_trip(0, intended.saturating_sub(back.stamp_ns));
