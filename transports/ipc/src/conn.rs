@@ -38,6 +38,7 @@ struct OutState {
     idle: bool,
     closed: Option<String>,
     draining: bool,
+    /// Last write by a producer or the writer's last park: how quiet the connection is.
     last_direct: Option<Instant>,
 }
 
@@ -119,11 +120,13 @@ impl Outbox {
         f(&mut st.buf, self.max_frame)?;
         if st.idle {
             let now = Instant::now();
+            // Quiet: nothing written for a while, neither by us nor by the writer (which stamps
+            // the time when it parks). A stream of sends is never quiet, so it is batched.
             let quiet = st
                 .last_direct
                 .is_none_or(|t| now.duration_since(t) >= DIRECT_GAP);
-            st.last_direct = Some(now);
             if was_empty && quiet {
+                st.last_direct = Some(now);
                 if let Err(e) = self.write_direct(&mut st.buf) {
                     let why = e.to_string();
                     st.closed = Some(why.clone());
@@ -259,6 +262,7 @@ impl Outbox {
                         Step::Stop
                     } else {
                         st.idle = true;
+                        st.last_direct = Some(Instant::now());
                         Step::Park
                     }
                 } else {
