@@ -148,6 +148,14 @@ fn ipc_session(daemon: &Path, p2p: bool) -> AnyResult<(Session, IpcBus)> {
 
 // ---------- sending side (this process) ----------
 
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Proc {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
@@ -300,7 +308,11 @@ async fn parent() -> AnyResult<()> {
     let pings = arg("--pings", 20_000);
     let rounds = arg("--rounds", 2);
     let frame = raw::ipc_frame_len(PAYLOAD, "source", "sink-0-p2p", "EVENT");
-    let dir = std::env::temp_dir();
+    // Every socket of the run lives here, so killed children leave nothing behind.
+    let guard =
+        TempDir(unique_socket_path(&std::env::temp_dir(), "switchyard-bench").with_extension("d"));
+    std::fs::create_dir_all(&guard.0)?;
+    let dir = guard.0.clone();
     let daemon_sock = unique_socket_path(&dir, "bench-bus");
     let _daemon = Proc::start("daemon", &daemon_sock, &[])?;
     let (_p2p_s, _p2p_bus, p2p_src) = {

@@ -186,6 +186,14 @@ fn empty_stdout() -> Box<dyn std::io::Read + Send> {
 
 impl Drop for Role {
     fn drop(&mut self) {
+        // Closing stdin asks the role to stop; it then removes its own socket.
+        drop(self.child.stdin.take());
+        for _ in 0..200 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -103,14 +103,27 @@ impl Drop for Child {
     }
 }
 
-fn socket_path(tag: &str) -> PathBuf {
-    unique_socket_path(&std::env::temp_dir(), tag)
+/// A private directory for one test's sockets (the daemon's and every peer's), removed at the end
+/// even when a killed child could not remove its own socket file.
+struct SocketDir(PathBuf);
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
-fn start_daemon(tag: &str) -> (DaemonHandle, PathBuf) {
-    let socket = socket_path(tag);
+fn socket_path(tag: &str) -> (SocketDir, PathBuf) {
+    let dir = unique_socket_path(&std::env::temp_dir(), tag).with_extension("d");
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let socket = dir.join("bus.sock");
+    (SocketDir(dir), socket)
+}
+
+fn start_daemon(tag: &str) -> (SocketDir, DaemonHandle, PathBuf) {
+    let (dir, socket) = socket_path(tag);
     let d = Daemon::start(DaemonConfig::new(&socket)).expect("the daemon starts");
-    (d, socket)
+    (dir, d, socket)
 }
 
 fn config(socket: &Path, p2p: bool) -> IpcConfig {
@@ -132,7 +145,7 @@ fn mode(p2p: bool) -> &'static str {
 }
 
 async fn ping_pong(p2p: bool) {
-    let (daemon, socket) = start_daemon("pp");
+    let (_dir, daemon, socket) = start_daemon("pp");
     let mut pong = Child::spawn("pong", &socket, &[("ID", "pong-1"), ("MODE", mode(p2p))]);
     pong.expect("READY").await;
     let (s, _bus) = session(&socket, p2p);
@@ -173,7 +186,7 @@ async fn ping_pong_between_two_processes_p2p() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_clients_broadcast_to_each_other() {
-    let (_daemon, socket) = start_daemon("bc");
+    let (_dir, _daemon, socket) = start_daemon("bc");
     let ids: Vec<String> = (1..=5).map(|i| format!("client-{i}")).collect();
     let mut kids: Vec<Child> = ids
         .iter()
@@ -208,7 +221,7 @@ async fn five_clients_broadcast_to_each_other() {
 
 async fn hundred_thousand(p2p: bool) {
     const N: u64 = 100_000;
-    let (_daemon, socket) = start_daemon("100k");
+    let (_dir, _daemon, socket) = start_daemon("100k");
     let n = N.to_string();
     let mut sink = Child::spawn(
         "sink",
@@ -239,7 +252,7 @@ async fn hundred_thousand_messages_in_order_p2p() {
 }
 
 async fn killed_client(p2p: bool) {
-    let (daemon, socket) = start_daemon("kill");
+    let (_dir, daemon, socket) = start_daemon("kill");
     let mut victim = Child::spawn("pong", &socket, &[("ID", "victim"), ("MODE", mode(p2p))]);
     let mut survivor = Child::spawn("pong", &socket, &[("ID", "survivor"), ("MODE", mode(p2p))]);
     victim.expect("READY").await;
@@ -296,7 +309,7 @@ async fn killed_client_does_not_stop_the_others_p2p() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_restart_clients_reconnect() {
-    let socket = socket_path("restart");
+    let (_dir, socket) = socket_path("restart");
     let mut daemon = Child::spawn("daemon", &socket, &[]);
     daemon.expect("READY").await;
     let mut pong = Child::spawn("pong", &socket, &[("ID", "pong-r"), ("MODE", "bus")]);
@@ -337,7 +350,7 @@ async fn daemon_restart_clients_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_are_dropped_and_others_unaffected() {
-    let (daemon, socket) = start_daemon("bad");
+    let (_dir, daemon, socket) = start_daemon("bad");
     let mut sink = Child::spawn(
         "sink",
         &socket,
