@@ -20,7 +20,10 @@ pub trait LocalValue: Any + Send + Sync {
     /// MessagePack (named struct fields) encoding of the value.
     fn encode(&self) -> Result<Vec<u8>>;
     /// Appends the same encoding to `buf`, for transports that write straight into their frame buffer.
-    fn encode_into(&self, buf: &mut Vec<u8>) -> Result<()>;
+    fn encode_into(&self, buf: &mut Vec<u8>) -> Result<()> {
+        buf.extend_from_slice(&self.encode()?);
+        Ok(())
+    }
 }
 
 impl<T: Serialize + Any + Send + Sync> LocalValue for T {
