@@ -86,8 +86,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
 }
 
 async fn run_parent(args: &DemoArgs, socket: &Path) -> CliResult {
-    // The first registration waits for the connection (`IpcBus::wait_connected` can miss a
-    // connection made before it subscribes, so it is not used here).
+    // The first registration waits for the connection (up to the client's request timeout).
     let bus = IpcBus::connect(IpcConfig::new(socket).client_id("switchyard-demo"))?;
     let session = switchyard::builder().ipc(&bus).build()?;
     let result = deployment(args, &session, socket).await;
