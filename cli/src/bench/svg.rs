@@ -168,7 +168,12 @@ fn panel(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        // Throughput is highest on the left (in-process rows), latency on the right (ipc rows).
+        .position(if ratios {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::UpperLeft
+        })
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
