@@ -370,7 +370,8 @@ impl SessionInner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let _ = self.shutdown.send(true);
+        // send_replace: `send` leaves the value unchanged when no receiver is alive yet.
+        self.shutdown.send_replace(true);
         for t in lock(&self.background).drain(..) {
             t.abort();
         }
