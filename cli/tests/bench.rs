@@ -26,7 +26,11 @@ const FIELDS: [&str; 10] = [
 fn quick_bench_writes_one_json_object_per_transport_and_workload() {
     let path = std::env::temp_dir().join(format!("switchyard-bench-{}.json", std::process::id()));
     let path_str = path.to_str().expect("temp path is UTF-8");
-    let out = switchyard(&["bench", "--quick", "--size", "32", "--json", path_str]);
+    let svg = path.with_extension("svg");
+    let svg_str = svg.to_str().expect("temp path is UTF-8");
+    let out = switchyard(&[
+        "bench", "--quick", "--size", "32", "--json", path_str, "--svg", svg_str,
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -35,6 +39,14 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
     );
     let text = std::fs::read_to_string(&path).expect("the JSON file was written");
     let _ = std::fs::remove_file(&path);
+    let chart = std::fs::read_to_string(&svg).expect("the SVG file was written");
+    let _ = std::fs::remove_file(&svg);
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    // One bar label per row, under the bars.
+    assert!(
+        chart.contains(">\nipc-p2p\n<") || chart.contains(">ipc-p2p<"),
+        "{chart:.400}"
+    );
     let rows: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     let rows = rows.as_array().expect("a JSON array");
 
