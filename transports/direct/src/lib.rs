@@ -118,20 +118,37 @@ impl DirectTransport {
 }
 
 impl DirectTransport {
+    /// If a drain already runs in the target's context (a re-entrant or concurrent send), queues
+    /// the envelope for it and says whether the caller must take the drain over (it ended meanwhile).
+    /// Otherwise the caller now owns the drain and gets the envelope back.
+    fn queue_behind_drain(
+        &self,
+        t: &Target,
+        env: Envelope,
+    ) -> std::result::Result<(Result<()>, bool), Envelope> {
+        let q = &t.queue;
+        if !q.draining.swap(true, Ordering::SeqCst) {
+            return Err(env);
+        }
+        let r = self.enqueue(q, t.inbox.clone(), env);
+        let take_over = r.is_ok()
+            && !q.draining.load(Ordering::SeqCst)
+            && !q.draining.swap(true, Ordering::SeqCst);
+        Ok((r, take_over))
+    }
+
     fn try_deliver(&self, t: &Target, mut env: Envelope) -> TrySend {
         env.carried_by = Some(NAME);
         let q = &t.queue;
-        if q.draining.swap(true, Ordering::SeqCst) {
-            // Re-entrant or concurrent send: the running drain delivers it.
-            let r = self.enqueue(q, t.inbox.clone(), env);
-            if r.is_ok()
-                && !q.draining.load(Ordering::SeqCst)
-                && !q.draining.swap(true, Ordering::SeqCst)
-            {
-                drain_sync(&self.state, q);
+        let env = match self.queue_behind_drain(t, env) {
+            Ok((r, take_over)) => {
+                if take_over {
+                    drain_sync(&self.state, q);
+                }
+                return TrySend::Done(r);
             }
-            return TrySend::Done(r);
-        }
+            Err(env) => env,
+        };
         match t.inbox.deliver_sync(env) {
             Ok(()) => {
                 self.state.delivered.fetch_add(1, Ordering::Relaxed);
@@ -295,16 +312,15 @@ impl Transport for DirectTransport {
         let t = self.target(to)?;
         env.carried_by = Some(NAME);
         let q = &t.queue;
-        if q.draining.swap(true, Ordering::SeqCst) {
-            let r = self.enqueue(q, t.inbox.clone(), env);
-            if r.is_ok()
-                && !q.draining.load(Ordering::SeqCst)
-                && !q.draining.swap(true, Ordering::SeqCst)
-            {
-                drain_async(&self.state, q).await;
+        let env = match self.queue_behind_drain(&t, env) {
+            Ok((r, take_over)) => {
+                if take_over {
+                    drain_async(&self.state, q).await;
+                }
+                return r;
             }
-            return r;
-        }
+            Err(env) => env,
+        };
         t.inbox.deliver(env).await;
         self.state.delivered.fetch_add(1, Ordering::Relaxed);
         drain_async(&self.state, q).await;
