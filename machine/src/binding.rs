@@ -2,6 +2,8 @@
 //! carried the event, its state changes published on `state.<id>.<path>`.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
@@ -271,6 +273,35 @@ impl Shared {
         }
     }
 
+    /// Polls `fut` once: a ready answer is queued behind the current step, a pending one is
+    /// delivered from a task when it arrives.
+    async fn answer_now_or_later<T, F, O>(
+        self: &Arc<Self>,
+        node: &Node,
+        mut fut: F,
+        outcome: O,
+        what: &str,
+    ) where
+        F: Future<Output = T> + Unpin + Send + 'static,
+        O: FnOnce(T) -> Event + Send + 'static,
+    {
+        match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await {
+            Poll::Ready(r) => {
+                if !self.push(Input::Event(outcome(r))) {
+                    tracing::warn!(machine = %node.id(), "machine event queue full; {what} dropped");
+                }
+            }
+            Poll::Pending => {
+                let shared = self.clone();
+                let n = node.clone();
+                tokio::spawn(async move {
+                    let ev = outcome(fut.await);
+                    shared.deliver_owned(n, Input::Event(ev)).await;
+                });
+            }
+        }
+    }
+
     async fn run_effect(self: &Arc<Self>, node: &Node, effect: Effect) {
         let (target, event, result): (String, Arc<str>, Result<(), Error>) = match effect {
             Effect::Send { to, event, payload } => {
@@ -327,10 +358,7 @@ impl Shared {
                 payload,
                 timeout,
             } => {
-                let mut fut = payload.request(node.clone(), to.clone(), event.clone(), timeout);
-                // Poll once here so the request goes out in order with the other sends (it does
-                // whenever the transport takes it at once); the wait for the reply runs in a task.
-                let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                let fut = payload.request(node.clone(), to.clone(), event.clone(), timeout);
                 let outcome = move |r: Result<Envelope, Error>| match r {
                     Ok(reply) => {
                         let name: Arc<str> = format!("{DONE_REQUEST}{event}").into();
@@ -351,27 +379,16 @@ impl Shared {
                         },
                     ),
                 };
-                match first {
-                    Poll::Ready(r) => {
-                        if !self.push(Input::Event(outcome(r))) {
-                            tracing::warn!(machine = %node.id(), "machine event queue full; request outcome dropped");
-                        }
-                    }
-                    Poll::Pending => {
-                        let shared = self.clone();
-                        let n = node.clone();
-                        tokio::spawn(async move {
-                            let ev = outcome(fut.await);
-                            shared.deliver_owned(n, Input::Event(ev)).await;
-                        });
-                    }
-                }
+                // Polled once here, the request goes out in order with the other sends (it does
+                // whenever the transport takes it at once); the wait for the reply runs in a task.
+                self.answer_now_or_later(node, fut, outcome, "request outcome")
+                    .await;
                 return;
             }
             Effect::Locate { target } => {
                 let n = node.clone();
                 let id = target.clone();
-                let mut fut = Box::pin(async move { n.locate(&id).await });
+                let fut = Box::pin(async move { n.locate(&id).await });
                 let outcome = move |r: Result<(MachineEntry, Location), Error>| match r {
                     Ok((entry, location)) => Event::with_data(
                         format!("{DONE_LOCATE}{target}"),
@@ -386,23 +403,10 @@ impl Shared {
                         },
                     ),
                 };
-                // An in-process registry answers at once: queue the answer behind this step like
-                // `send_self`; a registry that needs I/O answers from a task.
-                match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-                    Poll::Ready(r) => {
-                        if !self.push(Input::Event(outcome(r))) {
-                            tracing::warn!(machine = %node.id(), "machine event queue full; location answer dropped");
-                        }
-                    }
-                    Poll::Pending => {
-                        let shared = self.clone();
-                        let n = node.clone();
-                        tokio::spawn(async move {
-                            let ev = outcome(fut.await);
-                            shared.deliver_owned(n, Input::Event(ev)).await;
-                        });
-                    }
-                }
+                // An in-process registry answers at once: the answer is queued behind this step
+                // like `send_self`; a registry that needs I/O answers from a task.
+                self.answer_now_or_later(node, fut, outcome, "location answer")
+                    .await;
                 return;
             }
             Effect::Reply {
