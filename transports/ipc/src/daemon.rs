@@ -5,6 +5,13 @@
 //! socket created with mode 0600 (0660 with a group), checks each peer's uid,
 //! and serves the protocol of docs/PROTOCOL.md. A client that breaks the
 //! protocol gets an `ERROR` frame and is dropped; the others keep being served.
+//!
+//! On Windows the socket is a named pipe (see [`DaemonConfig::socket`]). Named
+//! pipes have no file mode: the pipe gets the default security descriptor
+//! Windows gives a pipe created by this user (full control for that user,
+//! SYSTEM and Administrators; read-only for Everyone, which cannot connect a
+//! read-write client). There is no `SO_PEERCRED` there, so the peer uid check is
+//! skipped, and [`DaemonConfig::group`] is refused with [`IpcError::Unsupported`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -35,12 +42,21 @@ use crate::frame::{
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     /// Socket path (a file on unix; the pipe name on Windows).
+    ///
+    /// On Windows a path starting with `\\.\pipe\` is the pipe itself; any other
+    /// path names the pipe `\\.\pipe\` + the path with `\`, `/` and `:`
+    /// replaced by `_` (`C:\Temp\bus.sock` is `\\.\pipe\C__Temp_bus.sock`), and
+    /// no file or directory is created.
     pub socket: PathBuf,
     /// Largest frame accepted (length field), default 16 MiB.
     pub max_frame: usize,
     /// Group allowed to connect: the socket becomes mode 0660 owned by that gid, and peers of that gid pass the uid check.
+    ///
+    /// Unix only: on Windows [`Daemon::start`] returns [`IpcError::Unsupported`] when it is set.
     pub group: Option<u32>,
     /// Skip the peer uid check (SO_PEERCRED).
+    ///
+    /// Windows has no such check (it is always skipped there), so this changes nothing on Windows.
     pub allow_any_uid: bool,
     /// Shared secret clients must present in `HELLO`.
     pub token: Option<String>,
@@ -136,17 +152,33 @@ impl std::fmt::Debug for DaemonHandle {
     }
 }
 
-/// Makes the local socket name for a path.
+/// Makes the local socket name for a path (on Windows, a named pipe: see [`DaemonConfig::socket`]).
 pub(crate) fn socket_name(path: &Path) -> std::io::Result<interprocess::local_socket::Name<'_>> {
     use interprocess::local_socket::{GenericFilePath, ToFsName};
     #[cfg(windows)]
-    {
+    if let Some(pipe) = pipe_name(&path.to_string_lossy()) {
         use interprocess::local_socket::{GenericNamespaced, ToNsName};
-        let s = path.to_string_lossy().replace(['\\', '/', ':'], "_");
-        return s.to_ns_name::<GenericNamespaced>().map(|n| n.into_owned());
+        // GenericNamespaced prepends `\\.\pipe\`.
+        return pipe
+            .to_ns_name::<GenericNamespaced>()
+            .map(|n| n.into_owned());
     }
-    #[allow(unreachable_code)]
     path.to_fs_name::<GenericFilePath>()
+}
+
+/// The prefix of a local named pipe's path on Windows.
+#[cfg(any(windows, test))]
+pub(crate) const PIPE_PREFIX: &str = r"\\.\pipe\";
+
+/// Windows: `None` for a path that already is a named pipe (`\\.\pipe\NAME`, used as is),
+/// else the pipe name (after `\\.\pipe\`) that stands for `path`: `\`, `/` and `:` become `_`.
+#[cfg(any(windows, test))]
+pub(crate) fn pipe_name(path: &str) -> Option<String> {
+    let is_pipe = path.len() > PIPE_PREFIX.len()
+        && path
+            .get(..PIPE_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(PIPE_PREFIX));
+    (!is_pipe).then(|| path.replace(['\\', '/', ':'], "_"))
 }
 
 /// Connects to a local socket path.
@@ -156,6 +188,11 @@ pub(crate) async fn connect(path: &Path) -> std::io::Result<Stream> {
 }
 
 /// Binds a listener at `path` with the given unix mode; refuses to displace a live listener.
+///
+/// On Windows `mode` is ignored (the pipe gets the default security descriptor of
+/// the creating user) and nothing is created on disk; the pipe's first instance is
+/// created with `FILE_FLAG_FIRST_PIPE_INSTANCE`, so a name another listener owns
+/// is refused with [`IpcError::AlreadyRunning`].
 pub(crate) fn bind_listener(path: &Path, mode: u32) -> Result<Listener, IpcError> {
     use interprocess::local_socket::ListenerOptions;
     #[cfg(unix)]
@@ -166,6 +203,7 @@ pub(crate) fn bind_listener(path: &Path, mode: u32) -> Result<Listener, IpcError
         // A socket file nobody listens on is left over from a crash: reclaim it.
         let _ = std::fs::remove_file(path);
     }
+    #[cfg(unix)]
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -180,9 +218,14 @@ pub(crate) fn bind_listener(path: &Path, mode: u32) -> Result<Listener, IpcError
     };
     #[cfg(not(unix))]
     let _ = mode;
-    let listener = opts
-        .create_tokio()
-        .map_err(|e| IpcError::io(path.display().to_string(), e))?;
+    let listener = opts.create_tokio().map_err(|e| {
+        // ERROR_ACCESS_DENIED on the first pipe instance: the name is taken.
+        #[cfg(windows)]
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return IpcError::AlreadyRunning(path.to_path_buf());
+        }
+        IpcError::io(path.display().to_string(), e)
+    })?;
     // The mode set before bind() is still masked by the umask (0660 became 0640); set it exactly.
     #[cfg(unix)]
     {
@@ -194,6 +237,8 @@ pub(crate) fn bind_listener(path: &Path, mode: u32) -> Result<Listener, IpcError
 }
 
 /// The uid that owns `path` (the daemon's own uid right after it created the socket).
+///
+/// `None` on Windows, which turns the peer check off there.
 pub(crate) fn owner_uid(path: &Path) -> Option<u32> {
     #[cfg(unix)]
     {
@@ -208,6 +253,9 @@ pub(crate) fn owner_uid(path: &Path) -> Option<u32> {
 }
 
 /// Checks a peer's credentials: same uid, or the configured group; `Ok` where the OS cannot tell.
+///
+/// Windows: always `Ok`. Named pipes carry no uid (`SO_PEERCRED`); who may
+/// connect is decided by the pipe's default security descriptor.
 pub(crate) fn check_peer(
     stream: &Stream,
     own_uid: Option<u32>,
@@ -239,6 +287,12 @@ pub(crate) fn check_peer(
 impl Daemon {
     /// Binds the socket and starts serving; must run inside a tokio runtime.
     pub fn start(cfg: DaemonConfig) -> Result<DaemonHandle, IpcError> {
+        #[cfg(not(unix))]
+        if let Some(g) = cfg.group {
+            return Err(IpcError::Unsupported(format!(
+                "--group {g} (DaemonConfig::group) works on unix only: a Windows named pipe has no group mode and gets the default security descriptor of the user who starts the daemon, so run the daemon and its clients as the same user and leave --group unset"
+            )));
+        }
         let mode = if cfg.group.is_some() { 0o660 } else { 0o600 };
         let listener = bind_listener(&cfg.socket, mode)?;
         #[cfg(unix)]
@@ -301,6 +355,8 @@ impl Drop for DaemonHandle {
         if let Some(t) = self.accept.take() {
             t.abort();
             // The listener drops with the task; remove the file ourselves in case it has not yet.
+            // (A named pipe has no file: it goes away with its last handle.)
+            #[cfg(unix)]
             let _ = std::fs::remove_file(&self.shared.cfg.socket);
         }
     }
@@ -361,6 +417,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: watch::Recei
     }
     // Stop accepting first (dropping the listener removes the socket file), then drain.
     drop(listener);
+    #[cfg(unix)]
     let _ = std::fs::remove_file(&shared.cfg.socket);
     sweeper.abort();
     let deadline = shared.cfg.drain_timeout + Duration::from_millis(500);
@@ -1006,4 +1063,28 @@ pub(crate) fn peek_envelope_id(env: &[u8]) -> u64 {
     rmp_serde::from_slice::<IdOnly>(env)
         .map(|x| x.id)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PIPE_PREFIX, pipe_name};
+
+    #[test]
+    fn windows_pipe_names() {
+        // A named pipe path is used as is (any case of the prefix).
+        assert_eq!(pipe_name(r"\\.\pipe\switchyard-ann-bus"), None);
+        assert_eq!(pipe_name(r"\\.\PIPE\x"), None);
+        // Anything else becomes a pipe name of its own, without separators.
+        assert_eq!(
+            pipe_name(r"C:\Temp\bus.sock").as_deref(),
+            Some("C__Temp_bus.sock")
+        );
+        assert_eq!(
+            pipe_name("/run/user/1000/bus.sock").as_deref(),
+            Some("_run_user_1000_bus.sock")
+        );
+        assert_eq!(pipe_name("bus").as_deref(), Some("bus"));
+        // The bare prefix names no pipe.
+        assert_eq!(pipe_name(PIPE_PREFIX).as_deref(), Some("__._pipe_"));
+    }
 }

@@ -52,6 +52,9 @@ pub enum IpcError {
     /// Another daemon already listens on the socket.
     #[error("a bus daemon already listens on {0}: stop it first or pick another --socket path")]
     AlreadyRunning(PathBuf),
+    /// A setting this platform cannot honour (e.g. `--group` on Windows); the message says what to do instead.
+    #[error("not supported on this platform: {0}")]
+    Unsupported(String),
     /// The other side reported an error and closed the connection.
     #[error("the peer closed the connection with error `{code}`: {message}")]
     Remote {
@@ -81,6 +84,7 @@ impl IpcError {
             IpcError::Handshake(_) => "handshake",
             IpcError::PeerUid { .. } => "permission",
             IpcError::AlreadyRunning(_) => "already_running",
+            IpcError::Unsupported(_) => "unsupported",
             IpcError::Remote { .. } => "remote",
             IpcError::Io { .. } => "io",
         }
