@@ -1,12 +1,14 @@
 //! The ipc transport beside a raw unix socket with the same framing, between two real processes.
 //!
-//! Run: `cargo run --release --example ipc_bench` (options: `-- --events N --pings N --rounds N`).
+//! Run: `cargo run --release --example ipc_bench` (options: `-- --events N --pings N --rounds N`;
+//! `--only p2p|p2p-batch|bus|bus-batch` runs just that one-way measure, for profiling).
 //!
 //! The program re-executes itself for the receiving side (sink or echo) and for
 //! the bus daemon, so every figure crosses a process boundary as in production.
 //! Each round measures, one after the other with the same frame size:
 //! - one-way throughput (events received per second at the sink, from its first to its last event):
-//!   raw tokio unix socket through a 64 KiB `BufWriter`, ipc peer-to-peer, ipc through the daemon;
+//!   raw tokio unix socket through a 64 KiB `BufWriter`, ipc peer-to-peer, ipc through the daemon,
+//!   each with one `send` per event and with `send_batch` of 64 events;
 //! - closed-loop ping-pong round trips (request/reply for ipc), p50/p99/p99.9 from an HDR histogram.
 //!
 //! Ratios are ours / raw within the same round.
@@ -25,6 +27,8 @@ use switchyard::{Address, Envelope, MachineId, Node, Session};
 
 const ROLE: &str = "SWITCHYARD_BENCH_ROLE";
 const PAYLOAD: usize = 64;
+/// Events per `send_batch` call in the batched rows.
+const BATCH: usize = 64;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -227,6 +231,7 @@ async fn ipc_throughput(
     sender: &Node,
     p2p: bool,
     n: u64,
+    batch: usize,
 ) -> AnyResult<f64> {
     let id = format!("sink-{tag}");
     let mode = if p2p { "p2p" } else { "bus" };
@@ -243,10 +248,21 @@ async fn ipc_throughput(
     let to = MachineId::from(id.as_str());
     let event: Arc<str> = "EVENT".into();
     let t = Instant::now();
-    for _ in 0..n {
-        sender
-            .send(to.clone(), event.clone(), payload.clone())
-            .await?;
+    if batch > 1 {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(batch as u64);
+            sender
+                .send_batch(to.clone(), (0..k).map(|_| (event.clone(), payload.clone())))
+                .await?;
+            left -= k;
+        }
+    } else {
+        for _ in 0..n {
+            sender
+                .send(to.clone(), event.clone(), payload.clone())
+                .await?;
+        }
     }
     let sent = t.elapsed();
     let got = sink.result_duration()?;
@@ -307,6 +323,12 @@ async fn parent() -> AnyResult<()> {
     let events = arg("--events", 1_000_000);
     let pings = arg("--pings", 20_000);
     let rounds = arg("--rounds", 2);
+    let only = {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     let frame = raw::ipc_frame_len(PAYLOAD, "source", "sink-0-p2p", "EVENT");
     // Every socket of the run lives here, so killed children leave nothing behind.
     let guard =
@@ -338,27 +360,38 @@ async fn parent() -> AnyResult<()> {
         }
     );
     for round in 0..rounds {
+        // (label, p2p?, events per send call)
+        let one_way = |only: &str| match only {
+            "p2p" => Some(("p2p", true, 1)),
+            "p2p-batch" => Some(("p2pb", true, BATCH)),
+            "bus" => Some(("bus", false, 1)),
+            "bus-batch" => Some(("busb", false, BATCH)),
+            _ => None,
+        };
+        let run = |tag: &'static str, p2p: bool, batch: usize| {
+            let src = if p2p { &p2p_src } else { &bus_src };
+            let tag = format!("{round}-{tag}");
+            let sock = daemon_sock.clone();
+            async move { ipc_throughput(&tag, &sock, src, p2p, events, batch).await }
+        };
+        if let Some(only) = only.as_deref() {
+            // A single one-way run, for profiling one side at a time.
+            let Some((tag, p2p, batch)) = one_way(only) else {
+                return Err("--only takes p2p, p2p-batch, bus or bus-batch".into());
+            };
+            let tp = run(tag, p2p, batch).await?;
+            println!("round {round}: one-way ipc {only} {tp:>12.0} ev/s");
+            continue;
+        }
         let raw_sock = unique_socket_path(&dir, "bench-raw");
         let sink = Proc::start("raw-sink", &raw_sock, &[("N", events.to_string())])?;
         raw::raw_source(&raw_sock, events, frame).await?;
         let raw_tp = rate(events, sink.result_duration()?);
         drop(sink);
-        let p2p_tp = ipc_throughput(
-            &format!("{round}-p2p"),
-            &daemon_sock,
-            &p2p_src,
-            true,
-            events,
-        )
-        .await?;
-        let bus_tp = ipc_throughput(
-            &format!("{round}-bus"),
-            &daemon_sock,
-            &bus_src,
-            false,
-            events,
-        )
-        .await?;
+        let p2p_tp = run("p2p", true, 1).await?;
+        let p2p_batch_tp = run("p2pb", true, BATCH).await?;
+        let bus_tp = run("bus", false, 1).await?;
+        let bus_batch_tp = run("busb", false, BATCH).await?;
 
         let raw_sock = unique_socket_path(&dir, "bench-raw");
         let echo = Proc::start("raw-echo", &raw_sock, &[])?;
@@ -383,9 +416,19 @@ async fn parent() -> AnyResult<()> {
             p2p_tp / raw_tp
         );
         println!(
+            "  one-way   ipc p2p    {:>12.0} ev/s  ratio {:.3}  (send_batch of {BATCH})",
+            p2p_batch_tp,
+            p2p_batch_tp / raw_tp
+        );
+        println!(
             "  one-way   ipc bus    {:>12.0} ev/s  ratio {:.3}  (routed by the daemon)",
             bus_tp,
             bus_tp / raw_tp
+        );
+        println!(
+            "  one-way   ipc bus    {:>12.0} ev/s  ratio {:.3}  (routed by the daemon, send_batch of {BATCH})",
+            bus_batch_tp,
+            bus_batch_tp / raw_tp
         );
         println!("  ping-pong raw        {}", lat(&raw_pp));
         println!(

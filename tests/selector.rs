@@ -132,6 +132,65 @@ async fn a_permanent_failure_is_returned_not_masked() {
 }
 
 #[tokio::test]
+async fn a_batch_falls_back_whole_and_in_order() {
+    let failing = Failing::new(true);
+    let s = switchyard::builder()
+        .selector(|sel| {
+            sel.transport(failing.clone())
+                .prefer(Location::SameProcess, ["failing", "memory"])
+        })
+        .build()
+        .unwrap();
+    let mut rb = recorder(&s, "b").await;
+    let a = s.machine("a", "T").build().await.unwrap();
+    a.send_batch("b", (0..5u8).map(|i| ("X", i))).await.unwrap();
+    for i in 0..5u8 {
+        let ev = next(&mut rb).await;
+        assert_eq!(
+            (ev.data::<u8>().unwrap(), ev.carried_by),
+            (i, Some("memory"))
+        );
+    }
+    assert_eq!(
+        failing.attempts.load(Ordering::SeqCst),
+        1,
+        "the first failure moved the whole batch on"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_stops_at_a_permanent_failure() {
+    let failing = Failing::new(false);
+    let s = switchyard::builder()
+        .selector(|sel| {
+            sel.transport(failing.clone())
+                .prefer(Location::SameProcess, ["failing", "memory"])
+        })
+        .build()
+        .unwrap();
+    let mut rb = recorder(&s, "b").await;
+    let a = s.machine("a", "T").build().await.unwrap();
+    let err = a
+        .send_batch("b", (0..5u8).map(|i| ("X", i)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Transport {
+                retryable: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        rb.try_recv().is_err(),
+        "nothing went through another transport"
+    );
+}
+
+#[tokio::test]
 async fn per_machine_overrides_pick_the_transport_and_the_location() {
     let s = switchyard::builder()
         .selector(|sel| {

@@ -1,6 +1,6 @@
 //! Sessions: isolated universes of machines, with their own registry, fabric and transports.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -126,6 +126,34 @@ impl Route {
                         Err(err) => return Err(err),
                     }
                 }
+            }
+        }
+        Err(Error::NoTransport {
+            target: to.clone(),
+            location: self.location,
+        })
+    }
+}
+
+impl Route {
+    /// Sends a batch to one machine in order along the route.
+    ///
+    /// The first transport gets the whole batch; on a retryable error the next
+    /// one gets what was not taken yet, so nothing is lost or sent twice.
+    /// Returns the transport that took the last envelope.
+    pub async fn send_batch(
+        &self,
+        to: &MachineId,
+        envs: &mut VecDeque<Envelope>,
+    ) -> Result<&'static str> {
+        let n = self.transports.len();
+        for (i, t) in self.transports.iter().enumerate() {
+            match t.send_batch(to, envs).await {
+                Ok(()) => return Ok(t.name()),
+                Err(e) if e.is_retryable() && i + 1 < n => {
+                    tracing::debug!(transport = t.name(), error = %e, "falling back to the next transport");
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(Error::NoTransport {

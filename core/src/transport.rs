@@ -1,6 +1,7 @@
 //! The one object-safe `Transport` trait every transport crate implements, and what it can do as data.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
@@ -152,6 +153,32 @@ pub trait Transport: Send + Sync {
 
     /// Sends to one machine.
     async fn send(&self, to: &MachineId, env: Envelope) -> Result<()>;
+
+    /// Sends envelopes to one machine in order, taking them from the front of `envs`.
+    ///
+    /// On error the envelope that failed and those after it are still in `envs`,
+    /// so a caller can fall back to another transport without losing or
+    /// repeating any. Transports that can take a batch at once (one lock, one
+    /// wake-up of their writer) override this; the default sends one by one.
+    async fn send_batch(&self, to: &MachineId, envs: &mut VecDeque<Envelope>) -> Result<()> {
+        while let Some(env) = envs.pop_front() {
+            match self.try_send(to, env) {
+                TrySend::Done(r) => r?,
+                TrySend::Retry(e, back) => {
+                    envs.push_front(back);
+                    return Err(e);
+                }
+                TrySend::Pending(env) => {
+                    let keep = env.clone();
+                    if let Err(e) = self.send(to, env).await {
+                        envs.push_front(keep);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// Publishes to a topic (`Address::Topic`) or a group (`Address::Group`); returns how many inboxes got it.
     async fn publish(&self, _env: Envelope) -> Result<usize> {

@@ -232,7 +232,7 @@ macro_rules! conformance_suite {
             mesh_of_ten_all_to_all, request_reply, request_timeout, delayed_send_not_before_delay, self_send,
             group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, full_mailbox_policies,
             expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
-            fifo_per_sender_receiver, reentrant_bounce_runs_to_completion);
+            fifo_per_sender_receiver, send_batch_delivers_in_order, reentrant_bounce_runs_to_completion);
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1195,6 +1195,27 @@ pub async fn fifo_per_sender_receiver(fx: Fixture) {
         *expected += 1;
     }
     assert_eq!(next.values().copied().collect::<Vec<_>>(), vec![N, N]);
+}
+
+/// A batch arrives whole and in order, as the same events sent one by one would;
+/// an empty batch sends nothing; a batch to an unknown machine is an error.
+pub async fn send_batch_delivers_in_order(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    const N: u32 = 1_000;
+    let sent = a.send_batch("b", (0..N).map(|i| ("SEQ", i))).await.unwrap();
+    assert_eq!(sent, N as usize);
+    a.send("b", "AFTER", N).await.unwrap();
+    let empty: Vec<(&str, u32)> = Vec::new();
+    assert_eq!(a.send_batch("b", empty).await.unwrap(), 0);
+    for (i, ev) in rb.take(N as usize + 1).await.iter().enumerate() {
+        assert_eq!(ev.data::<u32>().unwrap(), i as u32, "batch order");
+        assert_eq!(ev.source.as_str(), "a");
+        assert_carried(&w, ev);
+    }
+    let err = a.send_batch("nobody", [("X", 1u8)]).await.unwrap_err();
+    assert!(matches!(err, Error::UnknownTarget(_)), "{err}");
 }
 
 /// Two machines bounce a counter from inside their handlers 10,000 times: a

@@ -65,6 +65,54 @@ pub(crate) struct Local {
     pub(crate) delivered: AtomicU64,
     pub(crate) dropped: AtomicU64,
     async_queue: usize,
+    /// Moves on every bind and unbind, so readers know when their cached target is stale.
+    generation: AtomicU64,
+}
+
+/// What one connection's reader keeps between frames: the last strings and the last target.
+#[derive(Default)]
+pub(crate) struct Inbound {
+    pub(crate) names: crate::codec::Interner,
+    last: Option<(Arc<str>, u64, Target)>,
+}
+
+impl Inbound {
+    /// Delivers to the machine named by `to` (UTF-8 checked here), without a map lookup while
+    /// `to` repeats; `Ok(false)` when it is not bound here.
+    pub(crate) async fn deliver_to(
+        &mut self,
+        local: &Local,
+        to: &[u8],
+        env: Envelope,
+    ) -> std::result::Result<bool, IpcError> {
+        let generation = local.generation.load(Ordering::Acquire);
+        let fresh = matches!(&self.last, Some((name, g, _)) if *g == generation && crate::codec::same(name.as_bytes(), to));
+        if !fresh {
+            let name = std::str::from_utf8(to)
+                .map_err(|e| IpcError::Malformed(format!("target machine id: {e}")))?;
+            self.last = local
+                .target(name)
+                .map(|t| (Arc::<str>::from(name), generation, t));
+        }
+        match &self.last {
+            Some((_, _, t)) => {
+                // A synchronous handler runs right here, without building the async delivery.
+                if t.queue.is_none() {
+                    let env = local.stamp(env);
+                    if let Err(env) = t.inbox.deliver_sync(env) {
+                        t.inbox.deliver(env).await;
+                    }
+                } else {
+                    local.deliver(t, env).await;
+                }
+                Ok(true)
+            }
+            None => {
+                local.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
+    }
 }
 
 impl Local {
@@ -76,6 +124,7 @@ impl Local {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             async_queue,
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -98,11 +147,14 @@ impl Local {
             (Some(tx), Some(task))
         };
         m.insert(id.clone(), (Target { inbox, queue }, task));
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
     pub(crate) fn unbind(&self, id: &MachineId) {
-        if let Some((_, Some(task))) = write(&self.machines).remove(id) {
+        let removed = write(&self.machines).remove(id);
+        self.generation.fetch_add(1, Ordering::Release);
+        if let Some((_, Some(task))) = removed {
             task.abort();
         }
         write(&self.subs).retain(|s| &s.machine != id);
@@ -121,9 +173,15 @@ impl Local {
         read(&self.machines).get(id).map(|(t, _)| t.clone())
     }
 
-    pub(crate) async fn deliver(&self, t: &Target, mut env: Envelope) {
+    /// Marks an envelope as carried by ipc and counts it as delivered.
+    fn stamp(&self, mut env: Envelope) -> Envelope {
         env.carried_by = Some(NAME);
         self.delivered.fetch_add(1, Ordering::Relaxed);
+        env
+    }
+
+    pub(crate) async fn deliver(&self, t: &Target, env: Envelope) {
+        let env = self.stamp(env);
         match &t.queue {
             Some(q) => {
                 if q.send(env).await.is_err() {
@@ -134,20 +192,6 @@ impl Local {
                 if let Err(env) = t.inbox.deliver_sync(env) {
                     t.inbox.deliver(env).await;
                 }
-            }
-        }
-    }
-
-    /// Delivers to the machine `to`; `false` when it is not bound here.
-    pub(crate) async fn deliver_to(&self, to: &str, env: Envelope) -> bool {
-        match self.target(to) {
-            Some(t) => {
-                self.deliver(&t, env).await;
-                true
-            }
-            None => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                false
             }
         }
     }
@@ -511,10 +555,12 @@ impl Client {
         rd: &mut FrameReader,
         stop: &mut watch::Receiver<bool>,
     ) -> std::result::Result<(), IpcError> {
+        let mut inbound = Inbound::default();
         loop {
             while let Some(f) = rd.next_frame()? {
                 let bytes = rd.bytes(&f);
-                self.handle(f.kind, &bytes[HEADER_LEN..]).await?;
+                self.handle(&mut inbound, f.kind, &bytes[HEADER_LEN..])
+                    .await?;
                 rd.consume(&f);
             }
             tokio::select! {
@@ -524,15 +570,20 @@ impl Client {
         }
     }
 
-    async fn handle(&self, k: u8, body: &[u8]) -> std::result::Result<(), IpcError> {
+    async fn handle(
+        &self,
+        inbound: &mut Inbound,
+        k: u8,
+        body: &[u8],
+    ) -> std::result::Result<(), IpcError> {
         match k {
             kind::SEND => {
                 let mut b = Body::array(body, 2)?;
-                let to = b.str()?;
-                let env = b.envelope()?;
-                if !self.local.deliver_to(to, env).await {
+                let to = b.raw_str()?;
+                let env = b.envelope_with(&mut inbound.names)?;
+                if !inbound.deliver_to(&self.local, to, env).await? {
                     tracing::debug!(
-                        machine = to,
+                        machine = %String::from_utf8_lossy(to),
                         "event for a machine no longer bound here; dropped"
                     );
                 }
@@ -540,13 +591,13 @@ impl Client {
             kind::TOPIC => {
                 let mut b = Body::array(body, 2)?;
                 let topic = b.str()?;
-                let env = b.envelope()?;
+                let env = b.envelope_with(&mut inbound.names)?;
                 self.local.deliver_topic(topic, &env).await;
             }
             kind::GROUP_DELIVER => {
                 let mut b = Body::array(body, 2)?;
                 let sub = b.uint()?;
-                let env = b.envelope()?;
+                let env = b.envelope_with(&mut inbound.names)?;
                 self.local.deliver_group(sub, env).await;
             }
             kind::REPLY => {

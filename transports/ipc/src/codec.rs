@@ -130,6 +130,9 @@ impl<'a> Rd<'a> {
         Some(a)
     }
     fn be(&mut self, n: usize) -> Option<u64> {
+        if n == 8 {
+            return Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?));
+        }
         Some(
             self.take(n)?
                 .iter()
@@ -193,7 +196,59 @@ impl<'a> Rd<'a> {
     }
 }
 
-fn fast_decode(bytes: &[u8]) -> Option<Envelope> {
+/// The strings of the last envelope decoded on one connection, reused while they repeat.
+///
+/// A stream of events between the same two machines then decodes without
+/// allocating or re-validating its source, target and event name: the bytes are
+/// compared with the previous ones, and only a change costs a new string.
+#[derive(Default)]
+pub struct Interner {
+    source: Option<Arc<str>>,
+    target: Option<Arc<str>>,
+    event: Option<Arc<str>>,
+}
+
+/// Byte equality without a `memcmp` call for the short names that make up an envelope.
+///
+/// Up to 16 bytes it compares two overlapping words from each side (the usual
+/// trick for short keys): no call, no copy to the stack.
+#[inline]
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    fn w8(s: &[u8], i: usize) -> u64 {
+        s.get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map_or(0, u64::from_ne_bytes)
+    }
+    fn w4(s: &[u8], i: usize) -> u32 {
+        s.get(i..i + 4)
+            .and_then(|w| <[u8; 4]>::try_from(w).ok())
+            .map_or(0, u32::from_ne_bytes)
+    }
+    match n {
+        0 => true,
+        1..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
+    }
+}
+
+fn intern(slot: &mut Option<Arc<str>>, raw: &[u8]) -> Option<Arc<str>> {
+    if let Some(s) = slot
+        && same(s.as_bytes(), raw)
+    {
+        return Some(s.clone());
+    }
+    let s: Arc<str> = std::str::from_utf8(raw).ok()?.into();
+    *slot = Some(s.clone());
+    Some(s)
+}
+
+fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
     let mut r = Rd(bytes);
     let n = r.map()?;
     let (mut id, mut source, mut target, mut event, mut payload) = (None, None, None, None, None);
@@ -201,13 +256,13 @@ fn fast_decode(bytes: &[u8]) -> Option<Envelope> {
     for _ in 0..n {
         match r.raw_str()? {
             b"id" => id = Some(r.uint()?),
-            b"source" => source = Some(MachineId::from(r.str()?)),
+            b"source" => source = Some(MachineId::new(intern(&mut names.source, r.raw_str()?)?)),
             b"target" => {
                 if r.map()? != 1 {
                     return None;
                 }
                 let v = r.raw_str()?;
-                let s: Arc<str> = r.str()?.into();
+                let s = intern(&mut names.target, r.raw_str()?)?;
                 target = Some(match v {
                     b"Machine" => Address::Machine(MachineId::new(s)),
                     b"AnyOfType" => Address::AnyOfType(s),
@@ -217,7 +272,7 @@ fn fast_decode(bytes: &[u8]) -> Option<Envelope> {
                     _ => return None,
                 });
             }
-            b"event" => event = Some(Arc::<str>::from(r.str()?)),
+            b"event" => event = Some(intern(&mut names.event, r.raw_str()?)?),
             b"payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
             b"headers" => {
                 for _ in 0..r.map()? {
@@ -248,7 +303,12 @@ fn fast_decode(bytes: &[u8]) -> Option<Envelope> {
 
 /// Decodes an envelope map: the fast path for this crate's own shape, serde for anything else.
 pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope> {
-    match fast_decode(bytes) {
+    decode_envelope_with(bytes, &mut Interner::default())
+}
+
+/// [`decode_envelope`] reusing the strings of the previous envelope on the same connection.
+pub fn decode_envelope_with(bytes: &[u8], names: &mut Interner) -> Result<Envelope> {
+    match fast_decode(bytes, names) {
         Some(env) => Ok(env),
         None => Envelope::decode(bytes),
     }
@@ -302,7 +362,8 @@ mod tests {
     fn fast_decoding_matches_serde() {
         for e in sample() {
             let bytes = e.encode().unwrap();
-            let fast = fast_decode(&bytes).expect("the fast path takes our own shape");
+            let fast = fast_decode(&bytes, &mut Interner::default())
+                .expect("the fast path takes our own shape");
             let slow = Envelope::decode(&bytes).unwrap();
             assert_eq!(
                 (
@@ -325,6 +386,68 @@ mod tests {
                 slow.payload.to_msgpack().unwrap()
             );
         }
+    }
+
+    #[test]
+    fn short_equality_agrees_with_slices() {
+        let words: Vec<Vec<u8>> = (0..=20)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n as u8).collect();
+                let mut changed = Vec::new();
+                for i in 0..n {
+                    let mut c = base.clone();
+                    c[i] ^= 0x80;
+                    changed.push(c);
+                }
+                std::iter::once(base).chain(changed)
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(same(a, b), a == b, "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn interned_strings_follow_the_bytes() {
+        let mut names = Interner::default();
+        let mut seen = Vec::new();
+        for (src, to, ev) in [
+            ("a", "b", "X"),
+            ("a", "b", "X"),
+            ("a", "c", "Y"),
+            ("é", "b", "X"),
+        ] {
+            let e = Envelope::new(
+                1,
+                src.into(),
+                Address::Machine(to.into()),
+                ev.into(),
+                Payload::Empty,
+            );
+            let d = decode_envelope_with(&e.encode().unwrap(), &mut names).unwrap();
+            assert_eq!(
+                (d.source.as_str(), d.target.to_string(), &*d.event),
+                (src, e.target.to_string(), ev)
+            );
+            seen.push(d.event.clone());
+        }
+        // A repeated name is the same allocation, not a copy.
+        assert!(Arc::ptr_eq(&seen[0], &seen[1]));
+        assert!(!Arc::ptr_eq(&seen[1], &seen[2]));
+        // Invalid UTF-8 in a name is still refused (falls back to serde, which errors).
+        let e = Envelope::new(
+            1,
+            "zz".into(),
+            Address::Machine("b".into()),
+            "X".into(),
+            Payload::Empty,
+        );
+        let mut bytes = e.encode().unwrap();
+        let at = bytes.windows(2).position(|w| w == b"zz").unwrap();
+        bytes[at] = 0xff;
+        assert!(decode_envelope_with(&bytes, &mut names).is_err());
     }
 
     #[test]

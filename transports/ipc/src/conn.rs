@@ -201,6 +201,43 @@ impl Outbox {
         self.push_bytes(&tmp).await
     }
 
+    /// Appends envelopes from the front of `envs` as SEND frames to `to`, waiting for room
+    /// whenever the buffer reaches its bound; one lock and at most one writer wake-up per fill.
+    ///
+    /// On error (a frame over the size limit, a closed connection) the failing
+    /// envelope and those after it stay in `envs`.
+    pub(crate) async fn push_batch(
+        &self,
+        to: &str,
+        envs: &mut std::collections::VecDeque<switchyard_core::Envelope>,
+    ) -> Result<()> {
+        while !envs.is_empty() {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut failed = None;
+            let limit = self.limit;
+            let took = self.try_push(|b, max| {
+                while b.len() < limit {
+                    let Some(env) = envs.front() else { break };
+                    if let Err(e) = frame::write_send(b, max, to, env) {
+                        failed = Some(e);
+                        break;
+                    }
+                    envs.pop_front();
+                }
+                Ok(())
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if !took && !envs.is_empty() {
+                notified.await;
+            }
+        }
+        Ok(())
+    }
+
     /// Appends a small control frame even past the bound (control traffic must not deadlock on data).
     pub(crate) fn push_force(&self, frame: &[u8]) -> Result<()> {
         let mut st = lock(&self.st);

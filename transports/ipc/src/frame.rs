@@ -342,6 +342,17 @@ impl<'a> Body<'a> {
         self.rest = rest;
         Ok(s)
     }
+    /// Reads a string element's bytes without checking they are UTF-8 (the caller does, if it must).
+    pub fn raw_str(&mut self) -> std::result::Result<&'a [u8], IpcError> {
+        let mut rd = self.rest;
+        let n = rmp::decode::read_str_len(&mut rd).map_err(|e| malformed("string", e))? as usize;
+        if rd.len() < n {
+            return Err(IpcError::Malformed("string: truncated".into()));
+        }
+        let (s, rest) = rd.split_at(n);
+        self.rest = rest;
+        Ok(s)
+    }
     /// Reads an unsigned integer element.
     pub fn uint(&mut self) -> std::result::Result<u64, IpcError> {
         let mut rd = self.rest;
@@ -356,6 +367,13 @@ impl<'a> Body<'a> {
     /// Decodes the remaining bytes as an envelope.
     pub fn envelope(&self) -> std::result::Result<Envelope, IpcError> {
         crate::codec::decode_envelope(self.rest).map_err(|e| malformed("envelope", e))
+    }
+    /// Reads the trailing envelope, reusing the connection's strings (see [`crate::codec::Interner`]).
+    pub fn envelope_with(
+        &self,
+        names: &mut crate::codec::Interner,
+    ) -> std::result::Result<Envelope, IpcError> {
+        crate::codec::decode_envelope_with(self.rest, names).map_err(|e| malformed("envelope", e))
     }
 }
 

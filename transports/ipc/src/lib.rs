@@ -32,6 +32,7 @@
 //! same size ([`bench_support`] holds the raw baseline, for `switchyard bench` too).
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -114,6 +115,8 @@ pub struct IpcConfig {
     /// Longest reconnect delay.
     pub backoff_max: Duration,
     /// Accept peers of any uid on this process's peer-to-peer socket.
+    ///
+    /// Windows has no peer uid check (named pipes carry no `SO_PEERCRED`), so this changes nothing there.
     pub allow_any_uid: bool,
     keep_alive: Vec<Arc<dyn Any + Send + Sync>>,
 }
@@ -176,6 +179,7 @@ impl IpcConfig {
 }
 
 /// The daemon's default socket: `$XDG_RUNTIME_DIR/switchyard/bus.sock`, else `<temp>/switchyard-<user>/bus.sock`.
+#[cfg(not(windows))]
 pub fn default_socket_path() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("switchyard").join("bus.sock");
@@ -186,6 +190,19 @@ pub fn default_socket_path() -> PathBuf {
     std::env::temp_dir()
         .join(format!("switchyard-{user}"))
         .join("bus.sock")
+}
+
+/// The daemon's default socket on Windows: the named pipe `\\.\pipe\switchyard-<user>-bus`.
+///
+/// Pipe names are host-wide, so the user name keeps users apart; the pipe gets
+/// the default security descriptor of the user who creates it (see [`daemon`]).
+#[cfg(windows)]
+pub fn default_socket_path() -> PathBuf {
+    let user = std::env::var("USERNAME")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "user".into());
+    let user = user.replace(['\\', '/', ':'], "_");
+    PathBuf::from(format!("{}switchyard-{user}-bus", daemon::PIPE_PREFIX))
 }
 
 /// A socket path in `dir` that no other call returns (pid, time and a random salt).
@@ -426,6 +443,30 @@ impl Transport for IpcTransport {
             // No endpoint (a bus-mode or foreign client): the daemon routes it.
             None => self.send_via_bus(to, &env).await,
         }
+    }
+
+    async fn send_batch(&self, to: &MachineId, envs: &mut VecDeque<Envelope>) -> Result<()> {
+        self.check_open()?;
+        let outbox = match &self.bus.p2p {
+            Some(p) => match p.cached(to) {
+                Some(o) => o,
+                None => match p.resolve(self.client(), to).await? {
+                    Some(o) => o,
+                    // No endpoint (a bus-mode or foreign client): the daemon routes it.
+                    None => self.client().conn_now()?,
+                },
+            },
+            None => self.client().conn_now()?,
+        };
+        let direct = self.bus.p2p.is_some();
+        outbox
+            .push_batch(to.as_str(), envs)
+            .await
+            .map_err(|e| match e {
+                Error::TooLarge { .. } => e,
+                _ if direct => Error::TargetGone(to.clone()),
+                _ => e,
+            })
     }
 
     async fn publish(&self, env: Envelope) -> Result<usize> {

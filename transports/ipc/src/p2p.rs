@@ -15,7 +15,7 @@ use rustc_hash::FxHashMap;
 use switchyard_core::{Error, MachineId, Result};
 use tokio::sync::watch;
 
-use crate::client::{Client, Local, handshake_client, read, write};
+use crate::client::{Client, Inbound, Local, handshake_client, read, write};
 use crate::conn::{FrameReader, Outbox};
 use crate::daemon::{bind_listener, check_peer, error_frame_for, handshake_server, owner_uid};
 use crate::error::IpcError;
@@ -71,6 +71,8 @@ impl P2p {
                 o.close("transport closed");
             }
         }
+        // A Windows named pipe has no file: it goes away with its last handle.
+        #[cfg(unix)]
         let _ = std::fs::remove_file(&self.path);
     }
 
@@ -206,7 +208,10 @@ async fn accept_loop(
         }
     }
     drop(listener);
+    #[cfg(unix)]
     let _ = std::fs::remove_file(&path);
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 async fn serve_peer(
@@ -241,6 +246,7 @@ async fn serve_peer(
         "peer (nacks)",
     );
     let r: std::result::Result<(), IpcError> = async {
+        let mut inbound = Inbound::default();
         loop {
             while let Some(f) = rd.next_frame()? {
                 let body = &rd.bytes(&f)[HEADER_LEN..];
@@ -248,17 +254,18 @@ async fn serve_peer(
                     return Err(IpcError::UnknownFrame(f.kind));
                 }
                 let mut b = Body::array(body, 2)?;
-                let to = b.str()?;
-                let env = b.envelope()?;
+                let to = b.raw_str()?;
+                let env = b.envelope_with(&mut inbound.names)?;
                 let id = env.id;
-                if !local.deliver_to(to, env).await {
+                if !inbound.deliver_to(&local, to, env).await? {
+                    let to = String::from_utf8_lossy(to).into_owned();
                     let nack = frame::msg_frame(
                         kind::NACK,
                         &NackMsg {
-                            to: to.to_string(),
+                            message: Error::UnknownTarget(to.as_str().into()).to_string(),
+                            to,
                             id,
                             code: "unknown_target".into(),
-                            message: Error::UnknownTarget(to.into()).to_string(),
                         },
                     )
                     .map_err(|e| IpcError::Malformed(e.to_string()))?;
