@@ -207,6 +207,16 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Closing stdin asks the child to exit (so profilers such as callgrind can write
+        // their output); one that does not within a second is killed.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

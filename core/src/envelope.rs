@@ -158,6 +158,26 @@ impl Envelope {
         }))
     }
 
+    /// An envelope with all its headers given, as a decoder rebuilds it (no clock read).
+    pub fn with_headers(
+        id: u64,
+        source: MachineId,
+        target: Address,
+        event: Arc<str>,
+        payload: Payload,
+        headers: Headers,
+    ) -> Envelope {
+        Envelope(Box::new(EnvelopeData {
+            id,
+            source,
+            target,
+            event,
+            payload,
+            headers,
+            carried_by: None,
+        }))
+    }
+
     /// The fields, unboxed.
     pub fn into_data(self) -> EnvelopeData {
         *self.0

@@ -18,43 +18,71 @@ fn enc(e: impl std::fmt::Display) -> Error {
     Error::Encode(e.to_string())
 }
 
-fn write_str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
-    rmp::encode::write_str(buf, s).map_err(enc)
+/// Appends a MessagePack string (the shortest header, as rmp writes it).
+#[inline]
+fn put_str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
+    let n = s.len();
+    if n < 32 {
+        buf.push(0xa0 | n as u8);
+    } else if n < 0x100 {
+        buf.extend_from_slice(&[0xd9, n as u8]);
+    } else if n < 0x1_0000 {
+        buf.push(0xda);
+        buf.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        buf.push(0xdb);
+        buf.extend_from_slice(&u32::try_from(n).map_err(enc)?.to_be_bytes());
+    }
+    buf.extend_from_slice(s.as_bytes());
+    Ok(())
 }
 
-fn write_uint(buf: &mut Vec<u8>, v: u64) -> Result<()> {
-    rmp::encode::write_uint(buf, v).map(|_| ()).map_err(enc)
+/// Appends a MessagePack unsigned integer in its shortest form, as rmp writes it.
+#[inline]
+fn put_uint(buf: &mut Vec<u8>, v: u64) {
+    if v < 0x80 {
+        buf.push(v as u8);
+    } else if v < 0x100 {
+        buf.extend_from_slice(&[0xcc, v as u8]);
+    } else if v < 0x1_0000 {
+        buf.push(0xcd);
+        buf.extend_from_slice(&(v as u16).to_be_bytes());
+    } else if v < 0x1_0000_0000 {
+        buf.push(0xce);
+        buf.extend_from_slice(&(v as u32).to_be_bytes());
+    } else {
+        buf.push(0xcf);
+        buf.extend_from_slice(&v.to_be_bytes());
+    }
 }
 
-fn write_map(buf: &mut Vec<u8>, n: u32) -> Result<()> {
-    rmp::encode::write_map_len(buf, n).map(|_| ()).map_err(enc)
-}
-
-fn variant(a: &Address) -> (&'static str, &str) {
+/// The target's variant written as a one-entry map with its key: `{"Machine": …}` and so on.
+fn variant(a: &Address) -> (&'static [u8], &str) {
     match a {
-        Address::Machine(id) => ("Machine", id.as_str()),
-        Address::AnyOfType(t) => ("AnyOfType", t),
-        Address::AllOfType(t) => ("AllOfType", t),
-        Address::Topic(t) => ("Topic", t),
-        Address::Group(g) => ("Group", g),
+        Address::Machine(id) => (b"\x81\xa7Machine", id.as_str()),
+        Address::AnyOfType(t) => (b"\x81\xa9AnyOfType", t),
+        Address::AllOfType(t) => (b"\x81\xa9AllOfType", t),
+        Address::Topic(t) => (b"\x81\xa5Topic", t),
+        Address::Group(g) => (b"\x81\xa5Group", g),
     }
 }
 
 /// Writes the envelope map exactly as `Envelope::encode` (rmp-serde, named fields) does.
+///
+/// The keys are constants, so they are copied as ready-made MessagePack bytes.
 pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
-    write_map(buf, 6)?;
-    write_str(buf, "id")?;
-    write_uint(buf, env.id)?;
-    write_str(buf, "source")?;
-    write_str(buf, env.source.as_str())?;
-    write_str(buf, "target")?;
-    let (v, s) = variant(&env.target);
-    write_map(buf, 1)?;
-    write_str(buf, v)?;
-    write_str(buf, s)?;
-    write_str(buf, "event")?;
-    write_str(buf, &env.event)?;
-    write_str(buf, "payload")?;
+    let (v, target) = variant(&env.target);
+    buf.reserve(96 + env.source.as_str().len() + target.len() + env.event.len());
+    buf.extend_from_slice(b"\x86\xa2id");
+    put_uint(buf, env.id);
+    buf.extend_from_slice(b"\xa6source");
+    put_str(buf, env.source.as_str())?;
+    buf.extend_from_slice(b"\xa6target");
+    buf.extend_from_slice(v);
+    put_str(buf, target)?;
+    buf.extend_from_slice(b"\xa5event");
+    put_str(buf, &env.event)?;
+    buf.extend_from_slice(b"\xa7payload");
     match &env.payload {
         Payload::Encoded(b) => rmp::encode::write_bin(buf, b).map_err(enc)?,
         other => {
@@ -75,39 +103,38 @@ pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
             }
         }
     }
-    write_str(buf, "headers")?;
+    buf.extend_from_slice(b"\xa7headers");
     write_headers(buf, &env.headers)
 }
 
 fn write_headers(buf: &mut Vec<u8>, h: &Headers) -> Result<()> {
     let n = 1
-        + h.correlation_id.is_some() as u32
-        + h.reply_to.is_some() as u32
-        + h.is_reply as u32
-        + (h.priority != 0) as u32
-        + h.expires_at_us.is_some() as u32;
-    write_map(buf, n)?;
+        + h.correlation_id.is_some() as u8
+        + h.reply_to.is_some() as u8
+        + h.is_reply as u8
+        + (h.priority != 0) as u8
+        + h.expires_at_us.is_some() as u8;
+    buf.push(0x80 | n);
     if let Some(c) = h.correlation_id {
-        write_str(buf, "correlation_id")?;
-        write_uint(buf, c)?;
+        buf.extend_from_slice(b"\xaecorrelation_id");
+        put_uint(buf, c);
     }
     if let Some(r) = &h.reply_to {
-        write_str(buf, "reply_to")?;
-        write_str(buf, r.as_str())?;
+        buf.extend_from_slice(b"\xa8reply_to");
+        put_str(buf, r.as_str())?;
     }
     if h.is_reply {
-        write_str(buf, "is_reply")?;
-        rmp::encode::write_bool(buf, true).map_err(enc)?;
+        buf.extend_from_slice(b"\xa8is_reply\xc3");
     }
-    write_str(buf, "sent_at_us")?;
-    write_uint(buf, h.sent_at_us)?;
+    buf.extend_from_slice(b"\xaasent_at_us");
+    put_uint(buf, h.sent_at_us);
     if h.priority != 0 {
-        write_str(buf, "priority")?;
-        write_uint(buf, u64::from(h.priority))?;
+        buf.extend_from_slice(b"\xa8priority");
+        put_uint(buf, u64::from(h.priority));
     }
     if let Some(x) = h.expires_at_us {
-        write_str(buf, "expires_at_us")?;
-        write_uint(buf, x)?;
+        buf.extend_from_slice(b"\xadexpires_at_us");
+        put_uint(buf, x);
     }
     Ok(())
 }
@@ -116,11 +143,13 @@ fn write_headers(buf: &mut Vec<u8>, h: &Headers) -> Result<()> {
 struct Rd<'a>(&'a [u8]);
 
 impl<'a> Rd<'a> {
+    #[inline]
     fn marker(&mut self) -> Option<Marker> {
         let (&b, rest) = self.0.split_first()?;
         self.0 = rest;
         Some(Marker::from_u8(b))
     }
+    #[inline]
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
@@ -129,6 +158,7 @@ impl<'a> Rd<'a> {
         self.0 = b;
         Some(a)
     }
+    #[inline]
     fn be(&mut self, n: usize) -> Option<u64> {
         if n == 8 {
             return Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?));
@@ -140,6 +170,7 @@ impl<'a> Rd<'a> {
         )
     }
     /// A string's bytes, unvalidated: keys are compared as bytes, values validated by [`Rd::str`].
+    #[inline]
     fn raw_str(&mut self) -> Option<&'a [u8]> {
         let n = match self.marker()? {
             Marker::FixStr(n) => n as usize,
@@ -153,6 +184,7 @@ impl<'a> Rd<'a> {
     fn str(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.raw_str()?).ok()
     }
+    #[inline]
     fn uint(&mut self) -> Option<u64> {
         match self.marker()? {
             Marker::FixPos(v) => Some(u64::from(v)),
@@ -163,6 +195,7 @@ impl<'a> Rd<'a> {
             _ => None,
         }
     }
+    #[inline]
     fn map(&mut self) -> Option<usize> {
         match self.marker()? {
             Marker::FixMap(n) => Some(n as usize),
@@ -171,6 +204,7 @@ impl<'a> Rd<'a> {
             _ => None,
         }
     }
+    #[inline]
     fn bin(&mut self) -> Option<&'a [u8]> {
         let n = match self.marker()? {
             Marker::Bin8 => self.be(1)? as usize,
@@ -248,6 +282,71 @@ fn intern(slot: &mut Option<Arc<str>>, raw: &[u8]) -> Option<Arc<str>> {
     Some(s)
 }
 
+impl Rd<'_> {
+    /// Skips `lit` if the input starts with it.
+    #[inline]
+    fn lit(&mut self, lit: &[u8]) -> Option<()> {
+        let rest = self.0.strip_prefix(lit)?;
+        self.0 = rest;
+        Some(())
+    }
+
+    fn headers(&mut self) -> Option<Headers> {
+        // A plain event's headers, as write_headers writes them: only the send time.
+        if self.lit(b"\x81\xaasent_at_us").is_some() {
+            return Some(Headers {
+                sent_at_us: self.uint()?,
+                ..Headers::default()
+            });
+        }
+        let mut headers = Headers::default();
+        for _ in 0..self.map()? {
+            match self.raw_str()? {
+                b"correlation_id" => headers.correlation_id = self.opt_uint()?,
+                b"reply_to" => headers.reply_to = self.opt_str()?.map(MachineId::from),
+                b"is_reply" => {
+                    headers.is_reply = match self.marker()? {
+                        Marker::True => true,
+                        Marker::False => false,
+                        _ => return None,
+                    }
+                }
+                b"sent_at_us" => headers.sent_at_us = self.uint()?,
+                b"priority" => headers.priority = u8::try_from(self.uint()?).ok()?,
+                b"expires_at_us" => headers.expires_at_us = self.opt_uint()?,
+                _ => return None,
+            }
+        }
+        Some(headers)
+    }
+}
+
+/// The exact layout [`write_envelope`] produces for a machine target, keys compared as
+/// constants in their fixed order; anything else goes to [`fast_decode`].
+fn canonical_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
+    let mut r = Rd(bytes);
+    r.lit(b"\x86\xa2id")?;
+    let id = r.uint()?;
+    r.lit(b"\xa6source")?;
+    let source = MachineId::new(intern(&mut names.source, r.raw_str()?)?);
+    r.lit(b"\xa6target\x81\xa7Machine")?;
+    let target = Address::Machine(MachineId::new(intern(&mut names.target, r.raw_str()?)?));
+    r.lit(b"\xa5event")?;
+    let event = intern(&mut names.event, r.raw_str()?)?;
+    r.lit(b"\xa7payload")?;
+    let payload = Bytes::copy_from_slice(r.bin()?);
+    r.lit(b"\xa7headers")?;
+    let headers = r.headers()?;
+    Some(Envelope::with_headers(
+        id,
+        source,
+        target,
+        event,
+        Payload::Encoded(payload),
+        headers,
+    ))
+}
+
 fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
     let mut r = Rd(bytes);
     let n = r.map()?;
@@ -274,31 +373,18 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
             }
             b"event" => event = Some(intern(&mut names.event, r.raw_str()?)?),
             b"payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
-            b"headers" => {
-                for _ in 0..r.map()? {
-                    match r.raw_str()? {
-                        b"correlation_id" => headers.correlation_id = r.opt_uint()?,
-                        b"reply_to" => headers.reply_to = r.opt_str()?.map(MachineId::from),
-                        b"is_reply" => {
-                            headers.is_reply = match r.marker()? {
-                                Marker::True => true,
-                                Marker::False => false,
-                                _ => return None,
-                            }
-                        }
-                        b"sent_at_us" => headers.sent_at_us = r.uint()?,
-                        b"priority" => headers.priority = u8::try_from(r.uint()?).ok()?,
-                        b"expires_at_us" => headers.expires_at_us = r.opt_uint()?,
-                        _ => return None,
-                    }
-                }
-            }
+            b"headers" => headers = r.headers()?,
             _ => return None,
         }
     }
-    let mut env = Envelope::new(id?, source?, target?, event?, Payload::Encoded(payload?));
-    env.headers = headers;
-    Some(env)
+    Some(Envelope::with_headers(
+        id?,
+        source?,
+        target?,
+        event?,
+        Payload::Encoded(payload?),
+        headers,
+    ))
 }
 
 /// Decodes an envelope map: the fast path for this crate's own shape, serde for anything else.
@@ -308,7 +394,7 @@ pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope> {
 
 /// [`decode_envelope`] reusing the strings of the previous envelope on the same connection.
 pub fn decode_envelope_with(bytes: &[u8], names: &mut Interner) -> Result<Envelope> {
-    match fast_decode(bytes, names) {
+    match canonical_decode(bytes, names).or_else(|| fast_decode(bytes, names)) {
         Some(env) => Ok(env),
         None => Envelope::decode(bytes),
     }
@@ -364,6 +450,26 @@ mod tests {
             let bytes = e.encode().unwrap();
             let fast = fast_decode(&bytes, &mut Interner::default())
                 .expect("the fast path takes our own shape");
+            let canonical = canonical_decode(&bytes, &mut Interner::default());
+            if matches!(e.target, Address::Machine(_)) {
+                let c = canonical.expect("the canonical path takes a machine target");
+                assert_eq!(
+                    (c.id, &c.source, &c.target, &c.event, &c.headers),
+                    (
+                        fast.id,
+                        &fast.source,
+                        &fast.target,
+                        &fast.event,
+                        &fast.headers
+                    )
+                );
+                assert_eq!(
+                    c.payload.to_msgpack().unwrap(),
+                    fast.payload.to_msgpack().unwrap()
+                );
+            } else {
+                assert!(canonical.is_none(), "other targets take the general path");
+            }
             let slow = Envelope::decode(&bytes).unwrap();
             assert_eq!(
                 (

@@ -326,8 +326,9 @@ impl Outbox {
             }
             spare.clear();
             // Keep the buffer for the next batch (regrowing it costs page faults and copies),
-            // unless one huge frame inflated it past the queue bound.
-            if spare.capacity() > self.limit.max(4 * READ_CHUNK) {
+            // unless one huge frame inflated it well past the queue bound. A full queue ends
+            // a little over the bound, and doubling puts its capacity just under twice it.
+            if spare.capacity() > 2 * self.limit.max(4 * READ_CHUNK) {
                 spare = Vec::with_capacity(READ_CHUNK);
             }
         }

@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> switchyard_core::Result<()> {
-//! use std::sync::Arc;
+//! use std::sync::{Arc, OnceLock};
 //! use switchyard_ipc::{IpcBus, IpcConfig};
 //! let bus = IpcBus::connect(IpcConfig::new(switchyard_ipc::default_socket_path()))?;
 //! let transport = bus.transport();
@@ -35,7 +35,7 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ use async_trait::async_trait;
 use switchyard_core::{
     Address, Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry,
     MachineId, MessageOrdering, Registry, RegistryEvent, Result, Subscription, SubscriptionId,
-    Transport, TransportHealth, TrySend,
+    TargetHandle, Transport, TransportHealth, TrySend,
 };
 use tokio::sync::broadcast;
 
@@ -96,7 +96,8 @@ pub struct IpcConfig {
     pub mode: Mode,
     /// Largest frame sent or accepted, default 16 MiB.
     pub max_frame: usize,
-    /// Bytes queued per connection before senders wait (policy `Wait`), default 8 MiB.
+    /// Bytes queued per connection before senders wait (policy `Wait`), default 1 MiB: enough
+    /// to keep the socket busy, small enough that a saturated queue adds little latency.
     pub outbox_limit: usize,
     /// Events queued per machine with an async handler before the reader waits, default 1,024.
     pub async_queue: usize,
@@ -140,7 +141,7 @@ impl IpcConfig {
             token: None,
             mode: Mode::Bus,
             max_frame: frame::DEFAULT_MAX_FRAME,
-            outbox_limit: 8 * 1024 * 1024,
+            outbox_limit: 1024 * 1024,
             async_queue: 1024,
             echo_own_publishes: false,
             request_timeout: Duration::from_secs(10),
@@ -370,6 +371,9 @@ impl IpcTransport {
     }
 }
 
+/// A route's peer-to-peer connection to its target, set on the first send that finds it.
+struct PeerHandle(OnceLock<Arc<conn::Outbox>>);
+
 fn push_now(o: &conn::Outbox, to: &MachineId, env: Envelope) -> TrySend {
     match o.try_push(|b, max| frame::write_send(b, max, to.as_str(), &env)) {
         Ok(true) => TrySend::Done(Ok(())),
@@ -416,6 +420,35 @@ impl Transport for IpcTransport {
                     .conn_now()
                     .err()
                     .unwrap_or(error::transport_err("not connected to the bus daemon")))),
+            },
+        }
+    }
+
+    fn resolve(&self, _to: &MachineId) -> Option<TargetHandle> {
+        // Peer-to-peer only: the connection is found on the first send and kept in the handle.
+        // (Through the daemon there is one connection, which a reconnect replaces.)
+        self.bus
+            .p2p
+            .as_ref()
+            .map(|_| Arc::new(PeerHandle(OnceLock::new())) as TargetHandle)
+    }
+
+    fn try_send_resolved(&self, handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
+        let (Some(h), Some(p)) = (handle.downcast_ref::<PeerHandle>(), &self.bus.p2p) else {
+            return self.try_send(to, env);
+        };
+        if let Err(e) = self.check_open() {
+            return TrySend::Done(Err(e));
+        }
+        match h.0.get() {
+            Some(o) if !o.is_closed() => push_now(o, to, env),
+            // Not connected yet, or the peer went away: the lookup path (and the async one) decide.
+            _ => match p.cached(to) {
+                Some(o) => {
+                    let _ = h.0.set(o.clone());
+                    push_now(&o, to, env)
+                }
+                None => TrySend::Pending(env),
             },
         }
     }
