@@ -106,3 +106,59 @@ async fn a_token_is_required_when_configured() {
     assert!(h.last_activity_us > 0);
     drop(d);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_with_request_id_zero_gets_no_reply() {
+    let socket = path("noreply");
+    let _d = Daemon::start(DaemonConfig::new(&socket)).unwrap();
+    let sock = socket.clone();
+    let (first_reply, ok) = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let read_frame = |s: &mut std::os::unix::net::UnixStream| {
+            let mut head = [0u8; 5];
+            s.read_exact(&mut head).unwrap();
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let mut body = vec![0u8; len - 1];
+            s.read_exact(&mut body).unwrap();
+            (head[4], body)
+        };
+        let hello = Hello {
+            protocol: frame::PROTOCOL_VERSION,
+            client_id: "raw".into(),
+            token: None,
+            watch: false,
+        };
+        s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
+            .unwrap();
+        assert_eq!(read_frame(&mut s).0, kind::WELCOME);
+        let env = switchyard::Envelope::new(
+            1,
+            "raw".into(),
+            switchyard::Address::Topic("t.x".into()),
+            "E".into(),
+            switchyard::Payload::Empty,
+        );
+        let mut out = Vec::new();
+        for req in [frame::NO_REPLY, 7] {
+            frame::write_frame(&mut out, kind::PUBLISH, usize::MAX, |w| {
+                frame::write_array(w, 3)?;
+                frame::write_uint(w, req)?;
+                frame::write_str(w, "t.x")?;
+                frame::write_envelope(w, &env)
+            })
+            .unwrap();
+        }
+        s.write_all(&out).unwrap();
+        let (k, body) = read_frame(&mut s);
+        assert_eq!(k, kind::REPLY);
+        let r: frame::ReplyMsg = frame::decode_msg(&body).unwrap();
+        (r.req, r.ok)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (first_reply, ok),
+        (7, true),
+        "the publish with req 0 was not answered; the next one was"
+    );
+}

@@ -840,6 +840,27 @@ impl Node {
         self.publish_envelope(env).await
     }
 
+    /// Publishes to a topic without waiting to learn how many subscribers got it.
+    ///
+    /// Delivery, ordering and filters are those of [`Node::publish`]; only the
+    /// count is not returned. For a stream of events this is the call to use: a
+    /// transport that must ask another process for the count (ipc asks the bus
+    /// daemon) then pipelines the publishes instead of waiting for each answer.
+    pub async fn emit<P: Serialize + Send + Sync + 'static>(
+        &self,
+        topic: &str,
+        event: impl Into<Arc<str>>,
+        payload: P,
+    ) -> Result<()> {
+        validate_topic(topic)?;
+        self.check_open()?;
+        let env = self.envelope(Address::Topic(topic.into()), event, payload);
+        for t in self.pubsub_transports()? {
+            t.emit(env.clone()).await?;
+        }
+        Ok(())
+    }
+
     /// Sends to exactly one member of a consumer group; returns how many got it (0 or 1 per transport).
     pub async fn publish_to_group<P: Serialize + Send + Sync + 'static>(
         &self,
@@ -863,6 +884,15 @@ impl Node {
                 }),
             };
         }
+        let mut n = 0;
+        for t in self.pubsub_transports()? {
+            n += t.publish(env.clone()).await?;
+        }
+        Ok(n)
+    }
+
+    /// The transports that carry topics, or the error saying there are none.
+    fn pubsub_transports(&self) -> Result<&[Arc<dyn Transport>]> {
         let transports = self.0.session.router.pubsub();
         if transports.is_empty() {
             return Err(Error::NotSupported {
@@ -870,11 +900,7 @@ impl Node {
                 capability: "topics (no transport with pub/sub is enabled)",
             });
         }
-        let mut n = 0;
-        for t in transports {
-            n += t.publish(env.clone()).await?;
-        }
-        Ok(n)
+        Ok(transports)
     }
 
     /// The widest-reaching transport with groups (the last one in the router's pub/sub order).

@@ -188,6 +188,12 @@ pub trait Transport: Send + Sync {
         })
     }
 
+    /// Publishes to a topic without learning how many got it, so a stream of publishes need not
+    /// wait for each count; delivery is the same as [`Transport::publish`]. The default publishes.
+    async fn emit(&self, env: Envelope) -> Result<()> {
+        self.publish(env).await.map(drop)
+    }
+
     /// Adds a subscription.
     async fn subscribe(&self, _sub: Subscription) -> Result<SubscriptionId> {
         Err(Error::NotSupported {

@@ -230,7 +230,8 @@ macro_rules! conformance_suite {
             auto_connect_same_type, discover_by_pattern, any_of_type_spreads_load, random_of_type_spreads_load,
             type_based_ping_pong, list_machine_types, health_turns_unhealthy_without_heartbeats,
             mesh_of_ten_all_to_all, request_reply, request_timeout, delayed_send_not_before_delay, self_send,
-            group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, full_mailbox_policies,
+            group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, emit_delivers_like_publish,
+            full_mailbox_policies,
             expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
             fifo_per_sender_receiver, send_batch_delivers_in_order, reentrant_bounce_runs_to_completion);
     };
@@ -1007,6 +1008,37 @@ pub async fn topic_wildcards_and_content_filter(fx: Fixture) {
     assert_eq!(ev.name(), "O2");
     assert!(matches!(&ev.target, switchyard::Address::Topic(t) if &**t == "orders.new.eu"));
     assert_carried(&w, &ev);
+}
+
+/// `emit` delivers what `publish` would, in the publisher's order, only without the count.
+pub async fn emit_delivers_like_publish(fx: Fixture) {
+    let w = fx.world();
+    let (p, _) = w.recorder("pub", "P").await;
+    if !w.caps().topics {
+        assert!(matches!(
+            p.emit("a.b", "X", ()).await,
+            Err(Error::NotSupported { .. })
+        ));
+        return;
+    }
+    let (s, mut rs) = w.recorder("sub", "S").await;
+    s.subscribe("ticks.#").await.unwrap();
+    assert!(matches!(
+        p.emit("ticks.*", "X", ()).await,
+        Err(Error::InvalidPattern { .. })
+    ));
+    const N: u32 = 500;
+    for i in 0..N {
+        p.emit("ticks.a", "TICK", i).await.unwrap();
+    }
+    // Nobody listens here: it must not show up among the ticks below.
+    p.emit("other", "NOPE", 0u32).await.unwrap();
+    // A publish after the emits arrives after them.
+    assert_eq!(p.publish("ticks.b", "LAST", N).await.unwrap(), 1);
+    for (i, ev) in rs.take(N as usize + 1).await.iter().enumerate() {
+        assert_eq!(ev.data::<u32>().unwrap(), i as u32, "emit order");
+        assert_carried(&w, ev);
+    }
 }
 
 pub async fn full_mailbox_policies(fx: Fixture) {

@@ -227,7 +227,7 @@ pub async fn fanout(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
     let event: Arc<str> = "E".into();
     let clock = probe.start_clock();
     let producer = produce!(probe, |msg| source
-        .publish("bench.fanout", event.clone(), msg)
+        .emit("bench.fanout", event.clone(), msg)
         .await?);
     let r = finish(&probe, clock, producer, n as u64).await;
     drop(subs);

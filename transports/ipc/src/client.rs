@@ -439,6 +439,21 @@ impl Client {
         Ok(r.count.unwrap_or(0) as usize)
     }
 
+    /// Publishes to a topic through the daemon without asking for the count (`req` 0: no `REPLY`).
+    pub(crate) async fn emit(&self, topic: &str, env: &Envelope) -> Result<()> {
+        let outbox = self.conn_now()?;
+        outbox
+            .push_with(|b, max| {
+                frame::write_frame(b, kind::PUBLISH, max, |w| {
+                    frame::write_array(w, 3)?;
+                    frame::write_uint(w, frame::NO_REPLY)?;
+                    frame::write_str(w, topic)?;
+                    frame::write_envelope(w, env)
+                })
+            })
+            .await
+    }
+
     pub(crate) fn remember(&self, entry: &MachineEntry, ttl_ms: Option<u64>) {
         let mut reg = lock(&self.registered);
         reg.retain(|(e, _)| e.id != entry.id);

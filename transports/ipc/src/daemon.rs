@@ -34,8 +34,8 @@ use tokio::time::Instant;
 use crate::conn::{FrameReader, Outbox, read_one, write_now};
 use crate::error::IpcError;
 use crate::frame::{
-    self, Body, DaemonHealth, ErrorMsg, EventMsg, HEADER_LEN, Hello, NackMsg, PROTOCOL_VERSION,
-    ReplyMsg, RequestMsg, Welcome, kind,
+    self, Body, DaemonHealth, ErrorMsg, EventMsg, HEADER_LEN, Hello, NO_REPLY, NackMsg,
+    PROTOCOL_VERSION, ReplyMsg, RequestMsg, Welcome, kind,
 };
 
 /// How the daemon listens and whom it accepts.
@@ -977,6 +977,9 @@ async fn handle_frame(
                         shared.routed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+            }
+            if req == NO_REPLY {
+                return Ok(());
             }
             reply(
                 me,

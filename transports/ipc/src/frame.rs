@@ -19,6 +19,9 @@ pub const HEADER_LEN: usize = 5;
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// Frame kinds (the byte after the length).
+/// The request id of a `PUBLISH` whose publisher wants no `REPLY` (see [`crate::IpcTransport`]'s `emit`).
+pub const NO_REPLY: u64 = 0;
+
 pub mod kind {
     /// Client → server: first frame of every connection.
     pub const HELLO: u8 = 0x01;

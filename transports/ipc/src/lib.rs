@@ -35,8 +35,8 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -500,6 +500,17 @@ impl Transport for IpcTransport {
                 _ if direct => Error::TargetGone(to.clone()),
                 _ => e,
             })
+    }
+
+    async fn emit(&self, env: Envelope) -> Result<()> {
+        self.check_open()?;
+        let Address::Topic(t) = &env.target else {
+            return self.publish(env).await.map(drop);
+        };
+        if self.client().cfg.echo_own_publishes {
+            self.client().local.deliver_topic(t, &env).await;
+        }
+        self.client().emit(t, &env).await
     }
 
     async fn publish(&self, env: Envelope) -> Result<usize> {
