@@ -233,7 +233,8 @@ macro_rules! conformance_suite {
             group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, emit_delivers_like_publish,
             full_mailbox_policies,
             expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
-            fifo_per_sender_receiver, send_batch_delivers_in_order, reentrant_bounce_runs_to_completion);
+            fifo_per_sender_receiver, send_batch_delivers_in_order, rejoined_id_gets_the_new_events,
+            reentrant_bounce_runs_to_completion);
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1248,6 +1249,30 @@ pub async fn send_batch_delivers_in_order(fx: Fixture) {
     }
     let err = a.send_batch("nobody", [("X", 1u8)]).await.unwrap_err();
     assert!(matches!(err, Error::UnknownTarget(_)), "{err}");
+}
+
+/// A machine closed and built again under the same id gets what is sent after it came
+/// back; nothing more reaches the closed one (no transport may keep a stale handle).
+pub async fn rejoined_id_gets_the_new_events(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (b1, mut r1) = w.recorder("b", "T").await;
+    a.send("b", "ONE", 1u32).await.unwrap();
+    assert_eq!(r1.next().await.name(), "ONE");
+    b1.close().await.unwrap();
+    let (_b2, mut r2) = w.recorder("b", "T").await;
+    for i in 0..10u32 {
+        a.send("b", "TWO", i).await.unwrap();
+    }
+    for i in 0..10u32 {
+        let ev = r2.next().await;
+        assert_eq!((ev.name(), ev.data::<u32>().unwrap()), ("TWO", i));
+        assert_carried(&w, &ev);
+    }
+    assert!(
+        r1.rx.try_recv().is_err(),
+        "the closed machine got nothing more"
+    );
 }
 
 /// Two machines bounce a counter from inside their handlers 10,000 times: a
