@@ -1,7 +1,7 @@
 //! The ipc transport beside a raw unix socket with the same framing, between two real processes.
 //!
 //! Run: `cargo run --release --example ipc_bench` (options: `-- --events N --pings N --rounds N`;
-//! `--only p2p|p2p-batch|bus|bus-batch` runs just that one-way measure, for profiling).
+//! `--only raw|p2p|p2p-batch|bus|bus-batch` runs just that one-way measure, for profiling).
 //!
 //! The program re-executes itself for the receiving side (sink or echo) and for
 //! the bus daemon, so every figure crosses a process boundary as in production.
@@ -386,10 +386,17 @@ async fn parent() -> AnyResult<()> {
         };
         if let Some(only) = only.as_deref() {
             // A single one-way run, for profiling one side at a time.
-            let Some((tag, p2p, batch)) = one_way(only) else {
-                return Err("--only takes p2p, p2p-batch, bus or bus-batch".into());
+            let tp = if only == "raw" {
+                let raw_sock = unique_socket_path(&dir, "bench-raw");
+                let sink = Proc::start("raw-sink", &raw_sock, &[("N", events.to_string())])?;
+                raw::raw_source(&raw_sock, events, frame).await?;
+                rate(events, sink.result_duration()?)
+            } else {
+                let Some((tag, p2p, batch)) = one_way(only) else {
+                    return Err("--only takes raw, p2p, p2p-batch, bus or bus-batch".into());
+                };
+                run(tag, p2p, batch).await?
             };
-            let tp = run(tag, p2p, batch).await?;
             println!("round {round}: one-way ipc {only} {tp:>12.0} ev/s");
             continue;
         }
