@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchyard::{
     Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry, MachineId,
-    MessageOrdering, Result, Transport, TransportHealth,
+    MessageOrdering, Node, Result, Transport, TransportHealth,
 };
 use tokio::sync::mpsc;
 
@@ -85,9 +85,11 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<Envelope>) -> Envelope {
         .unwrap()
 }
 
-#[tokio::test]
-async fn falls_back_to_the_next_transport_on_a_retryable_failure() {
-    let failing = Failing::new(true);
+/// A session that tries `failing` before memory in process, with machines `a` (returned) and
+/// `b` (its events in the receiver).
+async fn failing_then_memory(
+    failing: &Arc<Failing>,
+) -> (switchyard::Session, Node, mpsc::UnboundedReceiver<Envelope>) {
     let s = switchyard::builder()
         .selector(|sel| {
             sel.transport(failing.clone())
@@ -95,8 +97,15 @@ async fn falls_back_to_the_next_transport_on_a_retryable_failure() {
         })
         .build()
         .unwrap();
-    let mut rb = recorder(&s, "b").await;
+    let rb = recorder(&s, "b").await;
     let a = s.machine("a", "T").build().await.unwrap();
+    (s, a, rb)
+}
+
+#[tokio::test]
+async fn falls_back_to_the_next_transport_on_a_retryable_failure() {
+    let failing = Failing::new(true);
+    let (_s, a, mut rb) = failing_then_memory(&failing).await;
     a.send("b", "X", 1u8).await.unwrap();
     assert_eq!(next(&mut rb).await.carried_by, Some("memory"));
     assert_eq!(
@@ -109,15 +118,7 @@ async fn falls_back_to_the_next_transport_on_a_retryable_failure() {
 #[tokio::test]
 async fn a_permanent_failure_is_returned_not_masked() {
     let failing = Failing::new(false);
-    let s = switchyard::builder()
-        .selector(|sel| {
-            sel.transport(failing.clone())
-                .prefer(Location::SameProcess, ["failing", "memory"])
-        })
-        .build()
-        .unwrap();
-    let _rb = recorder(&s, "b").await;
-    let a = s.machine("a", "T").build().await.unwrap();
+    let (_s, a, _rb) = failing_then_memory(&failing).await;
     let err = a.send("b", "X", 1u8).await.unwrap_err();
     assert!(
         matches!(
@@ -134,15 +135,7 @@ async fn a_permanent_failure_is_returned_not_masked() {
 #[tokio::test]
 async fn a_batch_falls_back_whole_and_in_order() {
     let failing = Failing::new(true);
-    let s = switchyard::builder()
-        .selector(|sel| {
-            sel.transport(failing.clone())
-                .prefer(Location::SameProcess, ["failing", "memory"])
-        })
-        .build()
-        .unwrap();
-    let mut rb = recorder(&s, "b").await;
-    let a = s.machine("a", "T").build().await.unwrap();
+    let (_s, a, mut rb) = failing_then_memory(&failing).await;
     a.send_batch("b", (0..5u8).map(|i| ("X", i))).await.unwrap();
     for i in 0..5u8 {
         let ev = next(&mut rb).await;
@@ -161,15 +154,7 @@ async fn a_batch_falls_back_whole_and_in_order() {
 #[tokio::test]
 async fn a_batch_stops_at_a_permanent_failure() {
     let failing = Failing::new(false);
-    let s = switchyard::builder()
-        .selector(|sel| {
-            sel.transport(failing.clone())
-                .prefer(Location::SameProcess, ["failing", "memory"])
-        })
-        .build()
-        .unwrap();
-    let mut rb = recorder(&s, "b").await;
-    let a = s.machine("a", "T").build().await.unwrap();
+    let (_s, a, mut rb) = failing_then_memory(&failing).await;
     let err = a
         .send_batch("b", (0..5u8).map(|i| ("X", i)))
         .await
