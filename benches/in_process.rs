@@ -170,6 +170,25 @@ fn throughput(c: &mut Criterion) {
             done.await;
         })
     });
+    g.bench_function("switchyard_send_batch_64", |b| {
+        b.to_async(&rt).iter(|| async {
+            let start = counted.count.load(Ordering::Relaxed);
+            counted.target.store(start + BATCH, Ordering::Relaxed);
+            let done = counted.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            for _ in 0..BATCH / 64 {
+                tx.send_batch(&to, (0..64).map(|_| (ev.clone(), P)))
+                    .await
+                    .expect("send_batch");
+            }
+            let left = BATCH % 64;
+            tx.send_batch(&to, (0..left).map(|_| (ev.clone(), P)))
+                .await
+                .expect("send_batch");
+            done.await;
+        })
+    });
     g.finish();
 }
 

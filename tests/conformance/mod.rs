@@ -1049,11 +1049,13 @@ pub async fn full_mailbox_policies(fx: Fixture) {
         FullPolicy::DropOldest,
         FullPolicy::Fail,
     ] {
-        full_mailbox(fx.clone(), policy).await;
+        full_mailbox(fx.clone(), policy, false).await;
+        full_mailbox(fx.clone(), policy, true).await;
     }
 }
 
-async fn full_mailbox(fx: Fixture, policy: FullPolicy) {
+/// One policy, with events 1..=3 sent one by one or as one `send_batch`: the same outcome.
+async fn full_mailbox(fx: Fixture, policy: FullPolicy, batch: bool) {
     let w = fx.world();
     let mailboxes = w.caps().mailboxes;
     let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
@@ -1078,12 +1080,23 @@ async fn full_mailbox(fx: Fixture, policy: FullPolicy) {
         .await
         .unwrap();
     let p = w.machine("p", "P").build().await.unwrap();
+    let rest = async {
+        if batch {
+            p.send_batch("slow", (1..4u32).map(|v| ("E", v)))
+                .await
+                .map(drop)
+        } else {
+            for v in 1..4u32 {
+                p.send("slow", "E", v).await?;
+            }
+            Ok(())
+        }
+    };
     if !mailboxes {
         // Synchronous hand-off: nothing queues, so nothing is ever full; every event is handled.
         gate.add_permits(1);
-        for v in 0..4u32 {
-            p.send("slow", "E", v).await.unwrap();
-        }
+        p.send("slow", "E", 0u32).await.unwrap();
+        rest.await.unwrap();
         for v in 0..4u32 {
             assert_eq!(got.recv().await, Some(v));
         }
@@ -1091,35 +1104,31 @@ async fn full_mailbox(fx: Fixture, policy: FullPolicy) {
     }
     p.send("slow", "E", 0u32).await.unwrap();
     tokio::time::timeout(WAIT, started.recv()).await.unwrap();
-    p.send("slow", "E", 1u32).await.unwrap();
-    p.send("slow", "E", 2u32).await.unwrap();
+    // The handler holds event 0; the mailbox has room for 1 and 2, not for 3.
     let expected: Vec<u32> = match policy {
         FullPolicy::Wait => {
             use futures_util::FutureExt;
-            let mut third = Box::pin(p.send("slow", "E", 3u32));
+            let mut rest = Box::pin(rest);
             assert!(
-                (&mut third).now_or_never().is_none(),
+                (&mut rest).now_or_never().is_none(),
                 "Wait: the sender waits while the mailbox is full"
             );
             gate.add_permits(1);
-            tokio::time::timeout(WAIT, third).await.unwrap().unwrap();
+            tokio::time::timeout(WAIT, rest).await.unwrap().unwrap();
             vec![0, 1, 2, 3]
         }
         FullPolicy::DropNewest => {
-            p.send("slow", "E", 3u32).await.unwrap();
+            rest.await.unwrap();
             gate.add_permits(1);
             vec![0, 1, 2]
         }
         FullPolicy::DropOldest => {
-            p.send("slow", "E", 3u32).await.unwrap();
+            rest.await.unwrap();
             gate.add_permits(1);
             vec![0, 2, 3]
         }
         FullPolicy::Fail => {
-            assert!(matches!(
-                p.send("slow", "E", 3u32).await,
-                Err(Error::MailboxFull(_))
-            ));
+            assert!(matches!(rest.await, Err(Error::MailboxFull(_))));
             gate.add_permits(1);
             vec![0, 1, 2]
         }

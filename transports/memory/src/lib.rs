@@ -6,7 +6,7 @@
 //! Payloads are handed over as they are, never serialized. Topics (with `*`/`#`
 //! patterns and content filters) and consumer groups are matched in memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -45,40 +45,97 @@ impl Mailbox {
         }
     }
 
-    /// Pushes without waiting; gives the envelope back only for `Wait` on a full mailbox.
-    fn try_push(&self, env: Envelope) -> std::result::Result<Result<()>, Envelope> {
+    /// Pushes without waiting and without waking the consumer (a batch wakes it once).
+    fn push_quiet(&self, env: Envelope) -> Push {
         if self.closed.load(Ordering::Acquire) {
-            return Ok(Err(Error::TargetGone(self.inbox.id().clone())));
+            return Push::Refused(Error::TargetGone(self.inbox.id().clone()), env);
         }
-        let r = match self.policy {
+        match self.policy {
             FullPolicy::Wait => match self.queue.push(env) {
-                Ok(()) => Ok(()),
-                Err(env) => return Err(env),
+                Ok(()) => Push::Queued,
+                Err(env) => Push::Full(env),
             },
             FullPolicy::DropNewest => {
                 if self.queue.push(env).is_err() {
                     self.count_drop();
                 }
-                Ok(())
+                Push::Queued
             }
             FullPolicy::DropOldest => {
                 if self.queue.force_push(env).is_some() {
                     self.count_drop();
                 }
-                Ok(())
+                Push::Queued
             }
             FullPolicy::Fail => match self.queue.push(env) {
-                Ok(()) => Ok(()),
-                Err(_) => Err(Error::MailboxFull(self.inbox.id().clone())),
+                Ok(()) => Push::Queued,
+                Err(env) => Push::Refused(Error::MailboxFull(self.inbox.id().clone()), env),
             },
-        };
-        self.wake();
-        Ok(r)
+        }
+    }
+
+    /// Pushes without waiting; gives the envelope back only for `Wait` on a full mailbox.
+    fn try_push(&self, env: Envelope) -> std::result::Result<Result<()>, Envelope> {
+        match self.push_quiet(env) {
+            Push::Queued => {
+                self.wake();
+                Ok(Ok(()))
+            }
+            Push::Full(env) => Err(env),
+            Push::Refused(e @ Error::MailboxFull(_), _) => {
+                self.wake();
+                Ok(Err(e))
+            }
+            Push::Refused(e, _) => Ok(Err(e)),
+        }
+    }
+
+    /// Pushes a batch in order, waking the consumer once per run of queued envelopes
+    /// instead of once per envelope; on error the failing envelope and the rest stay in `envs`.
+    async fn push_batch(&self, envs: &mut VecDeque<Envelope>) -> Result<()> {
+        let mut queued = false;
+        while let Some(mut env) = envs.pop_front() {
+            env.carried_by = Some(NAME);
+            match self.push_quiet(env) {
+                Push::Queued => queued = true,
+                Push::Full(env) => {
+                    // Let the consumer drain what is queued, wait for room, then try it again.
+                    envs.push_front(env);
+                    self.wake();
+                    queued = false;
+                    self.room().await;
+                }
+                Push::Refused(e, env) => {
+                    if queued {
+                        self.wake();
+                    }
+                    envs.push_front(env);
+                    return Err(e);
+                }
+            }
+        }
+        if queued {
+            self.wake();
+        }
+        Ok(())
     }
 
     fn count_drop(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
         self.inbox.count_dropped();
+    }
+
+    /// Returns once the queue has room (or the mailbox closed): the consumer wakes senders
+    /// that registered here whenever it takes an envelope.
+    async fn room(&self) {
+        let notified = self.not_full.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.waiting_senders.fetch_add(1, Ordering::SeqCst);
+        if self.queue.is_full() && !self.closed.load(Ordering::Acquire) {
+            notified.await;
+        }
+        self.waiting_senders.fetch_sub(1, Ordering::SeqCst);
     }
 
     async fn push(&self, env: Envelope) -> Result<()> {
@@ -116,7 +173,11 @@ impl Mailbox {
         loop {
             let mut n = 0;
             while let Some(env) = self.queue.pop() {
-                if self.waiting_senders.load(Ordering::SeqCst) > 0 {
+                // Waiting senders are woken once half the queue is free, not on every pop: a
+                // saturated stream then costs one wake-up per half queue instead of one per event.
+                if self.waiting_senders.load(Ordering::SeqCst) > 0
+                    && self.queue.len() <= self.queue.capacity() / 2
+                {
                     self.not_full.notify_waiters();
                 }
                 if sync {
@@ -146,6 +207,16 @@ impl Mailbox {
             self.wake_consumer.notified().await;
         }
     }
+}
+
+/// What [`Mailbox::push_quiet`] did with an envelope.
+enum Push {
+    /// In the queue (or dropped by the mailbox's policy, and counted).
+    Queued,
+    /// The mailbox is full and its policy is `Wait`.
+    Full(Envelope),
+    /// Refused: the mailbox is closed, or full with policy `Fail`.
+    Refused(Error, Envelope),
 }
 
 fn push_now(mb: &Mailbox, mut env: Envelope) -> TrySend {
@@ -342,6 +413,13 @@ impl Transport for MemoryTransport {
         let mb = self.mailbox(to)?;
         env.carried_by = Some(NAME);
         mb.push(env).await
+    }
+
+    async fn send_batch(&self, to: &MachineId, envs: &mut VecDeque<Envelope>) -> Result<()> {
+        if envs.is_empty() {
+            return Ok(());
+        }
+        self.mailbox(to)?.push_batch(envs).await
     }
 
     async fn publish(&self, mut env: Envelope) -> Result<usize> {
