@@ -978,17 +978,7 @@ async fn handle_frame(
                     }
                 }
             }
-            if req == NO_REPLY {
-                return Ok(());
-            }
-            reply(
-                me,
-                &ReplyMsg {
-                    count: Some(count),
-                    ..ReplyMsg::ok(req)
-                },
-            )
-            .await
+            reply_count(me, req, count).await
         }
         kind::GROUP => {
             let mut b = Body::array(body, 3)?;
@@ -1030,14 +1020,7 @@ async fn handle_frame(
                     count = 1;
                 }
             }
-            reply(
-                me,
-                &ReplyMsg {
-                    count: Some(count),
-                    ..ReplyMsg::ok(req)
-                },
-            )
-            .await
+            reply_count(me, req, count).await
         }
         kind::REQUEST => {
             let req: RequestMsg = frame::decode_msg(body)?;
@@ -1054,6 +1037,21 @@ async fn reply(me: &Outbox, r: &ReplyMsg) -> Result<(), IpcError> {
     // A client that stopped reading only stalls itself.
     let _ = me.push_bytes(&bytes).await;
     Ok(())
+}
+
+/// Answers a `PUBLISH` or `GROUP` with how many got it, unless its request id asks for no reply.
+async fn reply_count(me: &Outbox, req: u64, count: u64) -> Result<(), IpcError> {
+    if req == NO_REPLY {
+        return Ok(());
+    }
+    reply(
+        me,
+        &ReplyMsg {
+            count: Some(count),
+            ..ReplyMsg::ok(req)
+        },
+    )
+    .await
 }
 
 /// The `id` field of an envelope map, for NACKs; 0 when it cannot be read.
