@@ -16,6 +16,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,10 +24,11 @@ use serde_bytes::ByteBuf;
 use switchyard::core::envelope::now_micros;
 use switchyard::ipc::bench_support::{self as raw, Latency};
 use switchyard::ipc::{IpcBus, IpcConfig, unique_socket_path};
-use switchyard::{Address, Envelope, MachineId, Node, Session};
+use switchyard::{Address, Envelope, EventRef, MachineId, Node, Session};
 
 const ROLE: &str = "SWITCHYARD_BENCH_ROLE";
 const PAYLOAD: usize = 64;
+static PAYLOAD_BYTES: [u8; PAYLOAD] = [0xa5; PAYLOAD];
 /// Events per `send_batch` call in the batched rows.
 const BATCH: usize = 64;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -82,17 +84,28 @@ async fn child(role: &str) -> AnyResult<()> {
             if role == "ipc-sink" {
                 let (tx, rx) = tokio::sync::oneshot::channel::<Duration>();
                 let tx = Mutex::new(Some(tx));
-                let state = Mutex::new((0u64, None::<Instant>));
+                let first = std::sync::OnceLock::<Instant>::new();
+                let count = AtomicU64::new(0);
                 let _sink = session
                     .machine(id.as_str(), "Sink")
-                    .handler(move |_: &Node, _ev: Envelope| {
-                        let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
-                        let first = *g.1.get_or_insert_with(Instant::now);
-                        g.0 += 1;
-                        if g.0 == n
+                    // A borrowed handler: events come straight from the read buffer.
+                    .handler_ref(move |_: &Node, ev: EventRef<'_>| {
+                        let t0 = *first.get_or_init(Instant::now);
+                        // Counts only well-formed events (like the raw sink counts whole frames).
+                        if ev
+                            .payload
+                            .as_msgpack()
+                            .is_none_or(|p| p.len() != PAYLOAD + 2)
+                        {
+                            return;
+                        }
+                        // One connection delivers every event in order: no read-modify-write needed.
+                        let c = count.load(Ordering::Relaxed) + 1;
+                        count.store(c, Ordering::Relaxed);
+                        if c == n
                             && let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take()
                         {
-                            let _ = tx.send(first.elapsed());
+                            let _ = tx.send(t0.elapsed());
                         }
                     })
                     .build()
@@ -144,7 +157,13 @@ async fn wait_stdin_eof() {
 }
 
 fn ipc_session(daemon: &Path, p2p: bool) -> AnyResult<(Session, IpcBus)> {
-    let cfg = IpcConfig::new(daemon);
+    let mut cfg = IpcConfig::new(daemon);
+    if let Some(kib) = std::env::var("BENCH_OUTBOX_KIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        cfg.outbox_limit = kib * 1024;
+    }
     let bus = IpcBus::connect(if p2p { cfg.peer_to_peer() } else { cfg })?;
     let s = switchyard::builder().ipc(&bus).build()?;
     Ok((s, bus))
@@ -254,7 +273,8 @@ async fn ipc_throughput(
             ("N", n.to_string()),
         ],
     )?;
-    let payload = ByteBuf::from(vec![0xa5u8; PAYLOAD]);
+    // The same constant bytes every time, as the raw source writes one constant frame.
+    let payload = serde_bytes::Bytes::new(&PAYLOAD_BYTES);
     let to = MachineId::from(id.as_str());
     let event: Arc<str> = "EVENT".into();
     let t = Instant::now();
@@ -263,15 +283,13 @@ async fn ipc_throughput(
         while left > 0 {
             let k = left.min(batch as u64);
             sender
-                .send_batch(to.clone(), (0..k).map(|_| (event.clone(), payload.clone())))
+                .send_batch(to.clone(), (0..k).map(|_| ("EVENT", payload)))
                 .await?;
             left -= k;
         }
     } else {
         for _ in 0..n {
-            sender
-                .send(to.clone(), event.clone(), payload.clone())
-                .await?;
+            sender.send(to.clone(), event.clone(), payload).await?;
         }
     }
     let sent = t.elapsed();

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::{Address, MachineId};
 use crate::error::{Error, Result};
-use crate::payload::Payload;
+use crate::payload::{Payload, PayloadRef};
 
 /// Microseconds since the Unix epoch, from the precise clock.
 pub fn now_micros() -> u64 {
@@ -240,5 +240,68 @@ mod bytes_as_bin {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
         let v: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
         Ok(Bytes::from(v.into_vec()))
+    }
+}
+
+/// A received event borrowed from where it arrived: what a borrowed handler
+/// ([`crate::MachineBuilder::handler_ref`]) sees.
+///
+/// A transport that reads frames (ipc) hands these out straight from its read
+/// buffer: no allocation, no copy of the payload. Every other delivery borrows
+/// the [`Envelope`] it has. Call [`EventRef::to_envelope`] to keep one.
+#[derive(Clone, Copy, Debug)]
+pub struct EventRef<'a> {
+    /// Unique per sending session.
+    pub id: u64,
+    /// The sending machine.
+    pub source: &'a str,
+    /// The event name.
+    pub event: &'a str,
+    /// The data.
+    pub payload: PayloadRef<'a>,
+    /// Correlation, reply-to, timing, priority, expiry.
+    pub headers: &'a Headers,
+    /// Name of the transport that delivered it.
+    pub carried_by: Option<&'static str>,
+}
+
+impl<'a> EventRef<'a> {
+    /// Borrows an envelope.
+    pub fn of(env: &'a Envelope) -> EventRef<'a> {
+        EventRef {
+            id: env.id,
+            source: env.source.as_str(),
+            event: &env.event,
+            payload: env.payload.view(),
+            headers: &env.headers,
+            carried_by: env.carried_by,
+        }
+    }
+
+    /// The event name.
+    pub fn name(&self) -> &'a str {
+        self.event
+    }
+
+    /// Reads the payload as a `T`, whichever transport carried it.
+    pub fn data<T: DeserializeOwned + Clone + 'static>(&self) -> Result<T> {
+        match self.payload.get_ref::<T>() {
+            Some(t) => Ok(t.clone()),
+            None => self.payload.read(),
+        }
+    }
+
+    /// An owned envelope addressed to `target` (the payload's bytes are copied).
+    pub fn to_envelope(&self, target: Address) -> Result<Envelope> {
+        let mut env = Envelope::with_headers(
+            self.id,
+            self.source.into(),
+            target,
+            self.event.into(),
+            self.payload.to_payload()?,
+            self.headers.clone(),
+        );
+        env.carried_by = self.carried_by;
+        Ok(env)
     }
 }

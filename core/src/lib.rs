@@ -8,6 +8,7 @@
 //! Transports live in their own crates; `switchyard-selector` picks one per send by location.
 
 pub mod address;
+pub mod batch;
 pub mod envelope;
 pub mod error;
 pub mod location;
@@ -19,14 +20,15 @@ pub mod topic;
 pub mod transport;
 
 pub use address::{Address, MachineId};
-pub use envelope::{Envelope, EnvelopeData, Headers};
+pub use batch::{Outgoing, OutgoingRef};
+pub use envelope::{Envelope, EnvelopeData, EventRef, Headers};
 pub use error::{Error, Result};
 pub use location::Location;
 pub use node::{
     Balance, Delayed, FullPolicy, Handler, Inbox, MachineBuilder, MailboxConfig, Node, NodeStats,
     SubscribeOptions, SubscriptionHandle,
 };
-pub use payload::Payload;
+pub use payload::{LocalValue, Payload, PayloadRef};
 pub use registry::{LocalRegistry, MachineEntry, Registry, RegistryEvent, glob_matches};
 pub use session::{ContextId, Route, Router, Session, SessionBuilder};
 pub use topic::TopicPattern;

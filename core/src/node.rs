@@ -14,7 +14,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::address::{Address, MachineId};
-use crate::envelope::{Envelope, coarse_now_micros};
+use crate::batch::ValueBatch;
+use crate::envelope::{Envelope, EventRef, coarse_now_micros};
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::payload::Payload;
@@ -66,6 +67,7 @@ pub enum Balance {
 }
 
 type SyncFn = dyn Fn(&Node, Envelope) + Send + Sync;
+type RefFn = dyn Fn(&Node, EventRef<'_>) + Send + Sync;
 type AsyncFn = dyn Fn(Node, Envelope) -> BoxFuture<'static, ()> + Send + Sync;
 
 /// A machine's event handler: synchronous (runs inline where the transport allows) or async.
@@ -75,6 +77,9 @@ pub enum Handler {
     Sync(Arc<SyncFn>),
     /// May await; sends with [`Node::send`].
     Async(Arc<AsyncFn>),
+    /// Runs to completion on an event borrowed from where it arrived (no copy where the
+    /// transport can avoid one); see [`MachineBuilder::handler_ref`].
+    Ref(Arc<RefFn>),
 }
 
 /// Counters of one machine.
@@ -162,6 +167,24 @@ impl Inbox {
         self.0.0.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether the handler takes borrowed events, so a transport may call [`Inbox::deliver_ref`].
+    pub fn takes_refs(&self) -> bool {
+        matches!(self.0.0.handler, Some(Handler::Ref(_)))
+    }
+
+    /// Runs a borrowed handler on `ev` without building an envelope; `false` (nothing done)
+    /// when the handler is of another kind or `ev` is a reply or has an expiry, which need
+    /// the envelope path ([`Inbox::deliver_sync`]).
+    pub fn deliver_ref(&self, ev: EventRef<'_>) -> bool {
+        match &self.0.0.handler {
+            Some(Handler::Ref(h)) if !ev.headers.is_reply && ev.headers.expires_at_us.is_none() => {
+                run_ref(&self.0, h, ev);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Delivers without awaiting if the handler is synchronous; otherwise gives the envelope back.
     pub fn deliver_sync(&self, env: Envelope) -> std::result::Result<(), Envelope> {
         match &self.0.0.handler {
@@ -169,6 +192,12 @@ impl Inbox {
             Some(Handler::Sync(h)) => {
                 if let Some(env) = self.0.0.accept(env) {
                     run_sync(&self.0, h, env);
+                }
+                Ok(())
+            }
+            Some(Handler::Ref(h)) => {
+                if let Some(env) = self.0.0.accept(env) {
+                    run_ref(&self.0, h, EventRef::of(&env));
                 }
                 Ok(())
             }
@@ -188,6 +217,7 @@ impl Inbox {
         };
         match &self.0.0.handler {
             Some(Handler::Sync(h)) => run_sync(&self.0, h, env),
+            Some(Handler::Ref(h)) => run_ref(&self.0, h, EventRef::of(&env)),
             Some(Handler::Async(h)) => {
                 let fut = h(self.0.clone(), env);
                 if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
@@ -230,11 +260,25 @@ impl NodeInner {
 }
 
 fn run_sync(node: &Node, h: &Arc<SyncFn>, env: Envelope) {
-    if std::panic::catch_unwind(AssertUnwindSafe(|| h(node, env))).is_err() {
+    handled(
+        node,
+        std::panic::catch_unwind(AssertUnwindSafe(|| h(node, env))).is_ok(),
+    );
+}
+
+fn run_ref(node: &Node, h: &Arc<RefFn>, ev: EventRef<'_>) {
+    handled(
+        node,
+        std::panic::catch_unwind(AssertUnwindSafe(|| h(node, ev))).is_ok(),
+    );
+}
+
+fn handled(node: &Node, ok: bool) {
+    if ok {
+        node.0.handled.fetch_add(1, Ordering::Relaxed);
+    } else {
         node.0.dropped.fetch_add(1, Ordering::Relaxed);
         tracing::error!(machine = %node.0.entry.id, "event handler panicked; the machine keeps running");
-    } else {
-        node.0.handled.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -303,6 +347,16 @@ impl MachineBuilder {
     /// A synchronous handler.
     pub fn handler<F: Fn(&Node, Envelope) + Send + Sync + 'static>(mut self, f: F) -> Self {
         self.handler = Some(Handler::Sync(Arc::new(f)));
+        self
+    }
+    /// A synchronous handler on borrowed events: the fastest way to receive.
+    ///
+    /// Where the transport reads frames (ipc) the event is handed over straight from
+    /// its read buffer, with no allocation and no copy of the payload; elsewhere it
+    /// borrows the envelope. Replies to [`Node::request`] still complete their
+    /// request as usual. Use [`EventRef::to_envelope`] to keep an event.
+    pub fn handler_ref<F: Fn(&Node, EventRef<'_>) + Send + Sync + 'static>(mut self, f: F) -> Self {
+        self.handler = Some(Handler::Ref(Arc::new(f)));
         self
     }
     /// An async handler.
@@ -556,23 +610,27 @@ impl Node {
     /// the returned count says how many were sent when it succeeds.
     pub async fn send_batch<E, P, I>(&self, to: impl Into<MachineId>, events: I) -> Result<usize>
     where
-        E: Into<Arc<str>>,
+        E: AsRef<str> + Into<Arc<str>> + Send,
         P: Serialize + Send + Sync + 'static,
         I: IntoIterator<Item = (E, P)>,
     {
         let to = to.into();
         self.check_open()?;
         self.check_link(&to)?;
-        let mut envs: VecDeque<Envelope> = events
-            .into_iter()
-            .map(|(event, payload)| self.envelope(Address::Machine(to.clone()), event, payload))
-            .collect();
-        let n = envs.len();
+        let items: VecDeque<(E, P)> = events.into_iter().collect();
+        let n = items.len();
         if n == 0 {
             return Ok(0);
         }
         let route = self.route_to(&to).await?;
-        route.send_batch(&to, &mut envs).await?;
+        let mut batch = ValueBatch::new(
+            self.id().clone(),
+            Address::Machine(to.clone()),
+            coarse_now_micros(),
+            self.0.session.next_ids(n as u64),
+            items,
+        );
+        route.send_batch(&to, &mut batch).await?;
         Ok(n)
     }
 

@@ -139,3 +139,107 @@ impl Payload {
         }
     }
 }
+
+/// A payload borrowed from an envelope, a frame or a batch: what borrowed handlers and encoders see.
+#[derive(Clone, Copy)]
+pub enum PayloadRef<'a> {
+    /// No data.
+    Empty,
+    /// A value in this process.
+    Value(&'a dyn LocalValue),
+    /// MessagePack bytes, e.g. straight from a transport's read buffer.
+    Encoded(&'a [u8]),
+}
+
+impl fmt::Debug for PayloadRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PayloadRef::Empty => f.write_str("Empty"),
+            PayloadRef::Value(_) => f.write_str("Value(..)"),
+            PayloadRef::Encoded(b) => write!(f, "Encoded({} bytes)", b.len()),
+        }
+    }
+}
+
+impl<'a> PayloadRef<'a> {
+    /// Borrows a value to be sent; `()` is [`PayloadRef::Empty`], as with [`Payload::new`].
+    pub fn of<T: Serialize + Send + Sync + 'static>(value: &'a T) -> PayloadRef<'a> {
+        if TypeId::of::<T>() == TypeId::of::<()>() {
+            PayloadRef::Empty
+        } else {
+            PayloadRef::Value(value)
+        }
+    }
+
+    /// Whether there is no data.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, PayloadRef::Empty)
+    }
+
+    /// The MessagePack bytes when that is what is held (no encoding, no copy).
+    pub fn as_msgpack(&self) -> Option<&'a [u8]> {
+        match self {
+            PayloadRef::Empty => Some(MSGPACK_NIL),
+            PayloadRef::Encoded(b) => Some(b),
+            PayloadRef::Value(_) => None,
+        }
+    }
+
+    /// Borrows the in-process value if it is exactly a `T`.
+    pub fn get_ref<T: 'static>(&self) -> Option<&'a T> {
+        match self {
+            PayloadRef::Value(v) => v.as_any().downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+
+    /// Reads the payload as a `T`, as [`Payload::read`] does.
+    pub fn read<T: DeserializeOwned + 'static>(&self) -> Result<T> {
+        let decode = |bytes: &[u8]| {
+            rmp_serde::from_slice::<T>(bytes).map_err(|e| Error::PayloadType {
+                expected: std::any::type_name::<T>(),
+                reason: e.to_string(),
+            })
+        };
+        match self {
+            PayloadRef::Empty => decode(MSGPACK_NIL),
+            PayloadRef::Encoded(b) => decode(b),
+            PayloadRef::Value(v) => decode(&v.encode()?),
+        }
+    }
+
+    /// Appends the MessagePack encoding to `buf`.
+    pub fn write_msgpack(&self, buf: &mut Vec<u8>) -> Result<()> {
+        match self {
+            PayloadRef::Empty => {
+                buf.extend_from_slice(MSGPACK_NIL);
+                Ok(())
+            }
+            PayloadRef::Encoded(b) => {
+                buf.extend_from_slice(b);
+                Ok(())
+            }
+            PayloadRef::Value(v) => v.encode_into(buf),
+        }
+    }
+
+    /// An owned payload: bytes are copied, a borrowed value is encoded.
+    pub fn to_payload(&self) -> Result<Payload> {
+        Ok(match self {
+            PayloadRef::Empty => Payload::Empty,
+            PayloadRef::Encoded(b) => Payload::Encoded(Bytes::copy_from_slice(b)),
+            PayloadRef::Value(v) => Payload::Encoded(Bytes::from(v.encode()?)),
+        })
+    }
+}
+
+impl Payload {
+    /// Borrows the payload.
+    pub fn view(&self) -> PayloadRef<'_> {
+        match self {
+            Payload::Empty => PayloadRef::Empty,
+            Payload::Value(v) => PayloadRef::Value(&**v),
+            Payload::Encoded(b) => PayloadRef::Encoded(b),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Sessions: isolated universes of machines, with their own registry, fabric and transports.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::address::MachineId;
+use crate::batch::Outgoing;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::location::Location;
@@ -144,7 +145,7 @@ impl Route {
     pub async fn send_batch(
         &self,
         to: &MachineId,
-        envs: &mut VecDeque<Envelope>,
+        envs: &mut dyn Outgoing,
     ) -> Result<&'static str> {
         let n = self.transports.len();
         for (i, t) in self.transports.iter().enumerate() {
@@ -339,6 +340,10 @@ fn link_key(a: &MachineId, b: &MachineId) -> (MachineId, MachineId) {
 impl SessionInner {
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+    /// Reserves `n` consecutive ids; returns the first.
+    pub(crate) fn next_ids(&self, n: u64) -> u64 {
+        self.next_id.fetch_add(n, Ordering::Relaxed)
     }
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)

@@ -1,13 +1,13 @@
 //! The one object-safe `Transport` trait every transport crate implements, and what it can do as data.
 
 use std::any::Any;
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::address::MachineId;
+use crate::batch::Outgoing;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::location::Location;
@@ -154,14 +154,14 @@ pub trait Transport: Send + Sync {
     /// Sends to one machine.
     async fn send(&self, to: &MachineId, env: Envelope) -> Result<()>;
 
-    /// Sends envelopes to one machine in order, taking them from the front of `envs`.
+    /// Sends events to one machine in order, taking them from the front of `envs`.
     ///
-    /// On error the envelope that failed and those after it are still in `envs`,
+    /// On error the event that failed and those after it are still in `envs`,
     /// so a caller can fall back to another transport without losing or
     /// repeating any. Transports that can take a batch at once (one lock, one
     /// wake-up of their writer) override this; the default sends one by one.
-    async fn send_batch(&self, to: &MachineId, envs: &mut VecDeque<Envelope>) -> Result<()> {
-        while let Some(env) = envs.pop_front() {
+    async fn send_batch(&self, to: &MachineId, envs: &mut dyn Outgoing) -> Result<()> {
+        while let Some(env) = envs.pop() {
             match self.try_send(to, env) {
                 TrySend::Done(r) => r?,
                 TrySend::Retry(e, back) => {

@@ -234,6 +234,7 @@ macro_rules! conformance_suite {
             full_mailbox_policies,
             expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
             fifo_per_sender_receiver, send_batch_delivers_in_order, rejoined_id_gets_the_new_events,
+            borrowed_handler_sees_every_kind_of_event,
             reentrant_bounce_runs_to_completion);
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
@@ -1258,6 +1259,119 @@ pub async fn send_batch_delivers_in_order(fx: Fixture) {
     }
     let err = a.send_batch("nobody", [("X", 1u8)]).await.unwrap_err();
     assert!(matches!(err, Error::UnknownTarget(_)), "{err}");
+}
+
+/// What a borrowed handler saw of one event, copied out.
+#[derive(Debug)]
+struct Seen {
+    id: u64,
+    source: String,
+    event: String,
+    u32_data: Option<u32>,
+    nested: Option<Nested>,
+    carried_by: Option<&'static str>,
+}
+
+/// A `handler_ref` machine gets what a `handler` machine would: plain sends and batches
+/// (read in place where the transport can), expiring events, requests it answers, and
+/// replies to its own requests, with ids, sources, names, payloads and the carrier intact.
+pub async fn borrowed_handler_sees_every_kind_of_event(fx: Fixture) {
+    let w = fx.world();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
+    let b = w
+        .machine("b", "T")
+        .handler_ref(move |node, ev| {
+            if ev.name() == "ASK" {
+                let req = ev
+                    .to_envelope(switchyard::Address::Machine(node.id().clone()))
+                    .expect("owned copy");
+                node.post_reply(&req, "ANSWER", ev.data::<u32>().expect("u32") + 1)
+                    .expect("reply accepted");
+            }
+            let _ = tx.send(Seen {
+                id: ev.id,
+                source: ev.source.to_string(),
+                event: ev.event.to_string(),
+                u32_data: ev.data::<u32>().ok(),
+                nested: ev.payload.read::<Nested>().ok(),
+                carried_by: ev.carried_by,
+            });
+        })
+        .build()
+        .await
+        .unwrap();
+    let (a, _) = w.recorder("a", "T").await;
+    let nested = Nested {
+        id: 7,
+        name: "n".into(),
+        inner: Inner {
+            tags: vec!["x".into()],
+            score: Some(0.5),
+        },
+        map: BTreeMap::from([("k".to_string(), 1)]),
+        blob: vec![0, 255, 7],
+    };
+    let first = a.envelope(switchyard::Address::Machine(b.id().clone()), "ONE", 1u32);
+    let first_id = first.id;
+    a.send_envelope(b.id(), first).await.unwrap();
+    a.send("b", "NESTED", nested.clone()).await.unwrap();
+    a.send_batch("b", (10..110u32).map(|i| ("SEQ", i)))
+        .await
+        .unwrap();
+    let mut stale = a.envelope(switchyard::Address::Machine(b.id().clone()), "STALE", ());
+    stale.headers.expires_at_us = Some(1);
+    a.send_envelope(b.id(), stale).await.unwrap();
+    let fresh = a
+        .envelope(switchyard::Address::Machine(b.id().clone()), "FRESH", 5u32)
+        .with_ttl(Duration::from_secs(60));
+    a.send_envelope(b.id(), fresh).await.unwrap();
+    let answer = a.request("b", "ASK", 41u32, WAIT).await.unwrap();
+    assert_eq!(answer.data::<u32>().unwrap(), 42);
+
+    let mut got = Vec::new();
+    while got.len() < 104 {
+        got.push(rx.recv().await.expect("b is alive"));
+    }
+    for s in &got {
+        assert_eq!(s.source, "a");
+        assert_eq!(s.carried_by, Some(w.fx.transport), "{} carried by", s.event);
+    }
+    assert_eq!(
+        (got[0].id, got[0].event.as_str(), got[0].u32_data),
+        (first_id, "ONE", Some(1))
+    );
+    assert_eq!(got[1].event, "NESTED");
+    assert_eq!(
+        got[1].nested.as_ref(),
+        Some(&nested),
+        "a struct payload reads back"
+    );
+    let seq: Vec<u32> = got[2..102].iter().map(|s| s.u32_data.unwrap()).collect();
+    assert_eq!(seq, (10..110).collect::<Vec<_>>(), "the batch, in order");
+    assert!(got[2..102].iter().all(|s| s.event == "SEQ"));
+    let ids: HashSet<u64> = got.iter().map(|s| s.id).collect();
+    assert_eq!(ids.len(), got.len(), "every event keeps its own id");
+    assert_eq!(
+        (got[102].event.as_str(), got[102].u32_data),
+        ("FRESH", Some(5)),
+        "the expired event is dropped, the fresh one delivered"
+    );
+    assert_eq!(
+        (got[103].event.as_str(), got[103].u32_data),
+        ("ASK", Some(41))
+    );
+    assert_eq!(b.stats().expired, 1);
+
+    // A borrowed handler's own requests still complete with their replies.
+    let (_calc, _) = w.ponger("calc", "Calc").await;
+    let pong = b.request("calc", "PING", 9u32, WAIT).await.unwrap();
+    assert_eq!((pong.name(), pong.data::<u32>().unwrap()), ("PONG", 9));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), rx.recv())
+            .await
+            .is_err(),
+        "the reply completed the request instead of reaching the handler"
+    );
 }
 
 /// A machine closed and built again under the same id gets what is sent after it came

@@ -14,7 +14,8 @@ use std::time::Duration;
 use interprocess::local_socket::tokio::Stream;
 use rustc_hash::FxHashMap;
 use switchyard_core::{
-    Envelope, Error, Filter, Inbox, MachineEntry, MachineId, RegistryEvent, Result, TopicPattern,
+    Envelope, Error, EventRef, Filter, Inbox, MachineEntry, MachineId, PayloadRef, RegistryEvent,
+    Result, TopicPattern,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -74,17 +75,14 @@ pub(crate) struct Local {
 pub(crate) struct Inbound {
     pub(crate) names: crate::codec::Interner,
     last: Option<(Arc<str>, u64, Target)>,
+    /// Delivered through borrowed views and not yet added to `Local::delivered`.
+    delivered: u64,
 }
 
 impl Inbound {
-    /// Delivers to the machine named by `to` (UTF-8 checked here), without a map lookup while
-    /// `to` repeats; `Ok(false)` when it is not bound here.
-    pub(crate) async fn deliver_to(
-        &mut self,
-        local: &Local,
-        to: &[u8],
-        env: Envelope,
-    ) -> std::result::Result<bool, IpcError> {
+    /// Points the target cache at the machine named by `to` (UTF-8 checked here), without a
+    /// map lookup while `to` repeats.
+    fn refresh(&mut self, local: &Local, to: &[u8]) -> std::result::Result<(), IpcError> {
         let generation = local.generation.load(Ordering::Acquire);
         let fresh = matches!(&self.last, Some((name, g, _)) if *g == generation && crate::codec::same(name.as_bytes(), to));
         if !fresh {
@@ -94,6 +92,74 @@ impl Inbound {
                 .target(name)
                 .map(|t| (Arc::<str>::from(name), generation, t));
         }
+        Ok(())
+    }
+
+    /// Hands the body of a `SEND` frame to a borrowed handler straight from the read buffer
+    /// (no envelope, no copy) when it is a plain event in this crate's own layout for a
+    /// machine bound here with such a handler; `false` (nothing done) otherwise, and the
+    /// caller takes the general path, which also reports whatever is wrong with the frame.
+    pub(crate) fn try_deliver_view(&mut self, local: &Local, body: &[u8]) -> bool {
+        let Some((to, bytes)) = crate::codec::send_target(body) else {
+            return false;
+        };
+        if self.refresh(local, to).is_err() {
+            return false;
+        }
+        let Some((_, _, t)) = &self.last else {
+            return false;
+        };
+        if t.queue.is_some() || !t.inbox.takes_refs() {
+            return false;
+        }
+        let Some(v) = crate::codec::canonical_view(bytes, to, &mut self.names) else {
+            return false;
+        };
+        let ev = EventRef {
+            id: v.id,
+            source: v.source,
+            event: v.event,
+            payload: PayloadRef::Encoded(v.payload),
+            headers: &v.headers,
+            carried_by: Some(NAME),
+        };
+        if t.inbox.deliver_ref(ev) {
+            self.delivered += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Adds the events [`Inbound::try_deliver_view`] delivered to the transport's counter.
+    pub(crate) fn flush_counts(&mut self, local: &Local) {
+        if self.delivered > 0 {
+            local
+                .delivered
+                .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+        }
+    }
+
+    /// Delivers the envelope bytes of a `SEND` frame to the machine named by `to`; `Ok(false)`
+    /// when it is not bound here.
+    pub(crate) async fn deliver_bytes(
+        &mut self,
+        local: &Local,
+        to: &[u8],
+        bytes: &[u8],
+    ) -> std::result::Result<bool, IpcError> {
+        let env = crate::codec::decode_envelope_with(bytes, &mut self.names)
+            .map_err(|e| IpcError::Malformed(format!("envelope: {e}")))?;
+        self.deliver_to(local, to, env).await
+    }
+
+    /// Delivers to the machine named by `to`; `Ok(false)` when it is not bound here.
+    pub(crate) async fn deliver_to(
+        &mut self,
+        local: &Local,
+        to: &[u8],
+        env: Envelope,
+    ) -> std::result::Result<bool, IpcError> {
+        self.refresh(local, to)?;
         match &self.last {
             Some((_, _, t)) => {
                 // A synchronous handler runs right here, without building the async delivery.
@@ -572,10 +638,12 @@ impl Client {
     ) -> std::result::Result<(), IpcError> {
         let mut inbound = Inbound::default();
         loop {
-            while let Some(f) = rd.next_frame()? {
-                let bytes = rd.bytes(&f);
-                self.handle(&mut inbound, f.kind, &bytes[HEADER_LEN..])
-                    .await?;
+            loop {
+                rd.take_sends(|body| inbound.try_deliver_view(&self.local, body));
+                inbound.flush_counts(&self.local);
+                let Some(f) = rd.next_frame()? else { break };
+                let body = &rd.bytes(&f)[HEADER_LEN..];
+                self.handle(&mut inbound, f.kind, body).await?;
                 rd.consume(&f);
             }
             tokio::select! {
@@ -595,8 +663,7 @@ impl Client {
             kind::SEND => {
                 let mut b = Body::array(body, 2)?;
                 let to = b.raw_str()?;
-                let env = b.envelope_with(&mut inbound.names)?;
-                if !inbound.deliver_to(&self.local, to, env).await? {
+                if !inbound.deliver_bytes(&self.local, to, b.rest()).await? {
                     tracing::debug!(
                         machine = %String::from_utf8_lossy(to),
                         "event for a machine no longer bound here; dropped"

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rmp::Marker;
-use switchyard_core::{Address, Envelope, Error, Headers, MachineId, Payload, Result};
+use switchyard_core::{
+    Address, Envelope, Error, Headers, MachineId, OutgoingRef, Payload, PayloadRef, Result,
+};
 
 fn enc(e: impl std::fmt::Display) -> Error {
     Error::Encode(e.to_string())
@@ -20,7 +22,7 @@ fn enc(e: impl std::fmt::Display) -> Error {
 
 /// Appends a MessagePack string (the shortest header, as rmp writes it).
 #[inline]
-fn put_str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
+pub(crate) fn put_str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
     let n = s.len();
     if n < 32 {
         buf.push(0xa0 | n as u8);
@@ -68,10 +70,15 @@ fn variant(a: &Address) -> (&'static [u8], &str) {
 }
 
 /// Writes the envelope map exactly as `Envelope::encode` (rmp-serde, named fields) does.
+pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
+    write_event(buf, &OutgoingRef::of(env))
+}
+
+/// Writes the envelope map of a borrowed event, byte for byte as [`write_envelope`] would.
 ///
 /// The keys are constants, so they are copied as ready-made MessagePack bytes.
-pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
-    let (v, target) = variant(&env.target);
+pub fn write_event(buf: &mut Vec<u8>, env: &OutgoingRef<'_>) -> Result<()> {
+    let (v, target) = variant(env.target);
     buf.reserve(96 + env.source.as_str().len() + target.len() + env.event.len());
     buf.extend_from_slice(b"\x86\xa2id");
     put_uint(buf, env.id);
@@ -81,10 +88,18 @@ pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
     buf.extend_from_slice(v);
     put_str(buf, target)?;
     buf.extend_from_slice(b"\xa5event");
-    put_str(buf, &env.event)?;
+    put_str(buf, env.event)?;
     buf.extend_from_slice(b"\xa7payload");
-    match &env.payload {
-        Payload::Encoded(b) => rmp::encode::write_bin(buf, b).map_err(enc)?,
+    write_payload(buf, &env.payload)?;
+    buf.extend_from_slice(b"\xa7headers");
+    write_headers(buf, env.headers)
+}
+
+/// The payload as MessagePack binary data holding its MessagePack encoding.
+#[inline]
+fn write_payload(buf: &mut Vec<u8>, payload: &PayloadRef<'_>) -> Result<()> {
+    match payload {
+        PayloadRef::Encoded(b) => put_bin(buf, b)?,
         other => {
             // Encode in place behind a bin8 header, widened afterwards when the value is bigger.
             let start = buf.len();
@@ -103,8 +118,127 @@ pub fn write_envelope(buf: &mut Vec<u8>, env: &Envelope) -> Result<()> {
             }
         }
     }
-    buf.extend_from_slice(b"\xa7headers");
-    write_headers(buf, &env.headers)
+    Ok(())
+}
+
+/// Writes `SEND` frames for a run of events, reusing the bytes consecutive events share.
+///
+/// In a batch the target, the source and the headers (only the send time) are
+/// the same from one event to the next, so the frame is three cached segments
+/// around the id, the event name and the payload. Output is byte-identical to
+/// [`crate::frame::write_send`]; an event that does not fit the pattern is
+/// written the general way.
+#[derive(Default)]
+pub(crate) struct SendEncoder {
+    /// `[0x92, to, {0x86, "id"}]` for `to`.
+    head: Vec<u8>,
+    to: Vec<u8>,
+    /// `"source" src "target" {"Machine": tgt} "event"` for `(src, tgt)`.
+    mid: Vec<u8>,
+    src: Vec<u8>,
+    tgt: Vec<u8>,
+    /// `"payload"`, then after the payload `"headers" {"sent_at_us": t}` for `t`.
+    tail: Vec<u8>,
+    sent_at: Option<u64>,
+}
+
+impl SendEncoder {
+    /// Appends one `SEND` frame `[to, envelope]`, as `frame::write_send` would.
+    pub(crate) fn write(
+        &mut self,
+        buf: &mut Vec<u8>,
+        max: usize,
+        to: &str,
+        ev: &OutgoingRef<'_>,
+    ) -> Result<()> {
+        let h = ev.headers;
+        let plain = h.correlation_id.is_none()
+            && h.reply_to.is_none()
+            && !h.is_reply
+            && h.priority == 0
+            && h.expires_at_us.is_none();
+        let Address::Machine(tgt) = ev.target else {
+            return crate::frame::write_send_event(buf, max, to, ev);
+        };
+        if !plain {
+            return crate::frame::write_send_event(buf, max, to, ev);
+        }
+        if !same(&self.to, to.as_bytes()) || self.head.is_empty() {
+            self.head.clear();
+            self.head.push(0x92);
+            put_str(&mut self.head, to)?;
+            self.head.extend_from_slice(b"\x86\xa2id");
+            self.to.clear();
+            self.to.extend_from_slice(to.as_bytes());
+        }
+        let src = ev.source.as_str().as_bytes();
+        if !same(&self.src, src) || !same(&self.tgt, tgt.as_str().as_bytes()) || self.mid.is_empty()
+        {
+            self.mid.clear();
+            self.mid.extend_from_slice(b"\xa6source");
+            put_str(&mut self.mid, ev.source.as_str())?;
+            self.mid.extend_from_slice(b"\xa6target\x81\xa7Machine");
+            put_str(&mut self.mid, tgt.as_str())?;
+            self.mid.extend_from_slice(b"\xa5event");
+            self.src.clear();
+            self.src.extend_from_slice(src);
+            self.tgt.clear();
+            self.tgt.extend_from_slice(tgt.as_str().as_bytes());
+        }
+        if self.sent_at != Some(h.sent_at_us) {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(b"\xa7headers\x81\xaasent_at_us");
+            put_uint(&mut self.tail, h.sent_at_us);
+            self.sent_at = Some(h.sent_at_us);
+        }
+        let start = buf.len();
+        buf.reserve(
+            HEAD_ROOM + self.head.len() + self.mid.len() + ev.event.len() + self.tail.len(),
+        );
+        buf.extend_from_slice(&[0, 0, 0, 0, crate::frame::kind::SEND]);
+        buf.extend_from_slice(&self.head);
+        put_uint(buf, ev.id);
+        buf.extend_from_slice(&self.mid);
+        put_str(buf, ev.event)?;
+        buf.extend_from_slice(b"\xa7payload");
+        if let Err(e) = write_payload(buf, &ev.payload) {
+            buf.truncate(start);
+            return Err(e);
+        }
+        buf.extend_from_slice(&self.tail);
+        let len = buf.len() - start - 4;
+        if len > max {
+            buf.truncate(start);
+            return Err(Error::TooLarge {
+                transport: crate::NAME,
+                size: len,
+                limit: max,
+            });
+        }
+        buf[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+/// Room for the frame header, the id and the payload's own header.
+const HEAD_ROOM: usize = 32;
+
+/// Appends MessagePack binary data with its shortest header.
+#[inline]
+fn put_bin(buf: &mut Vec<u8>, b: &[u8]) -> Result<()> {
+    let n = b.len();
+    if n < 0x100 {
+        buf.extend_from_slice(&[0xc4, n as u8]);
+    } else if n < 0x1_0000 {
+        buf.push(0xc5);
+        buf.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        buf.push(0xc6);
+        buf.extend_from_slice(&u32::try_from(n).map_err(enc)?.to_be_bytes());
+    }
+    buf.extend_from_slice(b);
+    Ok(())
 }
 
 fn write_headers(buf: &mut Vec<u8>, h: &Headers) -> Result<()> {
@@ -282,6 +416,71 @@ fn intern(slot: &mut Option<Arc<str>>, raw: &[u8]) -> Option<Arc<str>> {
     Some(s)
 }
 
+/// Like [`intern`] but lends the string instead of sharing it: no reference count touched.
+fn intern_str<'n>(slot: &'n mut Option<Arc<str>>, raw: &[u8]) -> Option<&'n str> {
+    let hit = matches!(slot, Some(s) if same(s.as_bytes(), raw));
+    if !hit {
+        *slot = Some(std::str::from_utf8(raw).ok()?.into());
+    }
+    slot.as_deref()
+}
+
+/// Splits a `SEND` body `[to, envelope]` as this crate writes it (a short `to`); `None` otherwise.
+#[inline]
+pub(crate) fn send_target(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut r = Rd(body.strip_prefix(&[0x92])?);
+    let to = r.raw_str()?;
+    Some((to, r.0))
+}
+
+/// A plain event read in place from a frame: the fields a borrowed handler sees.
+pub(crate) struct View<'a> {
+    pub(crate) id: u64,
+    pub(crate) source: &'a str,
+    pub(crate) event: &'a str,
+    pub(crate) payload: &'a [u8],
+    pub(crate) headers: Headers,
+}
+
+/// Reads the exact layout [`write_envelope`] produces for a plain event to a machine (headers
+/// holding only the send time) without allocating; `None` means "take the envelope path",
+/// which also decides whether the bytes are valid at all.
+///
+/// `to` is the target named in the frame (already checked as UTF-8): the envelope must name
+/// the same machine.
+pub(crate) fn canonical_view<'a>(
+    bytes: &'a [u8],
+    to: &[u8],
+    names: &'a mut Interner,
+) -> Option<View<'a>> {
+    let Interner { source, event, .. } = names;
+    let mut r = Rd(bytes);
+    r.lit(b"\x86\xa2id")?;
+    let id = r.uint()?;
+    r.lit(b"\xa6source")?;
+    let source = intern_str(source, r.raw_str()?)?;
+    r.lit(b"\xa6target\x81\xa7Machine")?;
+    if !same(r.raw_str()?, to) {
+        return None;
+    }
+    r.lit(b"\xa5event")?;
+    let event = intern_str(event, r.raw_str()?)?;
+    r.lit(b"\xa7payload")?;
+    let payload = r.bin()?;
+    r.lit(b"\xa7headers\x81\xaasent_at_us")?;
+    let sent_at_us = r.uint()?;
+    Some(View {
+        id,
+        source,
+        event,
+        payload,
+        headers: Headers {
+            sent_at_us,
+            ..Headers::default()
+        },
+    })
+}
+
 impl Rd<'_> {
     /// Skips `lit` if the input starts with it.
     #[inline]
@@ -442,6 +641,50 @@ mod tests {
             write_envelope(&mut mine, &e).unwrap();
             assert_eq!(mine, e.encode().unwrap());
         }
+    }
+
+    #[test]
+    fn batch_encoder_is_byte_identical_to_write_send() {
+        // Repeats, then changes of target, source, send time and headers, in every order.
+        let mut envs = Vec::new();
+        for (i, (src, to, t)) in [
+            ("a", "b", 1),
+            ("a", "b", 1),
+            ("a", "c", 1),
+            ("z", "c", 1),
+            ("z", "c", 2),
+            ("a-much-longer-source-name-over-32", "b", 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut e = Envelope::new(
+                (i as u64) << (i * 9),
+                src.into(),
+                Address::Machine(to.into()),
+                "EV".into(),
+                Payload::new(vec![7u8; i * 60]),
+            );
+            e.headers.sent_at_us = t;
+            envs.push((to.to_string(), e));
+        }
+        for e in sample() {
+            envs.push(("b".to_string(), e.clone()));
+            envs.push(("b".to_string(), e));
+        }
+        let mut enc = SendEncoder::default();
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for (to, e) in &envs {
+            enc.write(&mut mine, usize::MAX, to, &OutgoingRef::of(e))
+                .unwrap();
+            crate::frame::write_send(&mut theirs, usize::MAX, to, e).unwrap();
+            assert_eq!(mine, theirs);
+        }
+        // Over the limit: an error and nothing written.
+        let before = mine.len();
+        let err = enc.write(&mut mine, 10, "b", &OutgoingRef::of(&envs[0].1));
+        assert!(matches!(err, Err(Error::TooLarge { .. })));
+        assert_eq!(mine.len(), before);
     }
 
     #[test]

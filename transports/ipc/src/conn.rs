@@ -201,16 +201,18 @@ impl Outbox {
         self.push_bytes(&tmp).await
     }
 
-    /// Appends envelopes from the front of `envs` as SEND frames to `to`, waiting for room
-    /// whenever the buffer reaches its bound; one lock and at most one writer wake-up per fill.
+    /// Appends events from the front of `envs` as SEND frames to `to`, encoded straight from
+    /// the caller's values, waiting for room whenever the buffer reaches its bound; one lock
+    /// and at most one writer wake-up per fill.
     ///
     /// On error (a frame over the size limit, a closed connection) the failing
-    /// envelope and those after it stay in `envs`.
+    /// event and those after it stay in `envs`.
     pub(crate) async fn push_batch(
         &self,
         to: &str,
-        envs: &mut std::collections::VecDeque<switchyard_core::Envelope>,
+        envs: &mut dyn switchyard_core::Outgoing,
     ) -> Result<()> {
+        let mut enc = crate::codec::SendEncoder::default();
         while !envs.is_empty() {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -219,12 +221,12 @@ impl Outbox {
             let limit = self.limit;
             let took = self.try_push(|b, max| {
                 while b.len() < limit {
-                    let Some(env) = envs.front() else { break };
-                    if let Err(e) = frame::write_send(b, max, to, env) {
+                    let Some(ev) = envs.front() else { break };
+                    if let Err(e) = enc.write(b, max, to, &ev) {
                         failed = Some(e);
                         break;
                     }
-                    envs.pop_front();
+                    envs.advance();
                 }
                 Ok(())
             })?;
@@ -370,6 +372,23 @@ impl FrameReader {
                 Ok(None)
             }
         }
+    }
+
+    /// Hands each complete `SEND` body already buffered to `take` while it returns `true`,
+    /// then drops those frames in one step; stops at the first frame of another kind or
+    /// one `take` declines, which [`FrameReader::next_frame`] then returns. Errors in a
+    /// frame header are left for `next_frame` to report.
+    pub(crate) fn take_sends(&mut self, mut take: impl FnMut(&[u8]) -> bool) {
+        let mut off = 0;
+        while let Ok(Some(f)) = frame::peek_frame(&self.buf[off..], self.max) {
+            if f.kind != frame::kind::SEND
+                || !take(&self.buf[off + frame::HEADER_LEN..off + f.total])
+            {
+                break;
+            }
+            off += f.total;
+        }
+        self.buf.advance(off);
     }
 
     /// The bytes of a frame returned by [`FrameReader::next_frame`] (header included).

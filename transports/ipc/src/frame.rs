@@ -7,7 +7,7 @@
 //! elements and forwards the frame without decoding the envelope.
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::{Envelope, Error, MachineEntry, MachineId, Result};
+use switchyard_core::{Envelope, Error, MachineEntry, MachineId, OutgoingRef, Result};
 
 use crate::error::IpcError;
 
@@ -310,10 +310,20 @@ pub fn write_array(buf: &mut Vec<u8>, n: u32) -> Result<()> {
 
 /// Appends a `SEND` frame `[to, envelope]`.
 pub fn write_send(buf: &mut Vec<u8>, max: usize, to: &str, env: &Envelope) -> Result<()> {
+    write_send_event(buf, max, to, &OutgoingRef::of(env))
+}
+
+/// Appends a `SEND` frame `[to, envelope]` for a borrowed event.
+pub fn write_send_event(
+    buf: &mut Vec<u8>,
+    max: usize,
+    to: &str,
+    ev: &OutgoingRef<'_>,
+) -> Result<()> {
     write_frame(buf, kind::SEND, max, |b| {
-        write_array(b, 2)?;
-        write_str(b, to)?;
-        write_envelope(b, env)
+        b.push(0x92);
+        crate::codec::put_str(b, to)?;
+        crate::codec::write_event(b, ev)
     })
 }
 

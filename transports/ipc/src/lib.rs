@@ -32,7 +32,6 @@
 //! same size ([`bench_support`] holds the raw baseline, for `switchyard bench` too).
 
 use std::any::Any;
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -42,8 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchyard_core::{
     Address, Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry,
-    MachineId, MessageOrdering, Registry, RegistryEvent, Result, Subscription, SubscriptionId,
-    TargetHandle, Transport, TransportHealth, TrySend,
+    MachineId, MessageOrdering, Outgoing, Registry, RegistryEvent, Result, Subscription,
+    SubscriptionId, TargetHandle, Transport, TransportHealth, TrySend,
 };
 use tokio::sync::broadcast;
 
@@ -478,7 +477,7 @@ impl Transport for IpcTransport {
         }
     }
 
-    async fn send_batch(&self, to: &MachineId, envs: &mut VecDeque<Envelope>) -> Result<()> {
+    async fn send_batch(&self, to: &MachineId, envs: &mut dyn Outgoing) -> Result<()> {
         self.check_open()?;
         let outbox = match &self.bus.p2p {
             Some(p) => match p.cached(to) {

@@ -248,16 +248,19 @@ async fn serve_peer(
     let r: std::result::Result<(), IpcError> = async {
         let mut inbound = Inbound::default();
         loop {
-            while let Some(f) = rd.next_frame()? {
+            loop {
+                rd.take_sends(|body| inbound.try_deliver_view(&local, body));
+                inbound.flush_counts(&local);
+                let Some(f) = rd.next_frame()? else { break };
                 let body = &rd.bytes(&f)[HEADER_LEN..];
                 if f.kind != kind::SEND {
                     return Err(IpcError::UnknownFrame(f.kind));
                 }
                 let mut b = Body::array(body, 2)?;
                 let to = b.raw_str()?;
-                let env = b.envelope_with(&mut inbound.names)?;
-                let id = env.id;
-                if !inbound.deliver_to(&local, to, env).await? {
+                if !inbound.deliver_bytes(&local, to, b.rest()).await? {
+                    // Rare: decode again just for the id the nack names.
+                    let id = b.envelope()?.id;
                     let to = String::from_utf8_lossy(to).into_owned();
                     let nack = frame::msg_frame(
                         kind::NACK,

@@ -6,7 +6,7 @@
 //! Payloads are handed over as they are, never serialized. Topics (with `*`/`#`
 //! patterns and content filters) and consumer groups are matched in memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use crossbeam_queue::ArrayQueue;
 use switchyard_core::{
     Address, Capabilities, DeliveryGuarantee, Envelope, Error, Filter, FullPolicy, Inbox, Location,
-    MachineEntry, MachineId, MessageOrdering, Result, Subscription, SubscriptionId, TargetHandle,
-    TopicPattern, Transport, TransportHealth, TrySend,
+    MachineEntry, MachineId, MessageOrdering, Outgoing, Result, Subscription, SubscriptionId,
+    TargetHandle, TopicPattern, Transport, TransportHealth, TrySend,
 };
 use tokio::sync::Notify;
 
@@ -92,9 +92,9 @@ impl Mailbox {
 
     /// Pushes a batch in order, waking the consumer once per run of queued envelopes
     /// instead of once per envelope; on error the failing envelope and the rest stay in `envs`.
-    async fn push_batch(&self, envs: &mut VecDeque<Envelope>) -> Result<()> {
+    async fn push_batch(&self, envs: &mut dyn Outgoing) -> Result<()> {
         let mut queued = false;
-        while let Some(mut env) = envs.pop_front() {
+        while let Some(mut env) = envs.pop() {
             env.carried_by = Some(NAME);
             match self.push_quiet(env) {
                 Push::Queued => queued = true,
@@ -415,7 +415,7 @@ impl Transport for MemoryTransport {
         mb.push(env).await
     }
 
-    async fn send_batch(&self, to: &MachineId, envs: &mut VecDeque<Envelope>) -> Result<()> {
+    async fn send_batch(&self, to: &MachineId, envs: &mut dyn Outgoing) -> Result<()> {
         if envs.is_empty() {
             return Ok(());
         }

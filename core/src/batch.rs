@@ -1,0 +1,216 @@
+//! Batches of events to one machine, taken by transports either as envelopes or encoded in place.
+//!
+//! [`crate::Node::send_batch`] does not wrap each event in an [`Envelope`]:
+//! a transport that writes frames (ipc) encodes every event straight from the
+//! caller's value through [`Outgoing::front`], and in-process transports take
+//! envelopes built on demand with [`Outgoing::pop`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::address::{Address, MachineId};
+use crate::envelope::{Envelope, Headers};
+use crate::payload::{Payload, PayloadRef};
+
+/// The next event of a batch, borrowed, with every envelope field a wire encoder needs.
+#[derive(Clone, Copy, Debug)]
+pub struct OutgoingRef<'a> {
+    /// Unique per sending session.
+    pub id: u64,
+    /// The sending machine.
+    pub source: &'a MachineId,
+    /// Where it goes.
+    pub target: &'a Address,
+    /// The event name.
+    pub event: &'a str,
+    /// The data.
+    pub payload: PayloadRef<'a>,
+    /// Correlation, reply-to, timing, priority, expiry.
+    pub headers: &'a Headers,
+}
+
+impl<'a> OutgoingRef<'a> {
+    /// Borrows an envelope.
+    pub fn of(env: &'a Envelope) -> OutgoingRef<'a> {
+        OutgoingRef {
+            id: env.id,
+            source: &env.source,
+            target: &env.target,
+            event: &env.event,
+            payload: env.payload.view(),
+            headers: &env.headers,
+        }
+    }
+}
+
+/// Events on their way to one machine, in order; a transport takes them from the front.
+///
+/// Whatever a transport has not taken stays, so the caller can hand the rest to
+/// another transport without losing or repeating any.
+pub trait Outgoing: Send {
+    /// How many events are left.
+    fn len(&self) -> usize;
+    /// Whether none are left.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The next event, borrowed, for a transport that encodes it; take it with [`Outgoing::advance`].
+    fn front(&self) -> Option<OutgoingRef<'_>>;
+    /// Drops the next event: the transport took it as [`Outgoing::front`] showed it.
+    fn advance(&mut self);
+    /// Takes the next event as an envelope.
+    fn pop(&mut self) -> Option<Envelope>;
+    /// Puts back an envelope taken with [`Outgoing::pop`] that the transport could not take.
+    fn push_front(&mut self, env: Envelope);
+}
+
+impl Outgoing for VecDeque<Envelope> {
+    fn len(&self) -> usize {
+        VecDeque::len(self)
+    }
+    fn front(&self) -> Option<OutgoingRef<'_>> {
+        VecDeque::front(self).map(OutgoingRef::of)
+    }
+    fn advance(&mut self) {
+        self.pop_front();
+    }
+    fn pop(&mut self) -> Option<Envelope> {
+        self.pop_front()
+    }
+    fn push_front(&mut self, env: Envelope) {
+        VecDeque::push_front(self, env)
+    }
+}
+
+/// The batch [`crate::Node::send_batch`] builds: the caller's values, with the fields they share
+/// (source, target, send time) held once and ids reserved as one block.
+pub(crate) struct ValueBatch<E, P> {
+    source: MachineId,
+    target: Address,
+    headers: Headers,
+    next_id: u64,
+    items: VecDeque<(E, P)>,
+    /// Envelopes a transport popped and gave back; they go first.
+    returned: Vec<Envelope>,
+}
+
+impl<E: AsRef<str> + Into<Arc<str>> + Send, P: Serialize + Send + Sync + 'static> ValueBatch<E, P> {
+    /// `items` numbered from `first_id`, all stamped `sent_at_us`.
+    pub(crate) fn new(
+        source: MachineId,
+        target: Address,
+        sent_at_us: u64,
+        first_id: u64,
+        items: VecDeque<(E, P)>,
+    ) -> ValueBatch<E, P> {
+        ValueBatch {
+            source,
+            target,
+            headers: Headers {
+                sent_at_us,
+                ..Headers::default()
+            },
+            next_id: first_id,
+            items,
+            returned: Vec::new(),
+        }
+    }
+}
+
+impl<E: AsRef<str> + Into<Arc<str>> + Send, P: Serialize + Send + Sync + 'static> Outgoing
+    for ValueBatch<E, P>
+{
+    fn len(&self) -> usize {
+        self.items.len() + self.returned.len()
+    }
+    fn front(&self) -> Option<OutgoingRef<'_>> {
+        if let Some(env) = self.returned.last() {
+            return Some(OutgoingRef::of(env));
+        }
+        let (event, payload) = self.items.front()?;
+        Some(OutgoingRef {
+            id: self.next_id,
+            source: &self.source,
+            target: &self.target,
+            event: event.as_ref(),
+            payload: PayloadRef::of(payload),
+            headers: &self.headers,
+        })
+    }
+    fn advance(&mut self) {
+        if self.returned.pop().is_none() && self.items.pop_front().is_some() {
+            self.next_id += 1;
+        }
+    }
+    fn pop(&mut self) -> Option<Envelope> {
+        if let Some(env) = self.returned.pop() {
+            return Some(env);
+        }
+        let (event, payload) = self.items.pop_front()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(Envelope::with_headers(
+            id,
+            self.source.clone(),
+            self.target.clone(),
+            event.into(),
+            Payload::new(payload),
+            self.headers.clone(),
+        ))
+    }
+    fn push_front(&mut self, env: Envelope) {
+        self.returned.push(env);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> ValueBatch<&'static str, u32> {
+        ValueBatch::new(
+            "a".into(),
+            Address::Machine("b".into()),
+            77,
+            100,
+            [("X", 1u32), ("Y", 2), ("Z", 3)].into_iter().collect(),
+        )
+    }
+
+    #[test]
+    fn front_and_pop_agree_and_number_in_order() {
+        let mut b = batch();
+        let f = b.front().unwrap();
+        assert_eq!((f.id, f.event, f.source.as_str()), (100, "X", "a"));
+        assert_eq!(f.payload.read::<u32>().unwrap(), 1);
+        assert_eq!(f.headers.sent_at_us, 77);
+        b.advance();
+        let e = b.pop().unwrap();
+        assert_eq!((e.id, &*e.event, e.data::<u32>().unwrap()), (101, "Y", 2));
+        assert_eq!(e.target, Address::Machine("b".into()));
+        assert_eq!(e.headers.sent_at_us, 77);
+        // A refused envelope goes back in front, unchanged, and is seen first.
+        b.push_front(e);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.front().unwrap().id, 101);
+        assert_eq!(b.pop().unwrap().id, 101);
+        assert_eq!(b.front().unwrap().id, 102);
+        b.advance();
+        assert!(b.is_empty() && b.front().is_none() && b.pop().is_none());
+    }
+
+    #[test]
+    fn unit_payload_is_empty() {
+        let mut b = ValueBatch::new(
+            "a".into(),
+            Address::Machine("b".into()),
+            0,
+            0,
+            [("X", ())].into_iter().collect(),
+        );
+        assert!(b.front().unwrap().payload.is_empty());
+        assert!(b.pop().unwrap().payload.is_empty());
+    }
+}
