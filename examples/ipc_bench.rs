@@ -8,10 +8,12 @@
 //! Each round measures, one after the other with the same frame size:
 //! - one-way throughput (events received per second at the sink, from its first to its last event):
 //!   raw tokio unix socket through a 64 KiB `BufWriter`, ipc peer-to-peer, ipc through the daemon,
-//!   each with one `send` per event and with `send_batch` of 64 events;
+//!   each with one `send` per event and with `send_batch` of as many events as fill the raw
+//!   source's 64 KiB buffer (348 with the default frame);
 //! - closed-loop ping-pong round trips (request/reply for ipc), p50/p99/p99.9 from an HDR histogram.
 //!
-//! Ratios are ours / raw within the same round.
+//! Ratios are ours / raw within the same round. `BENCH_OUTBOX_KIB` overrides the ipc outbox bound,
+//! `BENCH_VERBOSE` prints the sender's rate beside the sink's.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -29,8 +31,8 @@ use switchyard::{Address, Envelope, EventRef, MachineId, Node, Session};
 const ROLE: &str = "SWITCHYARD_BENCH_ROLE";
 const PAYLOAD: usize = 64;
 static PAYLOAD_BYTES: [u8; PAYLOAD] = [0xa5; PAYLOAD];
-/// Events per `send_batch` call in the batched rows.
-const BATCH: usize = 64;
+/// Bytes the raw source buffers per write; a batched row sends this much per `send_batch` call.
+const RAW_BUFFER: usize = 64 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -358,6 +360,8 @@ async fn parent() -> AnyResult<()> {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let frame = raw::ipc_frame_len(PAYLOAD, "source", "sink-0-p2p", "EVENT");
+    // As many events per `send_batch` as the raw source buffers per write.
+    let batch = (RAW_BUFFER / frame).max(1);
     // Every socket of the run lives here, so killed children leave nothing behind.
     let guard =
         TempDir(unique_socket_path(&std::env::temp_dir(), "switchyard-bench").with_extension("d"));
@@ -391,9 +395,9 @@ async fn parent() -> AnyResult<()> {
         // (label, p2p?, events per send call)
         let one_way = |only: &str| match only {
             "p2p" => Some(("p2p", true, 1)),
-            "p2p-batch" => Some(("p2pb", true, BATCH)),
+            "p2p-batch" => Some(("p2pb", true, batch)),
             "bus" => Some(("bus", false, 1)),
-            "bus-batch" => Some(("busb", false, BATCH)),
+            "bus-batch" => Some(("busb", false, batch)),
             _ => None,
         };
         let run = |tag: &'static str, p2p: bool, batch: usize| {
@@ -424,9 +428,9 @@ async fn parent() -> AnyResult<()> {
         let raw_tp = rate(events, sink.result_duration()?);
         drop(sink);
         let p2p_tp = run("p2p", true, 1).await?;
-        let p2p_batch_tp = run("p2pb", true, BATCH).await?;
+        let p2p_batch_tp = run("p2pb", true, batch).await?;
         let bus_tp = run("bus", false, 1).await?;
-        let bus_batch_tp = run("busb", false, BATCH).await?;
+        let bus_batch_tp = run("busb", false, batch).await?;
 
         let raw_sock = unique_socket_path(&dir, "bench-raw");
         let echo = Proc::start("raw-echo", &raw_sock, &[])?;
@@ -451,7 +455,7 @@ async fn parent() -> AnyResult<()> {
             p2p_tp / raw_tp
         );
         println!(
-            "  one-way   ipc p2p    {:>12.0} ev/s  ratio {:.3}  (send_batch of {BATCH})",
+            "  one-way   ipc p2p    {:>12.0} ev/s  ratio {:.3}  (send_batch of {batch}, one 64 KiB buffer like raw)",
             p2p_batch_tp,
             p2p_batch_tp / raw_tp
         );
@@ -461,7 +465,7 @@ async fn parent() -> AnyResult<()> {
             bus_tp / raw_tp
         );
         println!(
-            "  one-way   ipc bus    {:>12.0} ev/s  ratio {:.3}  (routed by the daemon, send_batch of {BATCH})",
+            "  one-way   ipc bus    {:>12.0} ev/s  ratio {:.3}  (routed by the daemon, send_batch of {batch})",
             bus_batch_tp,
             bus_batch_tp / raw_tp
         );

@@ -5,7 +5,10 @@
 //! a burst of messages costs one syscall. When the connection is quiet (the
 //! writer is parked and the last direct write is older than `direct_gap`) the
 //! producer writes the frame itself without waking the writer: a lone
-//! request/reply then costs no thread hop.
+//! request/reply then costs no thread hop. So does a producer that queued at
+//! least `DIRECT_MIN` bytes while the writer was parked (a big `send_batch`):
+//! it writes what the socket takes, like a buffered writer, and only wakes the
+//! writer for what is left.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +27,8 @@ use crate::frame::{self, FrameRef};
 
 /// How long after a direct write the next one is coalesced by the writer instead.
 const DIRECT_GAP: Duration = Duration::from_micros(25);
+/// Queued bytes a producer writes itself when the writer is parked, instead of waking it.
+const DIRECT_MIN: usize = 32 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -125,7 +130,9 @@ impl Outbox {
             let quiet = st
                 .last_direct
                 .is_none_or(|t| now.duration_since(t) >= DIRECT_GAP);
-            if was_empty && quiet {
+            // A producer that queued a big batch while the writer sleeps writes it itself, like
+            // a buffered writer: the bytes are still in its cache and no thread is woken.
+            if (was_empty && quiet) || st.buf.len() >= DIRECT_MIN {
                 st.last_direct = Some(now);
                 if let Err(e) = self.write_direct(&mut st.buf) {
                     let why = e.to_string();
