@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use switchyard::Payload;
+use switchyard::{Payload, PayloadRef};
 use tokio::sync::oneshot;
 
 /// Errors of a benchmark run, printed as one line.
@@ -210,7 +210,7 @@ impl Probe {
     }
 
     /// Consumer `i` received a payload carrying a [`BenchMsg`].
-    pub fn received_payload(&self, i: usize, p: &Payload) {
+    pub fn received_payload(&self, i: usize, p: PayloadRef<'_>) {
         match p.get_ref::<BenchMsg>() {
             Some(m) => self.received(i, m),
             None => match p.read::<BenchMsg>() {

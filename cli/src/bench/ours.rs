@@ -101,9 +101,9 @@ pub async fn finish(
 fn counting(
     probe: &Arc<Probe>,
     i: usize,
-) -> impl Fn(&Node, switchyard::Envelope) + Send + Sync + 'static {
+) -> impl Fn(&Node, switchyard::EventRef<'_>) + Send + Sync + 'static {
     let probe = probe.clone();
-    move |_, ev| probe.received_payload(i, &ev.payload)
+    move |_, ev| probe.received_payload(i, ev.payload)
 }
 
 /// One producer, one consumer.
@@ -111,7 +111,7 @@ pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let sink = dep
         .machine(dep.rx(), "sink", "Sink")
-        .handler(counting(&probe, 0))
+        .handler_ref(counting(&probe, 0))
         .build()
         .await?;
     let source = dep
@@ -214,7 +214,7 @@ pub async fn fanout(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
     for i in 0..n {
         let node = dep
             .machine(dep.rx(), format!("sub-{i}"), "Subscriber")
-            .handler(counting(&probe, i))
+            .handler_ref(counting(&probe, i))
             .build()
             .await?;
         let handle = node.subscribe("bench.fanout").await?;
@@ -242,7 +242,7 @@ pub async fn any_of_type(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sampl
     for i in 0..n {
         workers.push(
             dep.machine(dep.rx(), format!("worker-{i}"), "BenchWorker")
-                .handler(counting(&probe, i))
+                .handler_ref(counting(&probe, i))
                 .build()
                 .await?,
         );
