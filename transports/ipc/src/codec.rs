@@ -294,18 +294,30 @@ impl<'a> Rd<'a> {
     }
     #[inline]
     fn be(&mut self, n: usize) -> Option<u64> {
-        if n == 8 {
-            return Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?));
-        }
-        Some(
-            self.take(n)?
-                .iter()
-                .fold(0u64, |a, &b| (a << 8) | u64::from(b)),
-        )
+        let b = self.take(n)?;
+        Some(match n {
+            1 => u64::from(b[0]),
+            2 => u64::from(u16::from_be_bytes(b.try_into().ok()?)),
+            4 => u64::from(u32::from_be_bytes(b.try_into().ok()?)),
+            8 => u64::from_be_bytes(b.try_into().ok()?),
+            _ => b.iter().fold(0u64, |a, &b| (a << 8) | u64::from(b)),
+        })
     }
     /// A string's bytes, unvalidated: keys are compared as bytes, values validated by [`Rd::str`].
     #[inline]
     fn raw_str(&mut self) -> Option<&'a [u8]> {
+        // Names are short: a fixstr is one mask away, anything else takes the general path.
+        if let Some((&b, rest)) = self.0.split_first()
+            && b & 0xe0 == 0xa0
+        {
+            let n = usize::from(b & 0x1f);
+            if rest.len() >= n {
+                let (s, rest) = rest.split_at(n);
+                self.0 = rest;
+                return Some(s);
+            }
+            return None;
+        }
         let n = match self.marker()? {
             Marker::FixStr(n) => n as usize,
             Marker::Str8 => self.be(1)? as usize,
@@ -320,6 +332,12 @@ impl<'a> Rd<'a> {
     }
     #[inline]
     fn uint(&mut self) -> Option<u64> {
+        if let Some((&b, rest)) = self.0.split_first()
+            && b < 0x80
+        {
+            self.0 = rest;
+            return Some(u64::from(b));
+        }
         match self.marker()? {
             Marker::FixPos(v) => Some(u64::from(v)),
             Marker::U8 => self.be(1),
@@ -340,6 +358,15 @@ impl<'a> Rd<'a> {
     }
     #[inline]
     fn bin(&mut self) -> Option<&'a [u8]> {
+        if let [0xc4, n, rest @ ..] = self.0 {
+            let n = usize::from(*n);
+            if rest.len() >= n {
+                let (b, rest) = rest.split_at(n);
+                self.0 = rest;
+                return Some(b);
+            }
+            return None;
+        }
         let n = match self.marker()? {
             Marker::Bin8 => self.be(1)? as usize,
             Marker::Bin16 => self.be(2)? as usize,
