@@ -14,11 +14,11 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::address::{Address, MachineId};
-use crate::batch::ValueBatch;
+use crate::batch::{OutgoingRef, ValueBatch};
 use crate::envelope::{Envelope, EventRef, coarse_now_micros};
 use crate::error::{Error, Result};
 use crate::location::Location;
-use crate::payload::Payload;
+use crate::payload::{Payload, PayloadRef};
 use crate::registry::MachineEntry;
 use crate::session::{ContextId, Route, SessionInner, lock};
 use crate::topic::{TopicPattern, validate_topic};
@@ -596,8 +596,58 @@ impl Node {
         payload: P,
     ) -> Result<()> {
         let to = to.into();
-        let env = self.envelope(Address::Machine(to.clone()), event, payload);
-        self.send_envelope(&to, env).await.map(|_| ())
+        let env = match self.try_send_value(&to, event.into(), payload) {
+            Ok(r) => return r,
+            Err(env) => env,
+        };
+        let route = self.route_to(&to).await?;
+        route.send(&to, env).await.map(|_| ())
+    }
+
+    /// [`Node::try_send_now`] for a value: when the route is cached and its first transport
+    /// takes a borrowed event at once (ipc encodes it in place) no envelope is built at all.
+    /// `Err` gives the envelope back for the async path.
+    fn try_send_value<P: Serialize + Send + Sync + 'static>(
+        &self,
+        to: &MachineId,
+        event: Arc<str>,
+        payload: P,
+    ) -> std::result::Result<Result<()>, Envelope> {
+        if let Err(e) = self.check_open().and_then(|()| self.check_link(to)) {
+            return Ok(Err(e));
+        }
+        let id = self.0.session.next_id();
+        let target = Address::Machine(to.clone());
+        let headers = crate::envelope::Headers {
+            sent_at_us: coarse_now_micros(),
+            ..Default::default()
+        };
+        let route = self.cached_route(to);
+        if let Some(route) = &route {
+            let ev = OutgoingRef {
+                id,
+                source: self.id(),
+                target: &target,
+                event: &event,
+                payload: PayloadRef::of(&payload),
+                headers: &headers,
+            };
+            if route.try_send_ref(to, &ev) {
+                return Ok(Ok(()));
+            }
+        }
+        let env = Envelope::with_headers(
+            id,
+            self.id().clone(),
+            target,
+            event,
+            Payload::new(payload),
+            headers,
+        );
+        match route {
+            Some(route) => route.try_send(to, env).map(|r| r.map(drop)),
+            None => Err(env),
+        }
     }
 
     /// Sends several events to one machine, in order, as one batch where the transport can.
@@ -673,8 +723,12 @@ impl Node {
         payload: P,
     ) -> Result<()> {
         let to = to.into();
-        let env = self.envelope(Address::Machine(to.clone()), event, payload);
-        self.post_envelope(to, env)
+        let env = match self.try_send_value(&to, event.into(), payload) {
+            Ok(r) => return r,
+            Err(env) => env,
+        };
+        self.post_later(to, env);
+        Ok(())
     }
 
     /// [`Node::post`] for a prepared envelope.
@@ -683,13 +737,18 @@ impl Node {
             Ok(r) => return r.map(|_| ()),
             Err(env) => env,
         };
+        self.post_later(to, env);
+        Ok(())
+    }
+
+    /// Finishes a post in a spawned task, logging a failure.
+    fn post_later(&self, to: MachineId, env: Envelope) {
         let node = self.clone();
         tokio::spawn(async move {
             if let Err(e) = node.send_envelope(&to, env).await {
                 tracing::warn!(from = %node.id(), to = %to, error = %e, "posted send failed");
             }
         });
-        Ok(())
     }
 
     /// Sends an event to this machine itself.

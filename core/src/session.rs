@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::address::MachineId;
-use crate::batch::Outgoing;
+use crate::batch::{Outgoing, OutgoingRef};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::location::Location;
@@ -65,6 +65,15 @@ impl Route {
     pub fn resolved(mut self, to: &MachineId) -> Route {
         self.handles = self.transports.iter().map(|t| t.resolve(to)).collect();
         self
+    }
+
+    /// Hands a borrowed event to the route's first transport if it takes it now without an
+    /// envelope; `false` means nothing was sent (take the envelope path).
+    pub fn try_send_ref(&self, to: &MachineId, ev: &OutgoingRef<'_>) -> bool {
+        match self.transports.first() {
+            Some(t) => t.try_send_ref(self.handles.first().and_then(Option::as_ref), to, ev),
+            None => false,
+        }
     }
 
     fn try_hop(&self, i: usize, to: &MachineId, env: Envelope) -> TrySend {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::address::MachineId;
-use crate::batch::Outgoing;
+use crate::batch::{Outgoing, OutgoingRef};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::location::Location;
@@ -149,6 +149,19 @@ pub trait Transport: Send + Sync {
     /// [`Transport::try_send`] through a handle from [`Transport::resolve`].
     fn try_send_resolved(&self, _handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
         self.try_send(to, env)
+    }
+
+    /// Takes a borrowed event now without an envelope if this transport can (a wire transport
+    /// encodes it in place); `false` means nothing was sent and the caller builds the envelope
+    /// and takes the usual paths, which also report any error. `handle` is the route's
+    /// handle from [`Transport::resolve`], if any. The default declines.
+    fn try_send_ref(
+        &self,
+        _handle: Option<&TargetHandle>,
+        _to: &MachineId,
+        _ev: &OutgoingRef<'_>,
+    ) -> bool {
+        false
     }
 
     /// Sends to one machine.

@@ -41,8 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchyard_core::{
     Address, Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry,
-    MachineId, MessageOrdering, Outgoing, Registry, RegistryEvent, Result, Subscription,
-    SubscriptionId, TargetHandle, Transport, TransportHealth, TrySend,
+    MachineId, MessageOrdering, Outgoing, OutgoingRef, Registry, RegistryEvent, Result,
+    Subscription, SubscriptionId, TargetHandle, Transport, TransportHealth, TrySend,
 };
 use tokio::sync::broadcast;
 
@@ -449,6 +449,36 @@ impl Transport for IpcTransport {
                 }
                 None => TrySend::Pending(env),
             },
+        }
+    }
+
+    fn try_send_ref(
+        &self,
+        handle: Option<&TargetHandle>,
+        to: &MachineId,
+        ev: &OutgoingRef<'_>,
+    ) -> bool {
+        if self.check_open().is_err() {
+            return false;
+        }
+        let push = |o: &conn::Outbox| {
+            matches!(
+                o.try_push(|b, max| frame::write_send_event(b, max, to.as_str(), ev)),
+                Ok(true)
+            )
+        };
+        match &self.bus.p2p {
+            Some(p) => match handle
+                .and_then(|h| h.downcast_ref::<PeerHandle>())
+                .and_then(|h| h.0.get())
+            {
+                Some(o) if !o.is_closed() => push(o),
+                // Not connected yet or gone: the envelope paths connect or report it.
+                _ => p.cached(to).is_some_and(|o| push(&o)),
+            },
+            None => client::read(&self.client().conn)
+                .as_ref()
+                .is_some_and(|o| push(o)),
         }
     }
 
