@@ -75,6 +75,8 @@ pub(crate) struct Local {
 pub(crate) struct Inbound {
     pub(crate) names: crate::codec::Interner,
     last: Option<(Arc<str>, u64, Target)>,
+    /// Reads plain events in place for borrowed handlers.
+    view: crate::codec::ViewReader,
     /// Delivered through borrowed views and not yet added to `Local::delivered`.
     delivered: u64,
 }
@@ -83,12 +85,20 @@ impl Inbound {
     /// Points the target cache at the machine named by `to` (UTF-8 checked here), without a
     /// map lookup while `to` repeats.
     fn refresh(&mut self, local: &Local, to: &[u8]) -> std::result::Result<(), IpcError> {
+        Self::refresh_last(&mut self.last, local, to)
+    }
+
+    fn refresh_last(
+        last: &mut Option<(Arc<str>, u64, Target)>,
+        local: &Local,
+        to: &[u8],
+    ) -> std::result::Result<(), IpcError> {
         let generation = local.generation.load(Ordering::Acquire);
-        let fresh = matches!(&self.last, Some((name, g, _)) if *g == generation && crate::codec::same(name.as_bytes(), to));
+        let fresh = matches!(&*last, Some((name, g, _)) if *g == generation && crate::codec::same(name.as_bytes(), to));
         if !fresh {
             let name = std::str::from_utf8(to)
                 .map_err(|e| IpcError::Malformed(format!("target machine id: {e}")))?;
-            self.last = local
+            *last = local
                 .target(name)
                 .map(|t| (Arc::<str>::from(name), generation, t));
         }
@@ -100,10 +110,10 @@ impl Inbound {
     /// machine bound here with such a handler; `false` (nothing done) otherwise, and the
     /// caller takes the general path, which also reports whatever is wrong with the frame.
     pub(crate) fn try_deliver_view(&mut self, local: &Local, body: &[u8]) -> bool {
-        let Some((to, bytes)) = crate::codec::send_target(body) else {
+        let Some(v) = self.view.read(body) else {
             return false;
         };
-        if self.refresh(local, to).is_err() {
+        if Self::refresh_last(&mut self.last, local, v.to).is_err() {
             return false;
         }
         let Some((_, _, t)) = &self.last else {
@@ -112,9 +122,6 @@ impl Inbound {
         if t.queue.is_some() || !t.inbox.takes_refs() {
             return false;
         }
-        let Some(v) = crate::codec::canonical_view(bytes, to, &mut self.names) else {
-            return false;
-        };
         let ev = EventRef {
             id: v.id,
             source: v.source,

@@ -452,16 +452,10 @@ fn intern_str<'n>(slot: &'n mut Option<Arc<str>>, raw: &[u8]) -> Option<&'n str>
     slot.as_deref()
 }
 
-/// Splits a `SEND` body `[to, envelope]` as this crate writes it (a short `to`); `None` otherwise.
-#[inline]
-pub(crate) fn send_target(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let mut r = Rd(body.strip_prefix(&[0x92])?);
-    let to = r.raw_str()?;
-    Some((to, r.0))
-}
-
-/// A plain event read in place from a frame: the fields a borrowed handler sees.
+/// A plain event read in place from a `SEND` frame: the fields a borrowed handler sees.
 pub(crate) struct View<'a> {
+    /// The target machine named by the frame (valid UTF-8).
+    pub(crate) to: &'a [u8],
     pub(crate) id: u64,
     pub(crate) source: &'a str,
     pub(crate) event: &'a str,
@@ -469,43 +463,92 @@ pub(crate) struct View<'a> {
     pub(crate) headers: Headers,
 }
 
-/// Reads the exact layout [`write_envelope`] produces for a plain event to a machine (headers
-/// holding only the send time) without allocating; `None` means "take the envelope path",
-/// which also decides whether the bytes are valid at all.
+/// Reads `SEND` frames in place, reusing what the previous frame on the connection validated.
 ///
-/// `to` is the target named in the frame (already checked as UTF-8): the envelope must name
-/// the same machine.
-pub(crate) fn canonical_view<'a>(
-    bytes: &'a [u8],
-    to: &[u8],
-    names: &'a mut Interner,
-) -> Option<View<'a>> {
-    let Interner { source, event, .. } = names;
-    let mut r = Rd(bytes);
-    r.lit(b"\x86\xa2id")?;
-    let id = r.uint()?;
-    r.lit(b"\xa6source")?;
-    let source = intern_str(source, r.raw_str()?)?;
-    r.lit(b"\xa6target\x81\xa7Machine")?;
-    if !same(r.raw_str()?, to) {
-        return None;
+/// In a stream the bytes around the id, the event name and the payload repeat
+/// from frame to frame (target, source, keys, send time). The reader keeps the
+/// last frame's three such segments; a frame that repeats them is checked with
+/// three comparisons instead of being parsed again. Anything that differs is
+/// parsed (and cached) the long way; anything outside the exact layout
+/// [`write_envelope`] produces for a plain event to a machine gives `None`, and
+/// the envelope path decides whether the bytes are valid at all.
+#[derive(Default)]
+pub(crate) struct ViewReader {
+    /// `[2-array, to, {6-map, "id"}]` and where `to` lies in it.
+    head: Vec<u8>,
+    to_at: std::ops::Range<usize>,
+    /// `"source" src "target" {"Machine": to} "event"`, and `src` as a string.
+    mid: Vec<u8>,
+    source: Option<Arc<str>>,
+    event: Option<Arc<str>>,
+    /// `"headers" {"sent_at_us": t}` (the end of the frame) and `t`.
+    tail: Vec<u8>,
+    sent_at: u64,
+}
+
+impl ViewReader {
+    /// Reads the body of a `SEND` frame (after the kind byte) in place; `None` for anything
+    /// but a plain event in this crate's layout.
+    pub(crate) fn read<'a>(&'a mut self, body: &'a [u8]) -> Option<View<'a>> {
+        let mut r = Rd(body);
+        if self.head.is_empty() || !r.0.starts_with(&self.head) {
+            r.lit(&[0x92])?;
+            let to = r.raw_str()?;
+            std::str::from_utf8(to).ok()?;
+            let end = body.len() - r.0.len();
+            r.lit(b"\x86\xa2id")?;
+            self.to_at = end - to.len()..end;
+            // The cached middle names the old target: parse it again against this one.
+            self.mid.clear();
+            self.head.clear();
+            self.head.extend_from_slice(&body[..body.len() - r.0.len()]);
+        } else {
+            r.0 = &r.0[self.head.len()..];
+        }
+        let to = &body[self.to_at.clone()];
+        let id = r.uint()?;
+        if self.mid.is_empty() || !r.0.starts_with(&self.mid) {
+            let at = r.0;
+            r.lit(b"\xa6source")?;
+            let source = std::str::from_utf8(r.raw_str()?).ok()?;
+            r.lit(b"\xa6target\x81\xa7Machine")?;
+            if !same(r.raw_str()?, to) {
+                return None;
+            }
+            r.lit(b"\xa5event")?;
+            self.source = Some(source.into());
+            self.mid.clear();
+            self.mid.extend_from_slice(&at[..at.len() - r.0.len()]);
+        } else {
+            r.0 = &r.0[self.mid.len()..];
+        }
+        intern_str(&mut self.event, r.raw_str()?)?;
+        r.lit(b"\xa7payload")?;
+        let payload = r.bin()?;
+        if self.tail.is_empty() || r.0 != self.tail.as_slice() {
+            let at = r.0;
+            r.lit(b"\xa7headers\x81\xaasent_at_us")?;
+            let sent_at = r.uint()?;
+            if !r.0.is_empty() {
+                return None;
+            }
+            self.tail.clear();
+            self.tail.extend_from_slice(at);
+            self.sent_at = sent_at;
+        }
+        let this: &'a ViewReader = self;
+        Some(View {
+            to,
+            id,
+            source: this.source.as_deref()?,
+            event: this.event.as_deref()?,
+            payload,
+            headers: Headers {
+                sent_at_us: this.sent_at,
+                ..Headers::default()
+            },
+        })
     }
-    r.lit(b"\xa5event")?;
-    let event = intern_str(event, r.raw_str()?)?;
-    r.lit(b"\xa7payload")?;
-    let payload = r.bin()?;
-    r.lit(b"\xa7headers\x81\xaasent_at_us")?;
-    let sent_at_us = r.uint()?;
-    Some(View {
-        id,
-        source,
-        event,
-        payload,
-        headers: Headers {
-            sent_at_us,
-            ..Headers::default()
-        },
-    })
 }
 
 impl Rd<'_> {
@@ -712,6 +755,87 @@ mod tests {
         let err = enc.write(&mut mine, 10, "b", &OutgoingRef::of(&envs[0].1));
         assert!(matches!(err, Err(Error::TooLarge { .. })));
         assert_eq!(mine.len(), before);
+    }
+
+    /// The body of a `SEND` frame (after the kind byte).
+    fn send_body(to: &str, e: &Envelope) -> Vec<u8> {
+        let mut f = Vec::new();
+        crate::frame::write_send(&mut f, usize::MAX, to, e).unwrap();
+        f.split_off(crate::frame::HEADER_LEN)
+    }
+
+    #[test]
+    fn views_match_serde_through_repeats_and_changes() {
+        let mut rd = ViewReader::default();
+        let mut n = 0u64;
+        let mut ev = |src: &str, to: &str, name: &str, t: u64, data: u32| {
+            n += 1;
+            let mut e = Envelope::new(
+                n << 20,
+                src.into(),
+                Address::Machine(to.into()),
+                name.into(),
+                Payload::new(data),
+            );
+            e.headers.sent_at_us = t;
+            e
+        };
+        let cases = [
+            ("b", ev("a", "b", "X", 1, 1)),
+            ("b", ev("a", "b", "X", 1, 2)),
+            ("b", ev("a", "b", "Y", 1, 3)),
+            ("b", ev("a2", "b", "Y", 1, 4)),
+            ("b", ev("a2", "b", "Y", 9, 5)),
+            ("c", ev("a2", "c", "Y", 9, 6)),
+            ("b", ev("a2", "b", "Y", 9, 7)),
+            (
+                "b",
+                ev(
+                    "ünï",
+                    "b",
+                    "a-long-event-name-of-more-than-32-bytes",
+                    1 << 40,
+                    8,
+                ),
+            ),
+        ];
+        for (to, e) in &cases {
+            let body = send_body(to, e);
+            let v = rd.read(&body).expect("a plain event reads in place");
+            let d = Envelope::decode(&body[1 + 1 + to.len()..]).unwrap();
+            assert_eq!(v.to, to.as_bytes());
+            assert_eq!(
+                (v.id, v.source, v.event, &v.headers),
+                (d.id, d.source.as_str(), &*d.event, &d.headers)
+            );
+            let p: u32 = rmp_serde::from_slice(v.payload).unwrap();
+            assert_eq!(p, d.data::<u32>().unwrap());
+        }
+        // A frame naming one machine with an envelope for another, right after a good one.
+        let mut body = send_body("b", &cases[1].1);
+        assert!(rd.read(&body).is_some());
+        let at = body.len() - 1 - body.iter().rev().position(|&c| c == b'b').unwrap();
+        let first_b = body.iter().position(|&c| c == b'b').unwrap();
+        assert_ne!(at, first_b);
+        let mut other = body.clone();
+        other[first_b] = b'c';
+        assert!(rd.read(&other).is_none(), "target differs from `to`");
+        // Extra bytes after the headers, headers with more than the send time, a
+        // non-UTF-8 source: not read in place.
+        body.push(0xc0);
+        assert!(rd.read(&body).is_none());
+        let mut e = cases[1].1.clone();
+        e.headers.priority = 3;
+        assert!(rd.read(&send_body("b", &e)).is_none());
+        let mut bad = send_body("b", &ev("zz", "b", "X", 1, 1));
+        let z = bad.windows(2).position(|w| w == b"zz").unwrap();
+        bad[z] = 0xff;
+        assert!(rd.read(&bad).is_none());
+        // And it still reads good frames afterwards.
+        assert_eq!(
+            rd.read(&send_body("b", &cases[0].1)).unwrap().id,
+            cases[0].1.id
+        );
     }
 
     #[test]
