@@ -127,7 +127,7 @@ impl Inbound {
             source: v.source,
             event: v.event,
             payload: PayloadRef::Encoded(v.payload),
-            headers: &v.headers,
+            headers: v.headers,
             carried_by: Some(NAME),
         };
         if t.inbox.deliver_ref(ev) {

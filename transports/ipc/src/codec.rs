@@ -124,8 +124,8 @@ fn write_payload(buf: &mut Vec<u8>, payload: &PayloadRef<'_>) -> Result<()> {
 /// Writes `SEND` frames for a run of events, reusing the bytes consecutive events share.
 ///
 /// In a batch the target, the source and the headers (only the send time) are
-/// the same from one event to the next, so the frame is three cached segments
-/// around the id, the event name and the payload. Output is byte-identical to
+/// the same from one event to the next, and so is usually the event name: the
+/// frame is three cached segments around the id and the payload. Output is byte-identical to
 /// [`crate::frame::write_send`]; an event that does not fit the pattern is
 /// written the general way.
 #[derive(Default)]
@@ -133,10 +133,11 @@ pub(crate) struct SendEncoder {
     /// `[0x92, to, {0x86, "id"}]` for `to`.
     head: Vec<u8>,
     to: Vec<u8>,
-    /// `"source" src "target" {"Machine": tgt} "event"` for `(src, tgt)`.
+    /// `"source" src "target" {"Machine": tgt} "event" ev "payload"` for `(src, tgt, ev)`.
     mid: Vec<u8>,
     src: Vec<u8>,
     tgt: Vec<u8>,
+    ev: Vec<u8>,
     /// `"payload"`, then after the payload `"headers" {"sent_at_us": t}` for `t`.
     tail: Vec<u8>,
     sent_at: Option<u64>,
@@ -172,7 +173,10 @@ impl SendEncoder {
             self.to.extend_from_slice(to.as_bytes());
         }
         let src = ev.source.as_str().as_bytes();
-        if !same(&self.src, src) || !same(&self.tgt, tgt.as_str().as_bytes()) || self.mid.is_empty()
+        if !same(&self.src, src)
+            || !same(&self.tgt, tgt.as_str().as_bytes())
+            || !same(&self.ev, ev.event.as_bytes())
+            || self.mid.is_empty()
         {
             self.mid.clear();
             self.mid.extend_from_slice(b"\xa6source");
@@ -180,10 +184,14 @@ impl SendEncoder {
             self.mid.extend_from_slice(b"\xa6target\x81\xa7Machine");
             put_str(&mut self.mid, tgt.as_str())?;
             self.mid.extend_from_slice(b"\xa5event");
+            put_str(&mut self.mid, ev.event)?;
+            self.mid.extend_from_slice(b"\xa7payload");
             self.src.clear();
             self.src.extend_from_slice(src);
             self.tgt.clear();
             self.tgt.extend_from_slice(tgt.as_str().as_bytes());
+            self.ev.clear();
+            self.ev.extend_from_slice(ev.event.as_bytes());
         }
         if self.sent_at != Some(h.sent_at_us) {
             self.tail.clear();
@@ -193,15 +201,11 @@ impl SendEncoder {
             self.sent_at = Some(h.sent_at_us);
         }
         let start = buf.len();
-        buf.reserve(
-            HEAD_ROOM + self.head.len() + self.mid.len() + ev.event.len() + self.tail.len(),
-        );
+        buf.reserve(HEAD_ROOM + self.head.len() + self.mid.len() + self.tail.len());
         buf.extend_from_slice(&[0, 0, 0, 0, crate::frame::kind::SEND]);
         buf.extend_from_slice(&self.head);
         put_uint(buf, ev.id);
         buf.extend_from_slice(&self.mid);
-        put_str(buf, ev.event)?;
-        buf.extend_from_slice(b"\xa7payload");
         if let Err(e) = write_payload(buf, &ev.payload) {
             buf.truncate(start);
             return Err(e);
@@ -332,20 +336,22 @@ impl<'a> Rd<'a> {
     }
     #[inline]
     fn uint(&mut self) -> Option<u64> {
-        if let Some((&b, rest)) = self.0.split_first()
-            && b < 0x80
-        {
-            self.0 = rest;
-            return Some(u64::from(b));
-        }
-        match self.marker()? {
-            Marker::FixPos(v) => Some(u64::from(v)),
-            Marker::U8 => self.be(1),
-            Marker::U16 => self.be(2),
-            Marker::U32 => self.be(4),
-            Marker::U64 => self.be(8),
-            _ => None,
-        }
+        let (&b, rest) = self.0.split_first()?;
+        let (v, rest) = match (b, rest) {
+            (0..=0x7f, r) => (u64::from(b), r),
+            (0xcc, [x, r @ ..]) => (u64::from(*x), r),
+            (0xcd, [x0, x1, r @ ..]) => (u64::from(u16::from_be_bytes([*x0, *x1])), r),
+            (0xce, [x0, x1, x2, x3, r @ ..]) => {
+                (u64::from(u32::from_be_bytes([*x0, *x1, *x2, *x3])), r)
+            }
+            (0xcf, r) => {
+                let (x, r) = r.split_first_chunk::<8>()?;
+                (u64::from_be_bytes(*x), r)
+            }
+            _ => return None,
+        };
+        self.0 = rest;
+        Some(v)
     }
     #[inline]
     fn map(&mut self) -> Option<usize> {
@@ -460,7 +466,7 @@ pub(crate) struct View<'a> {
     pub(crate) source: &'a str,
     pub(crate) event: &'a str,
     pub(crate) payload: &'a [u8],
-    pub(crate) headers: Headers,
+    pub(crate) headers: &'a Headers,
 }
 
 /// Reads `SEND` frames in place, reusing what the previous frame on the connection validated.
@@ -481,9 +487,9 @@ pub(crate) struct ViewReader {
     mid: Vec<u8>,
     source: Option<Arc<str>>,
     event: Option<Arc<str>>,
-    /// `"headers" {"sent_at_us": t}` (the end of the frame) and `t`.
+    /// `"headers" {"sent_at_us": t}` (the end of the frame) and those headers.
     tail: Vec<u8>,
-    sent_at: u64,
+    headers: Headers,
 }
 
 impl ViewReader {
@@ -534,7 +540,10 @@ impl ViewReader {
             }
             self.tail.clear();
             self.tail.extend_from_slice(at);
-            self.sent_at = sent_at;
+            self.headers = Headers {
+                sent_at_us: sent_at,
+                ..Headers::default()
+            };
         }
         let this: &'a ViewReader = self;
         Some(View {
@@ -543,10 +552,7 @@ impl ViewReader {
             source: this.source.as_deref()?,
             event: this.event.as_deref()?,
             payload,
-            headers: Headers {
-                sent_at_us: this.sent_at,
-                ..Headers::default()
-            },
+            headers: &this.headers,
         })
     }
 }
@@ -732,7 +738,7 @@ mod tests {
                 (i as u64) << (i * 9),
                 src.into(),
                 Address::Machine(to.into()),
-                "EV".into(),
+                if i % 3 == 2 { "OTHER" } else { "EV" }.into(),
                 Payload::new(vec![7u8; i * 60]),
             );
             e.headers.sent_at_us = t;
@@ -805,7 +811,7 @@ mod tests {
             let d = Envelope::decode(&body[1 + 1 + to.len()..]).unwrap();
             assert_eq!(v.to, to.as_bytes());
             assert_eq!(
-                (v.id, v.source, v.event, &v.headers),
+                (v.id, v.source, v.event, v.headers),
                 (d.id, d.source.as_str(), &*d.event, &d.headers)
             );
             let p: u32 = rmp_serde::from_slice(v.payload).unwrap();
