@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use interprocess::local_socket::tokio::Stream;
-use switchyard_core::{Error, Result};
+use switchyard_core::{Error, OutgoingRef, Result};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -40,6 +40,8 @@ enum Step {
 
 struct OutState {
     buf: Vec<u8>,
+    /// Segments of the last `SEND` frames, reused while the next event repeats them.
+    enc: crate::codec::SendEncoder,
     idle: bool,
     closed: Option<String>,
     draining: bool,
@@ -78,6 +80,7 @@ impl Outbox {
         let ob = Arc::new(Outbox {
             st: Mutex::new(OutState {
                 buf: Vec::with_capacity(4096),
+                enc: crate::codec::SendEncoder::default(),
                 idle: true,
                 closed: None,
                 draining: false,
@@ -111,6 +114,19 @@ impl Outbox {
         &self,
         f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<bool> {
+        self.try_push_enc(|b, _, max| f(b, max))
+    }
+
+    /// Appends a `SEND` frame for a borrowed event, through the connection's segment cache.
+    pub(crate) fn try_push_event(&self, to: &str, ev: &OutgoingRef<'_>) -> Result<bool> {
+        self.try_push_enc(|b, enc, max| enc.write(b, max, to, ev))
+    }
+
+    /// [`Outbox::try_push`] with the connection's `SEND` encoder at hand.
+    fn try_push_enc(
+        &self,
+        f: impl FnOnce(&mut Vec<u8>, &mut crate::codec::SendEncoder, usize) -> Result<()>,
+    ) -> Result<bool> {
         let mut st = lock(&self.st);
         if let Some(why) = &st.closed {
             return Err(self.closed_err(why));
@@ -122,7 +138,10 @@ impl Outbox {
             return Ok(false);
         }
         let was_empty = st.buf.is_empty();
-        f(&mut st.buf, self.max_frame)?;
+        {
+            let OutState { buf, enc, .. } = &mut *st;
+            f(buf, enc, self.max_frame)?;
+        }
         if st.idle {
             let now = Instant::now();
             // Quiet: nothing written for a while, neither by us nor by the writer (which stamps
@@ -219,14 +238,13 @@ impl Outbox {
         to: &str,
         envs: &mut dyn switchyard_core::Outgoing,
     ) -> Result<()> {
-        let mut enc = crate::codec::SendEncoder::default();
         while !envs.is_empty() {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut failed = None;
             let limit = self.limit;
-            let took = self.try_push(|b, max| {
+            let took = self.try_push_enc(|b, enc, max| {
                 while b.len() < limit {
                     let Some(ev) = envs.front() else { break };
                     if let Err(e) = enc.write(b, max, to, &ev) {

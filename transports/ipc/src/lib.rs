@@ -374,7 +374,7 @@ impl IpcTransport {
 struct PeerHandle(OnceLock<Arc<conn::Outbox>>);
 
 fn push_now(o: &conn::Outbox, to: &MachineId, env: Envelope) -> TrySend {
-    match o.try_push(|b, max| frame::write_send(b, max, to.as_str(), &env)) {
+    match o.try_push_event(to.as_str(), &OutgoingRef::of(&env)) {
         Ok(true) => TrySend::Done(Ok(())),
         Ok(false) => TrySend::Pending(env),
         Err(e) if matches!(e, Error::TooLarge { .. }) => TrySend::Done(Err(e)),
@@ -461,12 +461,7 @@ impl Transport for IpcTransport {
         if self.check_open().is_err() {
             return false;
         }
-        let push = |o: &conn::Outbox| {
-            matches!(
-                o.try_push(|b, max| frame::write_send_event(b, max, to.as_str(), ev)),
-                Ok(true)
-            )
-        };
+        let push = |o: &conn::Outbox| matches!(o.try_push_event(to.as_str(), ev), Ok(true));
         match &self.bus.p2p {
             Some(p) => match handle
                 .and_then(|h| h.downcast_ref::<PeerHandle>())
