@@ -82,10 +82,7 @@ impl Payload {
 
     /// Borrows the in-process value if it is exactly a `T` (no copy, no decoding).
     pub fn get_ref<T: 'static>(&self) -> Option<&T> {
-        match self {
-            Payload::Value(v) => v.as_any().downcast_ref::<T>(),
-            _ => None,
-        }
+        self.view().get_ref()
     }
 
     /// Reads the payload as a `T`, whichever transport carried it.
@@ -94,17 +91,7 @@ impl Payload {
     /// type with the same shape, or bytes from another process) it goes through
     /// MessagePack, so the result is the same on every transport.
     pub fn read<T: DeserializeOwned + 'static>(&self) -> Result<T> {
-        let decode = |bytes: &[u8]| {
-            rmp_serde::from_slice::<T>(bytes).map_err(|e| Error::PayloadType {
-                expected: std::any::type_name::<T>(),
-                reason: e.to_string(),
-            })
-        };
-        match self {
-            Payload::Empty => decode(MSGPACK_NIL),
-            Payload::Encoded(b) => decode(b),
-            Payload::Value(v) => decode(&v.encode()?),
-        }
+        self.view().read()
     }
 
     /// Like [`Payload::read`] but clones an in-process `T` instead of round-tripping it.
@@ -117,17 +104,7 @@ impl Payload {
 
     /// Appends the MessagePack encoding to `buf` without an intermediate allocation.
     pub fn write_msgpack(&self, buf: &mut Vec<u8>) -> Result<()> {
-        match self {
-            Payload::Empty => {
-                buf.extend_from_slice(MSGPACK_NIL);
-                Ok(())
-            }
-            Payload::Encoded(b) => {
-                buf.extend_from_slice(b);
-                Ok(())
-            }
-            Payload::Value(v) => v.encode_into(buf),
-        }
+        self.view().write_msgpack(buf)
     }
 
     /// The MessagePack encoding, for transports that cross a process.
