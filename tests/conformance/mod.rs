@@ -1362,6 +1362,15 @@ pub async fn borrowed_handler_sees_every_kind_of_event(fx: Fixture) {
     );
     assert_eq!(b.stats().expired, 1);
 
+    // Topic deliveries reach a borrowed handler too.
+    if w.caps().topics {
+        b.subscribe("ticks.#").await.unwrap();
+        assert_eq!(a.publish("ticks.a", "TICK", 3u32).await.unwrap(), 1);
+        let s = rx.recv().await.expect("b is alive");
+        assert_eq!((s.event.as_str(), s.u32_data), ("TICK", Some(3)));
+        assert_eq!(s.carried_by, Some(w.fx.transport));
+    }
+
     // A borrowed handler's own requests still complete with their replies.
     let (_calc, _) = w.ponger("calc", "Calc").await;
     let pong = b.request("calc", "PING", 9u32, WAIT).await.unwrap();
