@@ -165,11 +165,12 @@ impl SendEncoder {
             return crate::frame::write_send_event(buf, max, to, ev);
         }
         if !same(&self.to, to.as_bytes()) || self.head.is_empty() {
+            // Keys first: a rebuild that fails halfway must not leave a matching key behind.
+            self.to.clear();
             self.head.clear();
             self.head.push(0x92);
             put_str(&mut self.head, to)?;
             self.head.extend_from_slice(b"\x86\xa2id");
-            self.to.clear();
             self.to.extend_from_slice(to.as_bytes());
         }
         let src = ev.source.as_str().as_bytes();
@@ -179,6 +180,9 @@ impl SendEncoder {
             || self.mid.is_empty()
         {
             self.mid.clear();
+            self.src.clear();
+            self.tgt.clear();
+            self.ev.clear();
             self.mid.extend_from_slice(b"\xa6source");
             put_str(&mut self.mid, ev.source.as_str())?;
             self.mid.extend_from_slice(b"\xa6target\x81\xa7Machine");
@@ -186,11 +190,8 @@ impl SendEncoder {
             self.mid.extend_from_slice(b"\xa5event");
             put_str(&mut self.mid, ev.event)?;
             self.mid.extend_from_slice(b"\xa7payload");
-            self.src.clear();
             self.src.extend_from_slice(src);
-            self.tgt.clear();
             self.tgt.extend_from_slice(tgt.as_str().as_bytes());
-            self.ev.clear();
             self.ev.extend_from_slice(ev.event.as_bytes());
         }
         if self.sent_at != Some(h.sent_at_us) {
