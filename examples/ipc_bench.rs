@@ -19,8 +19,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
@@ -284,7 +284,6 @@ async fn ipc_throughput(
     // The same constant bytes every time, as the raw source writes one constant frame.
     let payload = serde_bytes::Bytes::new(&PAYLOAD_BYTES);
     let to = MachineId::from(id.as_str());
-    let event: Arc<str> = "EVENT".into();
     let t = Instant::now();
     if batch > 1 {
         let mut left = n;
@@ -297,7 +296,7 @@ async fn ipc_throughput(
         }
     } else {
         for _ in 0..n {
-            sender.send(to.clone(), event.clone(), payload).await?;
+            sender.send(to.clone(), "EVENT", payload).await?;
         }
     }
     let sent = t.elapsed();

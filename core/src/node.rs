@@ -114,11 +114,11 @@ pub(crate) struct NodeInner {
 #[derive(Default)]
 struct RouteCache {
     generation: u64,
-    map: rustc_hash::FxHashMap<MachineId, Route>,
+    map: rustc_hash::FxHashMap<MachineId, Arc<Route>>,
 }
 
 impl RouteCache {
-    fn current(&mut self, generation: u64) -> &mut rustc_hash::FxHashMap<MachineId, Route> {
+    fn current(&mut self, generation: u64) -> &mut rustc_hash::FxHashMap<MachineId, Arc<Route>> {
         if self.generation != generation {
             // Every entry is stale; dropping them also releases handles to machines that left.
             self.map.clear();
@@ -549,13 +549,13 @@ impl Node {
         Ok(())
     }
 
-    fn cached_route(&self, to: &MachineId) -> Option<Route> {
+    fn cached_route(&self, to: &MachineId) -> Option<Arc<Route>> {
         let generation = self.0.session.registry.generation();
         lock(&self.0.routes).current(generation).get(to).cloned()
     }
 
     /// The route to a machine (location and transports), cached until the registry changes.
-    pub async fn route_to(&self, to: &MachineId) -> Result<Route> {
+    pub async fn route_to(&self, to: &MachineId) -> Result<Arc<Route>> {
         if let Some(r) = self.cached_route(to) {
             return Ok(r);
         }
@@ -566,7 +566,7 @@ impl Node {
             .get(to)
             .await?
             .ok_or_else(|| Error::UnknownTarget(to.clone()))?;
-        let route = s.router.route(&self.0.entry, &entry)?.resolved(to);
+        let route = Arc::new(s.router.route(&self.0.entry, &entry)?.resolved(to));
         let mut cache = lock(&self.0.routes);
         let routes = cache.current(generation);
         if routes.len() >= 4096 {
@@ -592,11 +592,11 @@ impl Node {
     pub async fn send<P: Serialize + Send + Sync + 'static>(
         &self,
         to: impl Into<MachineId>,
-        event: impl Into<Arc<str>>,
+        event: impl AsRef<str> + Into<Arc<str>>,
         payload: P,
     ) -> Result<()> {
         let to = to.into();
-        let env = match self.try_send_value(&to, event.into(), payload) {
+        let env = match self.try_send_value(&to, event, payload) {
             Ok(r) => return r,
             Err(env) => env,
         };
@@ -610,25 +610,26 @@ impl Node {
     fn try_send_value<P: Serialize + Send + Sync + 'static>(
         &self,
         to: &MachineId,
-        event: Arc<str>,
+        event: impl AsRef<str> + Into<Arc<str>>,
         payload: P,
     ) -> std::result::Result<Result<()>, Envelope> {
         if let Err(e) = self.check_open().and_then(|()| self.check_link(to)) {
             return Ok(Err(e));
         }
         let id = self.0.session.next_id();
-        let target = Address::Machine(to.clone());
         let headers = crate::envelope::Headers {
             sent_at_us: coarse_now_micros(),
             ..Default::default()
         };
         let route = self.cached_route(to);
-        if let Some(route) = &route {
+        if let Some(route) = &route
+            && let Some(target) = route.target()
+        {
             let ev = OutgoingRef {
                 id,
                 source: self.id(),
-                target: &target,
-                event: &event,
+                target,
+                event: event.as_ref(),
                 payload: PayloadRef::of(&payload),
                 headers: &headers,
             };
@@ -639,8 +640,8 @@ impl Node {
         let env = Envelope::with_headers(
             id,
             self.id().clone(),
-            target,
-            event,
+            Address::Machine(to.clone()),
+            event.into(),
             Payload::new(payload),
             headers,
         );
@@ -719,11 +720,11 @@ impl Node {
     pub fn post<P: Serialize + Send + Sync + 'static>(
         &self,
         to: impl Into<MachineId>,
-        event: impl Into<Arc<str>>,
+        event: impl AsRef<str> + Into<Arc<str>>,
         payload: P,
     ) -> Result<()> {
         let to = to.into();
-        let env = match self.try_send_value(&to, event.into(), payload) {
+        let env = match self.try_send_value(&to, event, payload) {
             Ok(r) => return r,
             Err(env) => env,
         };
@@ -757,7 +758,7 @@ impl Node {
         event: impl Into<Arc<str>>,
         payload: P,
     ) -> Result<()> {
-        self.send(self.id().clone(), event, payload).await
+        self.send(self.id().clone(), event.into(), payload).await
     }
 
     /// Sends after `delay`; fails now if the target is unknown. Cancelled when the session shuts down.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::address::MachineId;
+use crate::address::{Address, MachineId};
 use crate::batch::{Outgoing, OutgoingRef};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
@@ -39,6 +39,8 @@ pub struct Route {
     /// Transports to try; the next one is used only after a retryable failure.
     pub transports: Arc<[Arc<dyn Transport>]>,
     handles: Arc<[Option<TargetHandle>]>,
+    /// The target as an address, once resolved, so sends along the route need not build it.
+    target: Option<Address>,
 }
 
 impl fmt::Debug for Route {
@@ -58,13 +60,20 @@ impl Route {
             location,
             transports,
             handles: Arc::from(Vec::new()),
+            target: None,
         }
     }
 
     /// Resolves the target in each transport once, so sends along this route skip the lookups.
     pub fn resolved(mut self, to: &MachineId) -> Route {
         self.handles = self.transports.iter().map(|t| t.resolve(to)).collect();
+        self.target = Some(Address::Machine(to.clone()));
         self
+    }
+
+    /// The machine this route was resolved for, as an address.
+    pub fn target(&self) -> Option<&Address> {
+        self.target.as_ref()
     }
 
     /// Hands a borrowed event to the route's first transport if it takes it now without an

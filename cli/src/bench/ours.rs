@@ -120,11 +120,8 @@ pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
         .await?;
     source.locate(sink.id()).await?;
     let to = sink.id().clone();
-    let event: Arc<str> = "E".into();
     let clock = probe.start_clock();
-    let producer = produce!(probe, |msg| source
-        .send(to.clone(), event.clone(), msg)
-        .await?);
+    let producer = produce!(probe, |msg| source.send(to.clone(), "E", msg).await?);
     finish(&probe, clock, producer, 1).await
 }
 
