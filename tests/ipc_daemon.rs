@@ -162,3 +162,84 @@ async fn a_publish_with_request_id_zero_gets_no_reply() {
         "the publish with req 0 was not answered; the next one was"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_sends_are_forwarded_in_order_and_unknown_targets_nacked() {
+    let socket = path("runs");
+    let _d = Daemon::start(DaemonConfig::new(&socket)).unwrap();
+    let bus = IpcBus::connect(IpcConfig::new(&socket)).unwrap();
+    let session = switchyard::builder().ipc(&bus).build().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let _sink = session
+        .machine("sink", "Sink")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev.id);
+        })
+        .build()
+        .await
+        .unwrap();
+    let sock = socket.clone();
+    // One write holding runs to an unknown machine and to the sink, interleaved.
+    let plan: Vec<(&str, u64)> = (1..=3)
+        .map(|i| ("ghost", i))
+        .chain((10..110).map(|i| ("sink", i)))
+        .chain([("ghost", 200)])
+        .chain((300..305).map(|i| ("sink", i)))
+        .collect();
+    let to_sink: Vec<u64> = plan
+        .iter()
+        .filter(|(to, _)| *to == "sink")
+        .map(|p| p.1)
+        .collect();
+    let nacked = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let read_frame = |s: &mut std::os::unix::net::UnixStream| {
+            let mut head = [0u8; 5];
+            s.read_exact(&mut head).unwrap();
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let mut body = vec![0u8; len - 1];
+            s.read_exact(&mut body).unwrap();
+            (head[4], body)
+        };
+        let hello = Hello {
+            protocol: frame::PROTOCOL_VERSION,
+            client_id: "raw".into(),
+            token: None,
+            watch: false,
+        };
+        s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
+            .unwrap();
+        assert_eq!(read_frame(&mut s).0, kind::WELCOME);
+        let mut out = Vec::new();
+        for (to, id) in &plan {
+            let env = switchyard::Envelope::new(
+                *id,
+                "raw".into(),
+                switchyard::Address::Machine((*to).into()),
+                "E".into(),
+                switchyard::Payload::Empty,
+            );
+            frame::write_send(&mut out, usize::MAX, to, &env).unwrap();
+        }
+        s.write_all(&out).unwrap();
+        (0..4)
+            .map(|_| {
+                let (k, body) = read_frame(&mut s);
+                assert_eq!(k, kind::NACK);
+                frame::decode_msg::<frame::NackMsg>(&body).unwrap().id
+            })
+            .collect::<Vec<u64>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        nacked,
+        vec![1, 2, 3, 200],
+        "one nack per unknown-target send, in order"
+    );
+    let mut got = Vec::new();
+    while got.len() < to_sink.len() {
+        got.push(rx.recv().await.expect("the sink is alive"));
+    }
+    assert_eq!(got, to_sink, "every send to the sink, in order");
+}

@@ -416,6 +416,45 @@ impl FrameReader {
         self.buf.advance(off);
     }
 
+    /// The complete `SEND` frames at the front of the buffer that name the same target as the
+    /// first, in this crate's layout: where the target lies in the buffer, how many bytes the
+    /// run covers and how many frames it holds. `None` when the buffer does not start with one.
+    pub(crate) fn send_run(&self) -> Option<(std::ops::Range<usize>, usize, u64)> {
+        // A SEND frame at `at` whose target is a fixstr: where the target lies, and the frame's size.
+        let to_of = |at: usize| -> Option<(std::ops::Range<usize>, usize)> {
+            let f = frame::peek_frame(&self.buf[at..], self.max).ok()??;
+            let body = &self.buf[at + frame::HEADER_LEN..at + f.total];
+            let [0x92, m, rest @ ..] = body else {
+                return None;
+            };
+            let n = usize::from(m & 0x1f);
+            let to = at + frame::HEADER_LEN + 2;
+            (f.kind == frame::kind::SEND && m & 0xe0 == 0xa0 && rest.len() >= n)
+                .then_some((to..to + n, f.total))
+        };
+        let (first, _) = to_of(0)?;
+        let to = &self.buf[first.clone()];
+        let (mut off, mut n) = (0, 0u64);
+        while let Some((r, total)) = to_of(off) {
+            if &self.buf[r] != to {
+                break;
+            }
+            off += total;
+            n += 1;
+        }
+        Some((first, off, n))
+    }
+
+    /// The first `len` buffered bytes.
+    pub(crate) fn prefix(&self, len: usize) -> &[u8] {
+        &self.buf[..len]
+    }
+
+    /// Drops the first `len` buffered bytes (whole frames).
+    pub(crate) fn skip(&mut self, len: usize) {
+        self.buf.advance(len);
+    }
+
     /// The bytes of a frame returned by [`FrameReader::next_frame`] (header included).
     pub(crate) fn bytes(&self, f: &FrameRef) -> &[u8] {
         &self.buf[..f.total]

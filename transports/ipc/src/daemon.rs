@@ -855,6 +855,34 @@ struct RouteCache {
     by_id: FxHashMap<Box<str>, Arc<Outbox>>,
 }
 
+impl RouteCache {
+    /// The connection of the machine `to`, cached until the registry changes.
+    fn outbox(&mut self, shared: &Shared, to: &str) -> Option<Arc<Outbox>> {
+        let generation = shared.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.by_id.clear();
+            self.generation = generation;
+        }
+        if let Some(o) = self.by_id.get(to) {
+            return Some(o.clone());
+        }
+        let st = lock(&shared.st);
+        let o = st
+            .machines
+            .get(to)
+            .and_then(|m| st.conns.get(&m.conn))
+            .map(|c| c.outbox.clone());
+        drop(st);
+        if let Some(o) = &o {
+            if self.by_id.len() > 4096 {
+                self.by_id.clear();
+            }
+            self.by_id.insert(to.into(), o.clone());
+        }
+        o
+    }
+}
+
 async fn read_loop(
     shared: &Shared,
     stream: &Stream,
@@ -868,7 +896,19 @@ async fn read_loop(
         by_id: FxHashMap::default(),
     };
     loop {
-        while let Some(f) = rd.next_frame()? {
+        loop {
+            // A run of sends to one machine is forwarded as one piece: one lookup, one push.
+            if let Some((to_at, len, n)) = rd.send_run()
+                && let Ok(to) = std::str::from_utf8(&rd.prefix(len)[to_at])
+                && let Some(target) = cache.outbox(shared, to)
+                && target.push_bytes(rd.prefix(len)).await.is_ok()
+            {
+                shared.routed.fetch_add(n, Ordering::Relaxed);
+                rd.skip(len);
+                continue;
+            }
+            // Anything else, and a run whose target is unknown or gone (each gets its nack).
+            let Some(f) = rd.next_frame()? else { break };
             let bytes = rd.bytes(&f);
             handle_frame(shared, conn, me, f.kind, bytes, &mut cache).await?;
             rd.consume(&f);
@@ -894,30 +934,7 @@ async fn handle_frame(
         kind::SEND => {
             let mut b = Body::array(body, 2)?;
             let to = b.str()?;
-            let generation = shared.generation.load(Ordering::Acquire);
-            if generation != cache.generation {
-                cache.by_id.clear();
-                cache.generation = generation;
-            }
-            let target = match cache.by_id.get(to) {
-                Some(o) => Some(o.clone()),
-                None => {
-                    let st = lock(&shared.st);
-                    let o = st
-                        .machines
-                        .get(to)
-                        .and_then(|m| st.conns.get(&m.conn))
-                        .map(|c| c.outbox.clone());
-                    drop(st);
-                    if let Some(o) = &o {
-                        if cache.by_id.len() > 4096 {
-                            cache.by_id.clear();
-                        }
-                        cache.by_id.insert(to.into(), o.clone());
-                    }
-                    o
-                }
-            };
+            let target = cache.outbox(shared, to);
             let delivered = match target {
                 Some(o) => o.push_bytes(bytes).await.is_ok(),
                 None => false,
