@@ -115,6 +115,8 @@ pub(crate) struct NodeInner {
 struct RouteCache {
     generation: u64,
     map: rustc_hash::FxHashMap<MachineId, Arc<Route>>,
+    /// The last route looked up: a stream of sends to one machine skips the hashing.
+    last: Option<(MachineId, Arc<Route>)>,
 }
 
 impl RouteCache {
@@ -122,6 +124,7 @@ impl RouteCache {
         if self.generation != generation {
             // Every entry is stale; dropping them also releases handles to machines that left.
             self.map.clear();
+            self.last = None;
             self.generation = generation;
         }
         &mut self.map
@@ -490,7 +493,11 @@ impl Node {
 
     /// Forgets cached routes and type lists (they may hold other machines alive).
     pub(crate) fn forget_routes(&self) {
-        lock(&self.0.routes).map.clear();
+        {
+            let mut routes = lock(&self.0.routes);
+            routes.map.clear();
+            routes.last = None;
+        }
         lock(&self.0.types).clear();
     }
 
@@ -551,7 +558,16 @@ impl Node {
 
     fn cached_route(&self, to: &MachineId) -> Option<Arc<Route>> {
         let generation = self.0.session.registry.generation();
-        lock(&self.0.routes).current(generation).get(to).cloned()
+        let mut cache = lock(&self.0.routes);
+        cache.current(generation);
+        if let Some((id, route)) = &cache.last
+            && id == to
+        {
+            return Some(route.clone());
+        }
+        let route = cache.map.get(to).cloned()?;
+        cache.last = Some((to.clone(), route.clone()));
+        Some(route)
     }
 
     /// The route to a machine (location and transports), cached until the registry changes.

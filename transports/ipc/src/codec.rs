@@ -414,7 +414,7 @@ pub struct Interner {
 ///
 /// Up to 16 bytes it compares two overlapping words from each side (the usual
 /// trick for short keys): no call, no copy to the stack.
-#[inline]
+#[inline(always)]
 pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
     if n != b.len() {
