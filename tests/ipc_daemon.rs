@@ -26,11 +26,32 @@ fn raw_hello(socket: &std::path::Path, protocol: u32) -> (u8, Vec<u8>) {
     )
     .unwrap();
     s.write_all(&hello).unwrap();
+    read_frame(&mut s)
+}
+
+/// Reads one frame (kind, body) from a raw client connection.
+fn read_frame(s: &mut std::os::unix::net::UnixStream) -> (u8, Vec<u8>) {
     let mut head = [0u8; 5];
     s.read_exact(&mut head).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize - 1];
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let mut body = vec![0u8; len - 1];
     s.read_exact(&mut body).unwrap();
     (head[4], body)
+}
+
+/// A raw client that has said HELLO and got WELCOME.
+fn raw_client(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let hello = Hello {
+        protocol: frame::PROTOCOL_VERSION,
+        client_id: "raw".into(),
+        token: None,
+        watch: false,
+    };
+    s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
+        .unwrap();
+    assert_eq!(read_frame(&mut s).0, kind::WELCOME);
+    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,24 +134,7 @@ async fn a_publish_with_request_id_zero_gets_no_reply() {
     let _d = Daemon::start(DaemonConfig::new(&socket)).unwrap();
     let sock = socket.clone();
     let (first_reply, ok) = tokio::task::spawn_blocking(move || {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        let read_frame = |s: &mut std::os::unix::net::UnixStream| {
-            let mut head = [0u8; 5];
-            s.read_exact(&mut head).unwrap();
-            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            let mut body = vec![0u8; len - 1];
-            s.read_exact(&mut body).unwrap();
-            (head[4], body)
-        };
-        let hello = Hello {
-            protocol: frame::PROTOCOL_VERSION,
-            client_id: "raw".into(),
-            token: None,
-            watch: false,
-        };
-        s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
-            .unwrap();
-        assert_eq!(read_frame(&mut s).0, kind::WELCOME);
+        let mut s = raw_client(&sock);
         let env = switchyard::Envelope::new(
             1,
             "raw".into(),
@@ -192,24 +196,7 @@ async fn runs_of_sends_are_forwarded_in_order_and_unknown_targets_nacked() {
         .map(|p| p.1)
         .collect();
     let nacked = tokio::task::spawn_blocking(move || {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        let read_frame = |s: &mut std::os::unix::net::UnixStream| {
-            let mut head = [0u8; 5];
-            s.read_exact(&mut head).unwrap();
-            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            let mut body = vec![0u8; len - 1];
-            s.read_exact(&mut body).unwrap();
-            (head[4], body)
-        };
-        let hello = Hello {
-            protocol: frame::PROTOCOL_VERSION,
-            client_id: "raw".into(),
-            token: None,
-            watch: false,
-        };
-        s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
-            .unwrap();
-        assert_eq!(read_frame(&mut s).0, kind::WELCOME);
+        let mut s = raw_client(&sock);
         let mut out = Vec::new();
         for (to, id) in &plan {
             let env = switchyard::Envelope::new(
