@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
-use switchyard::core::envelope::now_micros;
 use switchyard::ipc::bench_support::{self as raw, Latency};
 use switchyard::ipc::{IpcBus, IpcConfig, unique_socket_path};
-use switchyard::{Address, Envelope, EventRef, MachineId, Node, Session};
+use switchyard::{Envelope, EventRef, MachineId, Node, Session};
 
 const ROLE: &str = "SWITCHYARD_BENCH_ROLE";
 const PAYLOAD: usize = 64;
@@ -125,18 +124,7 @@ async fn child(role: &str) -> AnyResult<()> {
                     .machine(id.as_str(), "Echo")
                     .handler(|node: &Node, ev: Envelope| {
                         // Echo the payload bytes as they came, like the raw echo does.
-                        let to = ev
-                            .headers
-                            .reply_to
-                            .clone()
-                            .unwrap_or_else(|| ev.source.clone());
-                        let mut reply = node.envelope(Address::Machine(to.clone()), "PONG", ());
-                        reply.payload = ev.payload.clone();
-                        reply.headers.correlation_id = ev.headers.correlation_id;
-                        reply.headers.is_reply = ev.headers.correlation_id.is_some();
-                        // The precise time the request arrived: the sender derives the one-way latency.
-                        reply.headers.sent_at_us = now_micros();
-                        let _ = node.post_envelope(to, reply);
+                        let _ = node.post_reply(&ev, "PONG", ev.payload.clone());
                     })
                     .build()
                     .await?;
@@ -317,7 +305,7 @@ async fn ipc_pingpong(
     sender: &Node,
     p2p: bool,
     n: u64,
-) -> AnyResult<(Latency, Latency)> {
+) -> AnyResult<Latency> {
     let id = format!("echo-{tag}");
     let mode = if p2p { "p2p" } else { "bus" };
     let _echo = Proc::start(
@@ -333,18 +321,14 @@ async fn ipc_pingpong(
             .await?;
     }
     let mut h = raw::histogram();
-    let mut one_way = raw::histogram();
     for _ in 0..n {
-        let t0 = now_micros();
         let t = Instant::now();
-        let r = sender
+        sender
             .request(id.as_str(), "PING", payload.clone(), TIMEOUT)
             .await?;
         h.saturating_record(t.elapsed().as_nanos() as u64);
-        // Both processes read the same host clock (CLOCK_REALTIME), to the microsecond.
-        one_way.saturating_record(r.headers.sent_at_us.saturating_sub(t0).max(1) * 1000);
     }
-    Ok((raw::latency(&h), raw::latency(&one_way)))
+    Ok(raw::latency(&h))
 }
 
 fn lat(l: &Latency) -> String {
@@ -452,9 +436,9 @@ async fn parent() -> AnyResult<()> {
         let echo = Proc::start("raw-echo", &raw_sock, &[])?;
         let raw_pp = raw::raw_ping(&raw_sock, pings, frame).await?;
         drop(echo);
-        let (p2p_pp, p2p_ow) =
+        let p2p_pp =
             ipc_pingpong(&format!("{round}-p2p"), &daemon_sock, &p2p_src, true, pings).await?;
-        let (bus_pp, bus_ow) = ipc_pingpong(
+        let bus_pp = ipc_pingpong(
             &format!("{round}-bus"),
             &daemon_sock,
             &bus_src,
@@ -495,12 +479,6 @@ async fn parent() -> AnyResult<()> {
             "  ping-pong ipc bus    {}  p50 ratio {:.2}  (two daemon hops per round trip)",
             lat(&bus_pp),
             bus_pp.p50_us / raw_pp.p50_us
-        );
-        println!("  one-way latency (request to handler, same host clock):");
-        println!("            ipc p2p    {}", lat(&p2p_ow));
-        println!(
-            "            ipc bus    {}  (through the daemon)",
-            lat(&bus_ow)
         );
         for (row, v) in ratios.iter_mut().zip([
             p2p_tp / raw_tp,

@@ -5,49 +5,84 @@
 //! looks up where the target lives and hands the message to the best transport
 //! for that distance.
 //!
-//! This facade re-exports the crates and wires the transports enabled by cargo
-//! features into [`builder`]:
+//! Start with [`builder`] (it wires the transports enabled by cargo features) and
+//! `use switchyard::prelude::*`:
 //!
-//! | feature | transport | reaches |
+//! | feature | what | reaches |
 //! |---|---|---|
-//! | `direct` (default) | [`direct`] | same thread |
-//! | `memory` (default) | [`memory`] | same thread, same process |
-//! | `ipc` (default) | [`ipc`] | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
+//! | `direct` (default) | [`direct`] transport | same thread |
+//! | `memory` (default) | [`memory`] transport | same thread, same process |
+//! | `ipc` (default) | [`ipc`] transport | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
+//! | `machine` (default) | [`machine`]: XState-style JSON statecharts bound to a [`Node`] | |
 //!
 //! ```
+//! use std::time::Duration;
+//! use switchyard::prelude::*;
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> switchyard::Result<()> {
 //! let session = switchyard::builder().build()?;
-//! let pong = session
+//! let _pong = session
 //!     .machine("pong", "PongService")
 //!     .handler(|node, ev| { let _ = node.post_reply(&ev, "PONG", ()); })
 //!     .build()
 //!     .await?;
 //! let ping = session.machine("ping", "PingService").build().await?;
-//! let reply = ping.request(pong.id().clone(), "PING", (), std::time::Duration::from_secs(1)).await?;
+//! // Resolve once, then send without lookups.
+//! let to_pong = ping.sender("pong").await?;
+//! let reply = to_pong.message("PING", ()).request(Duration::from_secs(1)).await?;
 //! assert_eq!(reply.name(), "PONG");
+//! assert_eq!(reply.carried_by, Some("memory"));
 //! # Ok(()) }
 //! ```
+//!
+//! Writing a transport? Everything it implements and uses is in [`transport`].
 
 use std::sync::Arc;
 
-pub use switchyard_core as core;
-pub use switchyard_core::*;
+pub use switchyard_core::{
+    Address, Balance, ContextId, Delayed, Envelope, EnvelopeData, Error, EventRef, FullPolicy,
+    Headers, Location, MachineBuilder, MachineEntry, MachineId, MailboxConfig, Message, Name, Node,
+    NodeStats, Payload, PayloadRef, Publisher, Registry, RegistryEvent, ReplyTo, Result, Route,
+    Sender, Session, SubscribeOptions, SubscriptionHandle, TopicPattern, glob_matches,
+};
 #[cfg(feature = "direct")]
 pub use switchyard_direct as direct;
 #[cfg(feature = "ipc")]
 pub use switchyard_ipc as ipc;
+#[cfg(feature = "machine")]
+pub use switchyard_machine as machine;
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;
-pub use switchyard_selector as selector;
 pub use switchyard_selector::{Selector, SelectorBuilder};
+
+/// What most programs need: `use switchyard::prelude::*;`.
+pub mod prelude {
+    pub use crate::{Builder, builder};
+    pub use switchyard_core::{
+        Address, Envelope, Error, EventRef, FullPolicy, Location, MachineId, Node, Publisher,
+        Result, Sender, Session, SubscribeOptions,
+    };
+}
+
+/// For transport and registry authors: the traits a transport implements and the
+/// types it meets (see docs/ARCHITECTURE.md).
+pub mod transport {
+    /// Envelope details transports need (clocks, headers).
+    pub use switchyard_core::envelope;
+    pub use switchyard_core::{
+        Capabilities, DeliveryGuarantee, Filter, Handler, Inbox, LocalRegistry, Mailbox,
+        MessageOrdering, Offer, OneEvent, Outgoing, OutgoingRef, PubSub, Reach, RoutePlan, Router,
+        SessionBuilder, Subscription, SubscriptionId, Transport, TransportHealth,
+    };
+    pub use switchyard_core::{Link, LocalValue};
+}
 
 /// A session builder with the enabled transports wired into the selector.
 pub struct Builder {
-    session: SessionBuilder,
+    session: switchyard_core::SessionBuilder,
     selector: SelectorBuilder,
 }
 
-/// Starts a [`Builder`] with every transport enabled by cargo features.
+/// Starts a [`Builder`] with every transport enabled by cargo features: the one way to build a session.
 pub fn builder() -> Builder {
     #[allow(unused_mut)]
     let mut selector = Selector::builder();
@@ -60,14 +95,17 @@ pub fn builder() -> Builder {
         selector = selector.transport(Arc::new(memory::MemoryTransport::new()));
     }
     Builder {
-        session: SessionBuilder::new(),
+        session: switchyard_core::SessionBuilder::new(),
         selector,
     }
 }
 
 impl Builder {
     /// Adjusts the session settings (strict links, registry, heartbeats, host id).
-    pub fn session(mut self, f: impl FnOnce(SessionBuilder) -> SessionBuilder) -> Self {
+    pub fn session(
+        mut self,
+        f: impl FnOnce(switchyard_core::SessionBuilder) -> switchyard_core::SessionBuilder,
+    ) -> Self {
         self.session = f(self.session);
         self
     }
@@ -77,7 +115,7 @@ impl Builder {
         self
     }
     /// Adds a transport after the built-in ones.
-    pub fn transport(mut self, t: Arc<dyn Transport>) -> Self {
+    pub fn transport(mut self, t: Arc<dyn transport::Transport>) -> Self {
         self.selector = self.selector.transport(t);
         self
     }
@@ -89,8 +127,10 @@ impl Builder {
         self.transport(bus.transport())
             .session(|s| s.registry(registry))
     }
-    /// Builds the session; must run inside a tokio runtime.
+    /// Builds the session; must run inside a tokio runtime. A selector preference naming a
+    /// transport that is not configured is [`Error::Config`].
     pub fn build(self) -> Result<Session> {
-        self.session.router(Arc::new(self.selector.build())).build()
+        let selector = self.selector.build()?;
+        self.session.router(Arc::new(selector)).build()
     }
 }

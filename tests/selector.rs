@@ -5,16 +5,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard::{
-    Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry, MachineId,
-    MessageOrdering, Node, Result, Transport, TransportHealth,
+use switchyard::transport::{
+    Capabilities, DeliveryGuarantee, Inbox, Link, MessageOrdering, Outgoing, Transport,
+    TransportHealth,
 };
+use switchyard::{Envelope, Error, Location, MachineEntry, MachineId, Node, Result};
 use tokio::sync::mpsc;
 
 /// A transport that reaches every location and fails every send, retryably or not.
 struct Failing {
     retryable: bool,
-    attempts: AtomicUsize,
+    attempts: Arc<AtomicUsize>,
     caps: Capabilities,
 }
 
@@ -22,7 +23,7 @@ impl Failing {
     fn new(retryable: bool) -> Arc<Failing> {
         Arc::new(Failing {
             retryable,
-            attempts: AtomicUsize::new(0),
+            attempts: Arc::new(AtomicUsize::new(0)),
             caps: Capabilities {
                 locations: Location::ALL.to_vec(),
                 ordering: MessageOrdering::Unordered,
@@ -33,7 +34,25 @@ impl Failing {
                 groups: false,
                 request: false,
                 mailboxes: false,
+                priority: false,
             },
+        })
+    }
+}
+
+struct FailingLink {
+    retryable: bool,
+    attempts: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Link for FailingLink {
+    async fn send(&self, _out: &mut dyn Outgoing) -> Result<()> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        Err(Error::Transport {
+            transport: "failing",
+            reason: "link down (test)".into(),
+            retryable: self.retryable,
         })
     }
 }
@@ -52,13 +71,11 @@ impl Transport for Failing {
     async fn unbind(&self, _: &MachineId) -> Result<()> {
         Ok(())
     }
-    async fn send(&self, _: &MachineId, _: Envelope) -> Result<()> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        Err(Error::Transport {
-            transport: "failing",
-            reason: "link down (test)".into(),
+    async fn link(&self, _: &MachineEntry) -> Result<Arc<dyn Link>> {
+        Ok(Arc::new(FailingLink {
             retryable: self.retryable,
-        })
+            attempts: self.attempts.clone(),
+        }))
     }
     fn health(&self) -> TransportHealth {
         TransportHealth::default()
@@ -280,5 +297,17 @@ async fn removing_a_transport_by_configuration() {
         next(&mut rx).await.carried_by,
         Some("memory"),
         "memory also reaches same-thread machines"
+    );
+}
+
+#[tokio::test]
+async fn a_preference_naming_an_unknown_transport_fails_the_build() {
+    let err = switchyard::builder()
+        .selector(|sel| sel.prefer(Location::SameProcess, ["memroy"]))
+        .build()
+        .expect_err("a misspelt transport name is an error");
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("memroy") && m.contains("memory")),
+        "the error names the bad name and the configured ones: {err}"
     );
 }

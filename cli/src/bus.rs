@@ -90,7 +90,7 @@ async fn status(socket: PathBuf, token: Option<String>) -> CliResult {
     let last = if h.last_activity_us == 0 {
         "never".to_string()
     } else {
-        let ago = switchyard::core::envelope::now_micros().saturating_sub(h.last_activity_us);
+        let ago = switchyard::transport::envelope::now_micros().saturating_sub(h.last_activity_us);
         format!("{:.1} s ago", ago as f64 / 1e6)
     };
     println!("switchyard bus on {}", socket.display());

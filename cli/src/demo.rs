@@ -237,20 +237,20 @@ struct Demo<'a> {
 }
 
 impl Demo<'_> {
-    async fn by_id(&mut self, to: &str, event: &str) -> CliResult {
+    async fn by_id(&mut self, to: &str, event: &'static str) -> CliResult {
         self.ui.send(to, event, ()).await?;
         let r = self.answer(event).await?;
         self.print(&r, "by id".to_string()).await
     }
 
-    async fn by_type(&mut self, machine_type: &str, event: &str) -> CliResult {
+    async fn by_type(&mut self, machine_type: &str, event: &'static str) -> CliResult {
         self.ui.send_to_any_of_type(machine_type, event, ()).await?;
         let r = self.answer(event).await?;
         self.print(&r, format!("by type {machine_type}")).await
     }
 
     /// Publishes and waits for the `expected` subscribers of the deployment to answer.
-    async fn by_topic(&mut self, topic: &str, event: &str, expected: usize) -> CliResult {
+    async fn by_topic(&mut self, topic: &str, event: &'static str, expected: usize) -> CliResult {
         // Cross-process subscribers are counted by the daemon, not here, so wait for the known ones.
         self.ui.publish(topic, event, ()).await?;
         let n = expected;

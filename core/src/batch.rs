@@ -1,17 +1,17 @@
-//! Batches of events to one machine, taken by transports either as envelopes or encoded in place.
+//! Events on their way to one machine (one or a batch), taken by links either as
+//! envelopes or encoded in place.
 //!
-//! [`crate::Node::send_batch`] does not wrap each event in an [`Envelope`]:
-//! a transport that writes frames (ipc) encodes every event straight from the
-//! caller's value through [`Outgoing::front`], and in-process transports take
-//! envelopes built on demand with [`Outgoing::pop`].
-
-use std::collections::VecDeque;
-use std::sync::Arc;
+//! A send does not wrap its event in an [`Envelope`] up front: a link that writes
+//! frames (ipc) encodes each event straight from the caller's value through
+//! [`Outgoing::front`], and in-process links take envelopes built on demand with
+//! [`Outgoing::pop`]. A single send is a batch of one ([`OneEvent`]).
 
 use serde::Serialize;
+use std::collections::VecDeque;
 
 use crate::address::{Address, MachineId};
-use crate::envelope::{Envelope, Headers};
+use crate::envelope::{Envelope, EnvelopeData, Headers};
+use crate::name::Name;
 use crate::payload::{Payload, PayloadRef};
 
 /// The next event of a batch, borrowed, with every envelope field a wire encoder needs.
@@ -62,8 +62,131 @@ pub trait Outgoing: Send {
     fn advance(&mut self);
     /// Takes the next event as an envelope.
     fn pop(&mut self) -> Option<Envelope>;
+    /// Takes the next event as an envelope marked as carried by `carrier`
+    /// ([`crate::EnvelopeData::carried_by`]); builders mark it as they build it, which saves
+    /// the copy-on-write check of marking it afterwards.
+    fn pop_by(&mut self, carrier: &'static str) -> Option<Envelope> {
+        let mut env = self.pop()?;
+        if env.carried_by != Some(carrier) {
+            env.carried_by = Some(carrier);
+        }
+        Some(env)
+    }
     /// Puts back an envelope taken with [`Outgoing::pop`] that the transport could not take.
     fn push_front(&mut self, env: Envelope);
+}
+
+impl Outgoing for Option<Envelope> {
+    fn len(&self) -> usize {
+        usize::from(self.is_some())
+    }
+    fn front(&self) -> Option<OutgoingRef<'_>> {
+        self.as_ref().map(OutgoingRef::of)
+    }
+    fn advance(&mut self) {
+        *self = None;
+    }
+    fn pop(&mut self) -> Option<Envelope> {
+        self.take()
+    }
+    fn push_front(&mut self, env: Envelope) {
+        *self = Some(env);
+    }
+}
+
+/// One event from a caller's value: what a single send hands its link.
+///
+/// Nothing is allocated until a link takes it as an envelope ([`Outgoing::pop`]);
+/// a link that encodes in place takes it borrowed ([`Outgoing::front`]).
+pub struct OneEvent<'a, P> {
+    id: u64,
+    source: &'a MachineId,
+    target: &'a Address,
+    event: Name,
+    headers: Headers,
+    state: OneState<P>,
+}
+
+enum OneState<P> {
+    Value(P),
+    Envelope(Envelope),
+    Taken,
+}
+
+impl<'a, P: Serialize + Send + Sync + 'static> OneEvent<'a, P> {
+    /// The event `id` from `source` to `target`.
+    pub fn new(
+        id: u64,
+        source: &'a MachineId,
+        target: &'a Address,
+        event: Name,
+        payload: P,
+        headers: Headers,
+    ) -> OneEvent<'a, P> {
+        OneEvent {
+            id,
+            source,
+            target,
+            event,
+            headers,
+            state: OneState::Value(payload),
+        }
+    }
+}
+
+impl<P: Serialize + Send + Sync + 'static> OneEvent<'_, P> {
+    fn take(&mut self, carrier: Option<&'static str>) -> Option<Envelope> {
+        match std::mem::replace(&mut self.state, OneState::Taken) {
+            OneState::Value(p) => Some(Envelope::from(EnvelopeData {
+                id: self.id,
+                source: self.source.clone(),
+                target: self.target.clone(),
+                event: self.event.clone(),
+                payload: Payload::new(p),
+                headers: self.headers.clone(),
+                carried_by: carrier,
+            })),
+            OneState::Envelope(mut env) => {
+                if carrier.is_some() && env.carried_by != carrier {
+                    env.carried_by = carrier;
+                }
+                Some(env)
+            }
+            OneState::Taken => None,
+        }
+    }
+}
+
+impl<P: Serialize + Send + Sync + 'static> Outgoing for OneEvent<'_, P> {
+    fn len(&self) -> usize {
+        usize::from(!matches!(self.state, OneState::Taken))
+    }
+    fn front(&self) -> Option<OutgoingRef<'_>> {
+        match &self.state {
+            OneState::Value(p) => Some(OutgoingRef {
+                id: self.id,
+                source: self.source,
+                target: self.target,
+                event: &self.event,
+                payload: PayloadRef::of(p),
+                headers: &self.headers,
+            }),
+            OneState::Envelope(env) => Some(OutgoingRef::of(env)),
+            OneState::Taken => None,
+        }
+    }
+    fn advance(&mut self) {
+        self.state = OneState::Taken;
+    }
+    fn pop(&mut self) -> Option<Envelope> {
+        self.take(None)
+    }
+    fn pop_by(&mut self, carrier: &'static str) -> Option<Envelope> {
+        self.take(Some(carrier))
+    }
+    fn push_front(&mut self, env: Envelope) {
+        self.state = OneState::Envelope(env);
+    }
 }
 
 impl Outgoing for VecDeque<Envelope> {
@@ -96,7 +219,7 @@ pub(crate) struct ValueBatch<E, P> {
     returned: Vec<Envelope>,
 }
 
-impl<E: AsRef<str> + Into<Arc<str>> + Send, P: Serialize + Send + Sync + 'static> ValueBatch<E, P> {
+impl<E: Into<Name> + AsRef<str> + Send, P: Serialize + Send + Sync + 'static> ValueBatch<E, P> {
     /// `items` numbered from `first_id`, all stamped `sent_at_us`.
     pub(crate) fn new(
         source: MachineId,
@@ -119,7 +242,7 @@ impl<E: AsRef<str> + Into<Arc<str>> + Send, P: Serialize + Send + Sync + 'static
     }
 }
 
-impl<E: AsRef<str> + Into<Arc<str>> + Send, P: Serialize + Send + Sync + 'static> Outgoing
+impl<E: Into<Name> + AsRef<str> + Send, P: Serialize + Send + Sync + 'static> Outgoing
     for ValueBatch<E, P>
 {
     fn len(&self) -> usize {

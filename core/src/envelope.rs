@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::{Address, MachineId};
 use crate::error::{Error, Result};
+use crate::name::Name;
 use crate::payload::{Payload, PayloadRef};
 
 /// Microseconds since the Unix epoch, from the precise clock.
@@ -82,7 +83,7 @@ pub struct EnvelopeData {
     /// Where it goes.
     pub target: Address,
     /// The event name, e.g. `"ORDER_PLACED"`.
-    pub event: Arc<str>,
+    pub event: Name,
     /// The data.
     pub payload: Payload,
     /// Correlation, reply-to, timing, priority, expiry.
@@ -110,11 +111,13 @@ impl EnvelopeData {
 
 /// One event on its way from a source machine to an address.
 ///
-/// Boxed so that handing it from sender to transport to handler moves one
-/// pointer instead of the whole envelope; read and write its fields directly
-/// (`env.headers`, `env.source`) through `Deref`.
+/// Shared behind one `Arc`: handing it from sender to transport to handler
+/// moves one pointer, and a publish to many subscribers shares one envelope
+/// instead of copying it. Read its fields directly (`env.headers`,
+/// `env.source`) through `Deref`; writing through `DerefMut` copies the fields
+/// first if another holder shares them.
 #[derive(Clone, Debug)]
-pub struct Envelope(Box<EnvelopeData>);
+pub struct Envelope(Arc<EnvelopeData>);
 
 impl std::ops::Deref for Envelope {
     type Target = EnvelopeData;
@@ -125,13 +128,13 @@ impl std::ops::Deref for Envelope {
 
 impl std::ops::DerefMut for Envelope {
     fn deref_mut(&mut self) -> &mut EnvelopeData {
-        &mut self.0
+        Arc::make_mut(&mut self.0)
     }
 }
 
 impl From<EnvelopeData> for Envelope {
     fn from(d: EnvelopeData) -> Envelope {
-        Envelope(Box::new(d))
+        Envelope(Arc::new(d))
     }
 }
 
@@ -141,10 +144,10 @@ impl Envelope {
         id: u64,
         source: MachineId,
         target: Address,
-        event: Arc<str>,
+        event: Name,
         payload: Payload,
     ) -> Envelope {
-        Envelope(Box::new(EnvelopeData {
+        Envelope(Arc::new(EnvelopeData {
             id,
             source,
             target,
@@ -163,11 +166,11 @@ impl Envelope {
         id: u64,
         source: MachineId,
         target: Address,
-        event: Arc<str>,
+        event: Name,
         payload: Payload,
         headers: Headers,
     ) -> Envelope {
-        Envelope(Box::new(EnvelopeData {
+        Envelope(Arc::new(EnvelopeData {
             id,
             source,
             target,
@@ -178,9 +181,14 @@ impl Envelope {
         }))
     }
 
-    /// The fields, unboxed.
+    /// The fields (copied if another holder shares them).
     pub fn into_data(self) -> EnvelopeData {
-        *self.0
+        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
+    }
+
+    /// Whether no other holder shares this envelope (writing to it then copies nothing).
+    pub fn is_unique(&mut self) -> bool {
+        Arc::get_mut(&mut self.0).is_some()
     }
 
     /// Sets an expiry `ttl` from now.
@@ -224,7 +232,7 @@ struct WireEnvelope {
     id: u64,
     source: MachineId,
     target: Address,
-    event: Arc<str>,
+    event: Name,
     #[serde(with = "bytes_as_bin")]
     payload: Bytes,
     headers: Headers,
@@ -297,7 +305,7 @@ impl<'a> EventRef<'a> {
             self.id,
             self.source.into(),
             target,
-            self.event.into(),
+            Name::new(self.event),
             self.payload.to_payload()?,
             self.headers.clone(),
         );

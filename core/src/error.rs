@@ -144,16 +144,34 @@ pub enum Error {
     /// The session has been shut down.
     #[error("the session is shut down: create a new session")]
     SessionClosed,
+    /// The configuration cannot work (e.g. a selector preference names no configured transport).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A send to several machines reached some of them; the others failed.
+    #[error(
+        "delivered to {delivered}, failed for {}: {}",
+        failed.len(),
+        failed.iter().map(|(id, e)| format!("`{id}`: {e}")).collect::<Vec<_>>().join("; ")
+    )]
+    Partial {
+        /// How many machines got it.
+        delivered: usize,
+        /// Each machine that did not, with why.
+        failed: Vec<(MachineId, Error)>,
+    },
 }
 
 impl Error {
-    /// Whether the selector may try the next transport for the same location.
+    /// Whether the selector may try the next transport for the same location: the
+    /// transport cannot carry anything now (closed, unsupported, not connected).
+    ///
+    /// A failure of one event ([`Error::TooLarge`], a full mailbox) is not retryable:
+    /// sending that event another way would let it overtake the events before it.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             Error::Closed(_)
                 | Error::NotSupported { .. }
-                | Error::TooLarge { .. }
                 | Error::Transport {
                     retryable: true,
                     ..

@@ -1,17 +1,22 @@
 //! Switchyard core: the pieces every transport and every machine share.
 //!
-//! - [`Envelope`], [`Address`], [`Location`] and [`Payload`] (any serde value, MessagePack on the wire);
-//! - the object-safe [`Transport`] trait, with its [`Capabilities`] as data;
+//! - [`Envelope`], [`Address`], [`Location`], [`Name`] and [`Payload`] (any serde
+//!   value, handed over as it is in process and MessagePack on the wire);
+//! - the object-safe [`Transport`] trait, the per-target [`Link`] it resolves and the
+//!   optional [`PubSub`] trait, with [`Capabilities`] as data;
 //! - the [`Registry`] trait and the in-process [`LocalRegistry`];
-//! - [`Session`] (an isolated universe) and [`Node`] (what a machine holds to talk).
+//! - [`Session`] (an isolated universe) and [`Node`] (what a machine holds to talk),
+//!   with declared [`Sender`]s and [`Publisher`]s for hot paths.
 //!
-//! Transports live in their own crates; `switchyard-selector` picks one per send by location.
+//! Transports live in their own crates; `switchyard-selector` picks one per send by
+//! location. docs/ARCHITECTURE.md shows how a send travels from a `Node` to a handler.
 
 pub mod address;
 pub mod batch;
 pub mod envelope;
 pub mod error;
 pub mod location;
+pub mod name;
 pub mod node;
 pub mod payload;
 pub mod registry;
@@ -20,19 +25,22 @@ pub mod topic;
 pub mod transport;
 
 pub use address::{Address, MachineId};
-pub use batch::{Outgoing, OutgoingRef};
+pub use batch::{OneEvent, Outgoing, OutgoingRef};
 pub use envelope::{Envelope, EnvelopeData, EventRef, Headers};
 pub use error::{Error, Result};
 pub use location::Location;
+pub use name::Name;
+pub use node::request::ReplyTo;
 pub use node::{
-    Balance, Delayed, FullPolicy, Handler, Inbox, MachineBuilder, MailboxConfig, Node, NodeStats,
-    SubscribeOptions, SubscriptionHandle,
+    Balance, Delayed, ErrorHook, FullPolicy, Handler, Inbox, MachineBuilder, Mailbox,
+    MailboxConfig, Message, Node, NodeStats, Offer, Publisher, Route, Sender, SubscribeOptions,
+    SubscriptionHandle,
 };
 pub use payload::{LocalValue, Payload, PayloadRef};
 pub use registry::{LocalRegistry, MachineEntry, Registry, RegistryEvent, glob_matches};
-pub use session::{ContextId, Route, Router, Session, SessionBuilder};
+pub use session::{ContextId, RoutePlan, Router, Session, SessionBuilder};
 pub use topic::TopicPattern;
 pub use transport::{
-    Capabilities, DeliveryGuarantee, Filter, MessageOrdering, Subscription, SubscriptionId,
-    TargetHandle, Transport, TransportHealth, TrySend,
+    Capabilities, DeliveryGuarantee, Filter, Link, MessageOrdering, PubSub, Reach, Subscription,
+    SubscriptionId, Transport, TransportHealth,
 };

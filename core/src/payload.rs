@@ -61,12 +61,19 @@ impl fmt::Debug for Payload {
 }
 
 impl Payload {
-    /// Wraps a value; `()` becomes [`Payload::Empty`].
+    /// Wraps a value; `()` becomes [`Payload::Empty`], and a `Payload` is taken as it is
+    /// (so a received payload can be sent on without wrapping it again).
     pub fn new<T: Serialize + Send + Sync + 'static>(value: T) -> Payload {
         if TypeId::of::<T>() == TypeId::of::<()>() {
-            Payload::Empty
-        } else {
-            Payload::Value(Arc::new(value))
+            return Payload::Empty;
+        }
+        let mut slot = Some(value);
+        if let Some(p) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Payload>>() {
+            return p.take().unwrap_or_default();
+        }
+        match slot {
+            Some(value) => Payload::Value(Arc::new(value)),
+            None => Payload::Empty,
         }
     }
 
@@ -139,13 +146,16 @@ impl fmt::Debug for PayloadRef<'_> {
 }
 
 impl<'a> PayloadRef<'a> {
-    /// Borrows a value to be sent; `()` is [`PayloadRef::Empty`], as with [`Payload::new`].
+    /// Borrows a value to be sent; `()` is [`PayloadRef::Empty`] and a `Payload` lends
+    /// its own view, as with [`Payload::new`].
     pub fn of<T: Serialize + Send + Sync + 'static>(value: &'a T) -> PayloadRef<'a> {
         if TypeId::of::<T>() == TypeId::of::<()>() {
-            PayloadRef::Empty
-        } else {
-            PayloadRef::Value(value)
+            return PayloadRef::Empty;
         }
+        if let Some(p) = (value as &dyn Any).downcast_ref::<Payload>() {
+            return p.view();
+        }
+        PayloadRef::Value(value)
     }
 
     /// Whether there is no data.
@@ -208,6 +218,25 @@ impl<'a> PayloadRef<'a> {
             PayloadRef::Value(v) => Payload::Encoded(Bytes::from(v.encode()?)),
         })
     }
+}
+
+/// A payload serializes as the value it holds, so it can travel inside other values.
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Payload::Empty => s.serialize_unit(),
+            Payload::Encoded(b) => transcode(b, s),
+            Payload::Value(v) => {
+                let bytes = v.encode().map_err(serde::ser::Error::custom)?;
+                transcode(&bytes, s)
+            }
+        }
+    }
+}
+
+fn transcode<S: serde::Serializer>(bytes: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+    let v = rmpv::decode::read_value(&mut &bytes[..]).map_err(serde::ser::Error::custom)?;
+    v.serialize(s)
 }
 
 impl Payload {

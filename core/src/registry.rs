@@ -52,6 +52,9 @@ pub enum RegistryEvent {
         /// Its new health.
         healthy: bool,
     },
+    /// Events may have been missed (a shared registry reconnected): anything cached
+    /// from the registry should be read again.
+    Resync,
 }
 
 /// Where machines are registered and discovered; in-process ([`LocalRegistry`]) or shared.

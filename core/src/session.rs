@@ -6,179 +6,90 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use rustc_hash::FxHashMap;
+use tokio::sync::{broadcast, watch};
 
-use crate::address::{Address, MachineId};
-use crate::batch::{Outgoing, OutgoingRef};
-use crate::envelope::Envelope;
+use crate::address::MachineId;
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::node::{MachineBuilder, NodeInner};
-use crate::registry::{LocalRegistry, MachineEntry, Registry};
-use crate::transport::{TargetHandle, Transport, TrySend};
+use crate::registry::{LocalRegistry, MachineEntry, Registry, RegistryEvent};
+use crate::transport::{Reach, Transport};
 
-/// Picks the transports for a send; `switchyard-selector` provides the standard one.
-pub trait Router: Send + Sync {
-    /// The route from `from` to `to`: the computed location and the transports to try, in order.
-    fn route(&self, from: &MachineEntry, to: &MachineEntry) -> Result<Route>;
-    /// The location of `to` as seen from `from`, overrides included, whether or not a transport reaches it.
-    fn locate(&self, from: &MachineEntry, to: &MachineEntry) -> Location {
-        Location::between(from, to)
-    }
-    /// Transports that carry topics and groups, each used once per publish.
-    fn pubsub(&self) -> &[Arc<dyn Transport>];
-    /// Every transport of the session; machines are bound to each.
-    fn transports(&self) -> &[Arc<dyn Transport>];
-}
-
-/// A resolved route: where the target is and which transports to try, first to last.
+/// Where a send goes: the location of the target and the transports to try, in order.
 #[derive(Clone)]
-pub struct Route {
+pub struct RoutePlan {
     /// The target's location as seen from the sender.
     pub location: Location,
     /// Transports to try; the next one is used only after a retryable failure.
     pub transports: Arc<[Arc<dyn Transport>]>,
-    handles: Arc<[Option<TargetHandle>]>,
-    /// The target as an address, once resolved, so sends along the route need not build it.
-    target: Option<Address>,
 }
 
-impl fmt::Debug for Route {
+impl fmt::Debug for RoutePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<_> = self.transports.iter().map(|t| t.name()).collect();
-        f.debug_struct("Route")
+        f.debug_struct("RoutePlan")
             .field("location", &self.location)
             .field("transports", &names)
             .finish()
     }
 }
 
-impl Route {
-    /// A route through `transports`, in order.
-    pub fn new(location: Location, transports: Arc<[Arc<dyn Transport>]>) -> Route {
-        Route {
-            location,
-            transports,
-            handles: Arc::from(Vec::new()),
-            target: None,
-        }
+/// Picks the transports for a send; `switchyard-selector` provides the standard one.
+pub trait Router: Send + Sync {
+    /// The plan from `from` to `to`: the computed location and the transports to try, in order.
+    fn route(&self, from: &MachineEntry, to: &MachineEntry) -> Result<RoutePlan>;
+    /// The location of `to` as seen from `from`, overrides included, whether or not a transport reaches it.
+    fn locate(&self, from: &MachineEntry, to: &MachineEntry) -> Location {
+        Location::between(from, to)
     }
-
-    /// Resolves the target in each transport once, so sends along this route skip the lookups.
-    pub fn resolved(mut self, to: &MachineId) -> Route {
-        self.handles = self.transports.iter().map(|t| t.resolve(to)).collect();
-        self.target = Some(Address::Machine(to.clone()));
-        self
-    }
-
-    /// The machine this route was resolved for, as an address.
-    pub fn target(&self) -> Option<&Address> {
-        self.target.as_ref()
-    }
-
-    /// Hands a borrowed event to the route's first transport if it takes it now without an
-    /// envelope; `false` means nothing was sent (take the envelope path).
-    pub fn try_send_ref(&self, to: &MachineId, ev: &OutgoingRef<'_>) -> bool {
-        match self.transports.first() {
-            Some(t) => t.try_send_ref(self.handles.first().and_then(Option::as_ref), to, ev),
-            None => false,
-        }
-    }
-
-    fn try_hop(&self, i: usize, to: &MachineId, env: Envelope) -> TrySend {
-        let t = &self.transports[i];
-        match self.handles.get(i) {
-            Some(Some(h)) => t.try_send_resolved(h, to, env),
-            _ => t.try_send(to, env),
-        }
-    }
-
-    /// Sends without awaiting if the route allows; gives the envelope back when the async path is needed.
-    pub fn try_send(
-        &self,
-        to: &MachineId,
-        mut env: Envelope,
-    ) -> Result<Result<&'static str>, Envelope> {
-        for i in 0..self.transports.len() {
-            match self.try_hop(i, to, env) {
-                TrySend::Done(r) => return Ok(r.map(|()| self.transports[i].name())),
-                TrySend::Pending(e) => return Err(e),
-                TrySend::Retry(e, back) if i + 1 < self.transports.len() => {
-                    tracing::debug!(transport = self.transports[i].name(), error = %e, "falling back to the next transport");
-                    env = back;
-                }
-                TrySend::Retry(e, _) => return Ok(Err(e)),
-            }
-        }
-        Ok(Err(Error::NoTransport {
-            target: to.clone(),
-            location: self.location,
-        }))
-    }
-
-    /// Sends along the route, falling back on retryable errors; returns the transport that took it.
-    pub async fn send(&self, to: &MachineId, mut env: Envelope) -> Result<&'static str> {
-        let n = self.transports.len();
-        for i in 0..n {
-            let t = &self.transports[i];
-            let last = i + 1 == n;
-            match self.try_hop(i, to, env) {
-                TrySend::Done(r) => return r.map(|()| t.name()),
-                TrySend::Retry(e, back) => {
-                    if last {
-                        return Err(e);
-                    }
-                    tracing::debug!(transport = t.name(), error = %e, "falling back to the next transport");
-                    env = back;
-                }
-                TrySend::Pending(e) => {
-                    if last {
-                        return t.send(to, e).await.map(|()| t.name());
-                    }
-                    let keep = e.clone();
-                    match t.send(to, e).await {
-                        Ok(()) => return Ok(t.name()),
-                        Err(err) if err.is_retryable() => {
-                            tracing::debug!(transport = t.name(), error = %err, "falling back to the next transport");
-                            env = keep;
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
-            }
-        }
-        Err(Error::NoTransport {
-            target: to.clone(),
-            location: self.location,
-        })
-    }
+    /// The pub/sub transports a publish goes to, each with the span of subscriber
+    /// locations it covers; spans do not overlap, so each subscriber gets a publish once.
+    fn pubsub(&self) -> &[(Arc<dyn Transport>, Reach)];
+    /// The transport that owns consumer groups (memberships and group publishes), if any.
+    fn groups(&self) -> Option<&Arc<dyn Transport>>;
+    /// Every transport of the session; machines are bound to each.
+    fn transports(&self) -> &[Arc<dyn Transport>];
 }
 
-impl Route {
-    /// Sends a batch to one machine in order along the route.
-    ///
-    /// The first transport gets the whole batch; on a retryable error the next
-    /// one gets what was not taken yet, so nothing is lost or sent twice.
-    /// Returns the transport that took the last envelope.
-    pub async fn send_batch(
-        &self,
-        to: &MachineId,
-        envs: &mut dyn Outgoing,
-    ) -> Result<&'static str> {
-        let n = self.transports.len();
-        for (i, t) in self.transports.iter().enumerate() {
-            match t.send_batch(to, envs).await {
-                Ok(()) => return Ok(t.name()),
-                Err(e) if e.is_retryable() && i + 1 < n => {
-                    tracing::debug!(transport = t.name(), error = %e, "falling back to the next transport");
-                }
-                Err(e) => return Err(e),
+/// Routes waiting to hear that their target left or joined again.
+#[derive(Default)]
+pub(crate) struct RouteWatch {
+    by_id: FxHashMap<MachineId, Vec<Weak<AtomicBool>>>,
+    /// Registrations since the last sweep of dead entries.
+    added: usize,
+}
+
+impl RouteWatch {
+    fn add(&mut self, id: &MachineId, flag: &Arc<AtomicBool>) {
+        self.added += 1;
+        if self.added > 4096 {
+            self.added = 0;
+            self.by_id.retain(|_, v| {
+                v.retain(|w| w.strong_count() > 0);
+                !v.is_empty()
+            });
+        }
+        self.by_id
+            .entry(id.clone())
+            .or_default()
+            .push(Arc::downgrade(flag));
+    }
+
+    fn mark(&mut self, id: &MachineId) {
+        if let Some(v) = self.by_id.remove(id) {
+            for f in v.iter().filter_map(Weak::upgrade) {
+                f.store(true, Ordering::Release);
             }
         }
-        Err(Error::NoTransport {
-            target: to.clone(),
-            location: self.location,
-        })
+    }
+
+    fn mark_all(&mut self) {
+        for (_, v) in self.by_id.drain() {
+            for f in v.iter().filter_map(Weak::upgrade) {
+                f.store(true, Ordering::Release);
+            }
+        }
     }
 }
 
@@ -256,18 +167,20 @@ impl SessionBuilder {
     pub fn build(self) -> Result<Session> {
         let router = self.router.ok_or(Error::Transport {
             transport: "session",
-            reason:
-                "no router configured: use switchyard::Session::builder(), which wires the selector"
-                    .into(),
+            reason: "no router configured: build sessions with `switchyard::builder()`, which \
+                     wires the selector and the enabled transports (or give one with \
+                     `SessionBuilder::router`)"
+                .into(),
             retryable: false,
         })?;
-        if tokio::runtime::Handle::try_current().is_err() {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(Error::Transport {
                 transport: "session",
-                reason: "Session::build must be called inside a tokio runtime".into(),
+                reason: "a session must be built inside a tokio runtime (e.g. in `#[tokio::main]`)"
+                    .into(),
                 retryable: false,
             });
-        }
+        };
         let mut rng = fastrand::Rng::new();
         let (local, registry): (Option<Arc<LocalRegistry>>, Arc<dyn Registry>) = match self.registry
         {
@@ -292,8 +205,10 @@ impl SessionBuilder {
             shutdown,
             closed: AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
+            route_watch: Mutex::new(RouteWatch::default()),
+            runtime,
         });
-        let mut tasks = Vec::new();
+        let mut tasks = vec![spawn_route_watcher(&inner)];
         if let Some(local) = local {
             let every = (self.ttl / 4).max(Duration::from_millis(5));
             tasks.push(local.spawn_sweeper(every));
@@ -326,6 +241,29 @@ fn default_host_id() -> Arc<str> {
         .into()
 }
 
+/// Marks cached routes stale when their target leaves or joins again (it may have moved),
+/// and every route when events were missed.
+fn spawn_route_watcher(inner: &Arc<SessionInner>) -> tokio::task::JoinHandle<()> {
+    let mut events = inner.registry.watch();
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        loop {
+            let ev = events.recv().await;
+            let Some(s) = weak.upgrade() else { break };
+            let mut w = lock(&s.route_watch);
+            match ev {
+                Ok(RegistryEvent::Left(id)) => w.mark(&id),
+                Ok(RegistryEvent::Joined(e)) => w.mark(&e.id),
+                Ok(RegistryEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    w.mark_all()
+                }
+                Ok(RegistryEvent::HealthChanged { .. }) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The guarded data stays consistent across a panicking user handler; keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -345,6 +283,9 @@ pub(crate) struct SessionInner {
     pub(crate) shutdown: watch::Sender<bool>,
     closed: AtomicBool,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    route_watch: Mutex<RouteWatch>,
+    /// Where mailbox tasks, posts finished later and delayed sends run.
+    pub(crate) runtime: tokio::runtime::Handle,
 }
 
 fn link_key(a: &MachineId, b: &MachineId) -> (MachineId, MachineId) {
@@ -365,6 +306,12 @@ impl SessionInner {
     }
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+    /// A flag the registry watcher sets when `id` leaves or joins again.
+    pub(crate) fn watch_route(&self, id: &MachineId) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        lock(&self.route_watch).add(id, &flag);
+        flag
     }
     fn live_ids(&self) -> Vec<MachineId> {
         lock(&self.nodes)
@@ -434,8 +381,9 @@ impl SessionInner {
             .filter_map(|(_, w)| w.upgrade())
             .collect();
         for n in nodes {
-            crate::node::Node::from_inner(n).forget_routes();
+            crate::node::Node::from_inner(n).shut();
         }
+        lock(&self.route_watch).mark_all();
         self.links
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -460,11 +408,6 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    /// A builder for a session.
-    pub fn builder() -> SessionBuilder {
-        SessionBuilder::new()
-    }
-
     /// Starts describing a machine; an empty id asks the registry to generate one.
     pub fn machine(
         &self,

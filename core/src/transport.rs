@@ -1,15 +1,21 @@
-//! The one object-safe `Transport` trait every transport crate implements, and what it can do as data.
+//! What a transport implements: the [`Transport`] trait, the per-target [`Link`] it
+//! resolves, the optional [`PubSub`] trait, and its [`Capabilities`] as data.
+//!
+//! A send travels `Node` → cached route → [`Link`] → the target's inbox. The
+//! transport resolves a target into a link once ([`Transport::link`]); the
+//! route caches it until the target leaves or the link closes, and every send
+//! path (one event, a batch, a borrowed event encoded in place) goes through
+//! the link. docs/ARCHITECTURE.md walks through it.
 
-use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::address::MachineId;
-use crate::batch::{Outgoing, OutgoingRef};
+use crate::batch::Outgoing;
 use crate::envelope::Envelope;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::location::Location;
 use crate::node::Inbox;
 use crate::registry::MachineEntry;
@@ -46,14 +52,16 @@ pub struct Capabilities {
     pub max_message_size: Option<usize>,
     /// Whether payloads are serialized (crossing a process).
     pub serializes: bool,
-    /// Topic publish/subscribe.
+    /// Topic publish/subscribe (the transport implements [`PubSub`]).
     pub topics: bool,
     /// Consumer groups (exactly one member receives).
     pub groups: bool,
     /// Request/reply (replies routed back by correlation id).
     pub request: bool,
-    /// Whether it queues into per-machine mailboxes that honour `MailboxConfig` (bound and full policy).
+    /// Whether events wait in the target's mailbox, so `MailboxConfig` (bound and full policy) applies.
     pub mailboxes: bool,
+    /// Whether a higher-priority event overtakes queued lower-priority ones to the same machine.
+    pub priority: bool,
 }
 
 impl Capabilities {
@@ -63,18 +71,135 @@ impl Capabilities {
     }
 }
 
-/// Outcome of [`Transport::try_send`].
-pub enum TrySend {
-    /// Finished without awaiting.
-    Done(Result<()>),
-    /// Needs the async path; here is the envelope back.
-    Pending(Envelope),
-    /// Failed in a way another transport may not (see [`Error::is_retryable`]); here is the envelope back.
-    Retry(Error, Envelope),
+/// One way of carrying envelopes; implemented once per transport crate, used as `Arc<dyn Transport>`.
+///
+/// A transport binds the machines of its session (so they can receive), resolves
+/// targets into [`Link`]s (so others can send to them), reports its health and
+/// closes. Everything on the hot path lives on the link. Transports with topics
+/// also implement [`PubSub`] and return it from [`Transport::pubsub`].
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Short name, e.g. `"memory"`; shown in [`EnvelopeData::carried_by`](crate::EnvelopeData::carried_by).
+    fn name(&self) -> &'static str;
+
+    /// What it can do.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Makes a machine of this session reachable through this transport.
+    ///
+    /// Called for every machine when it is built; a transport should do as little
+    /// as it can here (no task per machine) and start work on first use.
+    async fn bind(&self, entry: &MachineEntry, inbox: Inbox) -> Result<()>;
+
+    /// Makes a machine unreachable through this transport; links to it close.
+    async fn unbind(&self, id: &MachineId) -> Result<()>;
+
+    /// Resolves a target (its registry entry, with whatever endpoints it advertises) into a
+    /// link that carries sends to it. Called once per route, not per send.
+    ///
+    /// A target this transport cannot reach is [`Error::TargetGone`](crate::Error::TargetGone)
+    /// (bound nowhere it knows) or a retryable error (the transport cannot carry anything now).
+    async fn link(&self, to: &MachineEntry) -> Result<Arc<dyn Link>>;
+
+    /// Its topics and groups, if it has them.
+    fn pubsub(&self) -> Option<&dyn PubSub> {
+        None
+    }
+
+    /// Health and counters.
+    fn health(&self) -> TransportHealth;
+
+    /// Stops everything the transport started; later sends fail with [`Error::Closed`](crate::Error::Closed).
+    fn close(&self);
 }
 
-/// A transport's pre-resolved way to reach one target (its mailbox, its connection), cached in a route.
-pub type TargetHandle = Arc<dyn Any + Send + Sync>;
+/// A transport's resolved way to one target: its mailbox, its connection.
+///
+/// Every send path takes events from an [`Outgoing`]: one event or a batch, each
+/// offered borrowed ([`Outgoing::front`], for a transport that encodes it in
+/// place) or owned ([`Outgoing::pop`], an envelope built on demand). What a link
+/// does not take stays in `out`, in order, so the route can hand it to the next
+/// transport without losing or repeating anything.
+///
+/// Only [`Link::send`] is required; a link implementing just that is correct.
+#[async_trait]
+pub trait Link: Send + Sync {
+    /// Takes every event from the front of `out`, in order, waiting where the target's
+    /// policy says to wait.
+    ///
+    /// On error, the event that failed and those after it are still in `out`.
+    async fn send(&self, out: &mut dyn Outgoing) -> Result<()>;
+
+    /// Takes events from the front of `out` without waiting, in order, and stops (with
+    /// `Ok`) at the first one it could only take by waiting, leaving it and the rest in
+    /// `out` for [`Link::send`]. The default takes nothing.
+    ///
+    /// This is the path synchronous handlers (`Node::post`) and the in-process fast
+    /// path use: it must not block.
+    fn try_send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        let _ = out;
+        Ok(())
+    }
+
+    /// Whether the link still reaches its target; `false` once the target left or the
+    /// connection behind the link closed, so the route resolves the target again.
+    fn is_open(&self) -> bool {
+        true
+    }
+}
+
+/// Which subscribers a publish on one transport must reach, by their location
+/// relative to the publisher: the selector gives each pub/sub transport the
+/// nearest-to-farthest span it covers, so that every subscriber gets each publish
+/// exactly once, from the nearest transport that reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Reach {
+    /// Nearest location covered.
+    pub nearest: Location,
+    /// Farthest location covered.
+    pub farthest: Location,
+}
+
+impl Reach {
+    /// Every location.
+    pub const ALL: Reach = Reach {
+        nearest: Location::SameThread,
+        farthest: Location::Remote,
+    };
+
+    /// The span from `nearest` to `farthest`.
+    pub fn new(nearest: Location, farthest: Location) -> Reach {
+        Reach { nearest, farthest }
+    }
+
+    /// Whether a subscriber at `loc` (relative to the publisher) is covered.
+    pub fn covers(&self, loc: Location) -> bool {
+        self.nearest <= loc && loc <= self.farthest
+    }
+}
+
+/// Topics and consumer groups of a transport; see [`Transport::pubsub`].
+#[async_trait]
+pub trait PubSub: Send + Sync {
+    /// Delivers a topic (`Address::Topic`) or group (`Address::Group`) envelope published by
+    /// `from` to the matching subscribers whose location relative to `from` is within `reach`.
+    ///
+    /// Each machine gets a publish at most once, however many of its subscriptions
+    /// match; content filters run before delivery. Returns how many machines got it.
+    async fn publish(&self, from: &MachineEntry, env: Envelope, reach: Reach) -> Result<usize>;
+
+    /// Like [`PubSub::publish`] without the count, so a transport that must ask another
+    /// process for it can pipeline a stream of publishes. The default publishes.
+    async fn emit(&self, from: &MachineEntry, env: Envelope, reach: Reach) -> Result<()> {
+        self.publish(from, env, reach).await.map(drop)
+    }
+
+    /// Adds a subscription.
+    async fn subscribe(&self, sub: Subscription) -> Result<SubscriptionId>;
+
+    /// Removes a subscription.
+    async fn unsubscribe(&self, id: SubscriptionId) -> Result<()>;
+}
 
 /// A content filter run on each published envelope before delivery.
 pub type Filter = Arc<dyn Fn(&Envelope) -> bool + Send + Sync>;
@@ -118,114 +243,4 @@ pub struct TransportHealth {
     pub delivered: u64,
     /// Messages dropped (full mailbox policy, expiry, no subscriber).
     pub dropped: u64,
-}
-
-/// One way of carrying envelopes; implemented once per transport crate, used as `Arc<dyn Transport>`.
-#[async_trait]
-pub trait Transport: Send + Sync {
-    /// Short name, e.g. `"memory"`; shown in [`EnvelopeData::carried_by`](crate::EnvelopeData::carried_by).
-    fn name(&self) -> &'static str;
-
-    /// What it can do.
-    fn capabilities(&self) -> &Capabilities;
-
-    /// Makes a machine reachable through this transport.
-    async fn bind(&self, entry: &MachineEntry, inbox: Inbox) -> Result<()>;
-
-    /// Makes a machine unreachable through this transport.
-    async fn unbind(&self, id: &MachineId) -> Result<()>;
-
-    /// Sends without awaiting when the transport can; otherwise gives the envelope back.
-    fn try_send(&self, _to: &MachineId, env: Envelope) -> TrySend {
-        TrySend::Pending(env)
-    }
-
-    /// Resolves a target once so later sends skip the lookup; the handle is cached in the route
-    /// until the registry changes.
-    fn resolve(&self, _to: &MachineId) -> Option<TargetHandle> {
-        None
-    }
-
-    /// [`Transport::try_send`] through a handle from [`Transport::resolve`].
-    fn try_send_resolved(&self, _handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
-        self.try_send(to, env)
-    }
-
-    /// Takes a borrowed event now without an envelope if this transport can (a wire transport
-    /// encodes it in place); `false` means nothing was sent and the caller builds the envelope
-    /// and takes the usual paths, which also report any error. `handle` is the route's
-    /// handle from [`Transport::resolve`], if any. The default declines.
-    fn try_send_ref(
-        &self,
-        _handle: Option<&TargetHandle>,
-        _to: &MachineId,
-        _ev: &OutgoingRef<'_>,
-    ) -> bool {
-        false
-    }
-
-    /// Sends to one machine.
-    async fn send(&self, to: &MachineId, env: Envelope) -> Result<()>;
-
-    /// Sends events to one machine in order, taking them from the front of `envs`.
-    ///
-    /// On error the event that failed and those after it are still in `envs`,
-    /// so a caller can fall back to another transport without losing or
-    /// repeating any. Transports that can take a batch at once (one lock, one
-    /// wake-up of their writer) override this; the default sends one by one.
-    async fn send_batch(&self, to: &MachineId, envs: &mut dyn Outgoing) -> Result<()> {
-        while let Some(env) = envs.pop() {
-            match self.try_send(to, env) {
-                TrySend::Done(r) => r?,
-                TrySend::Retry(e, back) => {
-                    envs.push_front(back);
-                    return Err(e);
-                }
-                TrySend::Pending(env) => {
-                    let keep = env.clone();
-                    if let Err(e) = self.send(to, env).await {
-                        envs.push_front(keep);
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Publishes to a topic (`Address::Topic`) or a group (`Address::Group`); returns how many inboxes got it.
-    async fn publish(&self, _env: Envelope) -> Result<usize> {
-        Err(Error::NotSupported {
-            transport: self.name(),
-            capability: "publish",
-        })
-    }
-
-    /// Publishes to a topic without learning how many got it, so a stream of publishes need not
-    /// wait for each count; delivery is the same as [`Transport::publish`]. The default publishes.
-    async fn emit(&self, env: Envelope) -> Result<()> {
-        self.publish(env).await.map(drop)
-    }
-
-    /// Adds a subscription.
-    async fn subscribe(&self, _sub: Subscription) -> Result<SubscriptionId> {
-        Err(Error::NotSupported {
-            transport: self.name(),
-            capability: "subscribe",
-        })
-    }
-
-    /// Removes a subscription.
-    async fn unsubscribe(&self, _id: SubscriptionId) -> Result<()> {
-        Err(Error::NotSupported {
-            transport: self.name(),
-            capability: "subscribe",
-        })
-    }
-
-    /// Health and counters.
-    fn health(&self) -> TransportHealth;
-
-    /// Stops everything the transport started; later sends fail with [`Error::Closed`].
-    fn close(&self);
 }

@@ -76,7 +76,7 @@ impl Event {
                 correlation_id: env.headers.correlation_id,
                 transport: env.carried_by,
             }),
-            name: env.event.clone(),
+            name: env.event.clone().into(),
             data: env.payload.clone(),
         }
     }

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_core::{
-    Address, Envelope, Error, Location, MachineBuilder, MachineEntry, MachineId, Node, Session,
+    Envelope, Error, Location, MachineBuilder, MachineEntry, MachineId, Node, ReplyTo, Session,
 };
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -305,9 +305,9 @@ impl Shared {
     async fn run_effect(self: &Arc<Self>, node: &Node, effect: Effect) {
         let (target, event, result): (String, Arc<str>, Result<(), Error>) = match effect {
             Effect::Send { to, event, payload } => {
-                let mut env = node.envelope(Address::Machine(to.clone()), event.clone(), ());
-                env.payload = payload.into_payload();
-                let r = node.send_envelope(&to, env).await.map(|_| ());
+                let r = node
+                    .send(to.clone(), event.clone(), payload.into_payload())
+                    .await;
                 (to.to_string(), event, r)
             }
             Effect::SendToAnyOfType {
@@ -415,11 +415,13 @@ impl Shared {
                 payload,
             } => {
                 let to = origin.reply_to.clone().unwrap_or(origin.source.clone());
-                let mut env = node.envelope(Address::Machine(to.clone()), event.clone(), ());
-                env.payload = payload.into_payload();
-                env.headers.correlation_id = origin.correlation_id;
-                env.headers.is_reply = origin.correlation_id.is_some();
-                let r = node.send_envelope(&to, env).await.map(|_| ());
+                let r = node
+                    .reply(
+                        ReplyTo::new(to.clone(), origin.correlation_id),
+                        event.clone(),
+                        payload.into_payload(),
+                    )
+                    .await;
                 (to.to_string(), event, r)
             }
         };

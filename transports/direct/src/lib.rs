@@ -1,12 +1,19 @@
 //! Switchyard `direct` transport: same-thread delivery by calling the target's handler.
 //!
-//! No serialization, no channel: a send runs the target's handler on the
-//! sender's task. Re-entrant sends (A's handler sends to B, whose handler sends
-//! back to A) neither recurse nor deadlock: each single-threaded context has a
-//! run-to-completion queue; a send made while that context is already running a
-//! handler is queued and run by the outermost call when the handler returns.
-//! The queue is bounded ([`DEFAULT_QUEUE_CAPACITY`]); past it a send fails with
+//! No serialization, no channel: a send runs the target's synchronous handler on
+//! the sender's task. A borrowed handler (`handler_ref`) gets the sender's value
+//! itself, without an envelope being built. Re-entrant sends (A's handler sends to
+//! B, whose handler sends back to A) neither recurse nor deadlock: each
+//! single-threaded context has a run-to-completion queue; a send made while that
+//! context is already running a handler is queued and run by the call that runs
+//! the context when the handler returns. Events queued that way keep their order
+//! per sender, also when senders on several threads share a context. The queue is
+//! bounded ([`DEFAULT_QUEUE_CAPACITY`]); past it a send fails with
 //! `Error::QueueFull`.
+//!
+//! An async handler cannot run inline: its events go to the machine's mailbox and
+//! run on its task, so a sender never waits for an async handler (and a request's
+//! timeout holds while the target works).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,8 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use switchyard_core::{
-    Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry, MachineId,
-    MessageOrdering, Result, TargetHandle, Transport, TransportHealth, TrySend,
+    Capabilities, DeliveryGuarantee, Envelope, Error, EventRef, Inbox, Link, Location,
+    MachineEntry, MachineId, MessageOrdering, Offer, Outgoing, Result, Transport, TransportHealth,
 };
 
 /// Name shown in `Envelope::carried_by`.
@@ -24,7 +31,9 @@ pub const NAME: &str = "direct";
 /// Most events one context may have queued by re-entrant sends.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
 
+/// One single-threaded context's run-to-completion queue.
 struct RunQueue {
+    /// Held by whoever runs the context's handlers now.
     draining: AtomicBool,
     queued: AtomicUsize,
     items: Mutex<VecDeque<(Inbox, Envelope)>>,
@@ -79,6 +88,7 @@ impl DirectTransport {
                 groups: false,
                 request: true,
                 mailboxes: false,
+                priority: false,
             },
             state: Arc::new(State {
                 targets: RwLock::new(HashMap::new()),
@@ -89,80 +99,151 @@ impl DirectTransport {
             }),
         }
     }
+}
 
-    fn target(&self, to: &MachineId) -> Result<Arc<Target>> {
+/// A link to one machine of this transport.
+struct DirectLink {
+    target: Arc<Target>,
+    state: Arc<State>,
+}
+
+impl DirectLink {
+    fn check(&self) -> Result<()> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(NAME));
         }
-        self.state
-            .targets
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(to)
-            .cloned()
-            .ok_or_else(|| Error::TargetGone(to.clone()))
+        if !self.target.bound.load(Ordering::Acquire) || self.target.inbox.is_closed() {
+            return Err(Error::TargetGone(self.target.inbox.id().clone()));
+        }
+        Ok(())
     }
 
-    fn enqueue(&self, q: &RunQueue, inbox: Inbox, env: Envelope) -> Result<()> {
+    fn enqueue(&self, env: Envelope) -> std::result::Result<(), (Error, Envelope)> {
+        let q = &self.target.queue;
         let mut items = lock(&q.items);
         if items.len() >= self.state.capacity {
-            return Err(Error::QueueFull {
-                what: "direct run-to-completion queue",
-                capacity: self.state.capacity,
-            });
+            return Err((
+                Error::QueueFull {
+                    what: "direct run-to-completion queue",
+                    capacity: self.state.capacity,
+                },
+                env,
+            ));
         }
-        items.push_back((inbox, env));
+        items.push_back((self.target.inbox.clone(), env));
         q.queued.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Runs or queues the front event of `out` for a synchronous handler.
+    fn run_one(&self, out: &mut dyn Outgoing) -> Result<()> {
+        let t = &self.target;
+        let q = &t.queue;
+        if q.draining.swap(true, Ordering::SeqCst) {
+            // The context is running a handler (a re-entrant send, or another thread):
+            // queue behind it; whoever runs the context runs this too.
+            let Some(env) = out.pop_by(NAME) else {
+                return Ok(());
+            };
+            let Some(env) = t.inbox.complete_reply(env) else {
+                return Ok(());
+            };
+            if let Err((e, env)) = self.enqueue(env) {
+                out.push_front(env);
+                return Err(e);
+            }
+            // The runner may have finished between our check and our push: take over.
+            if !q.draining.load(Ordering::SeqCst) && !q.draining.swap(true, Ordering::SeqCst) {
+                drain(&self.state, q);
+            }
+            return Ok(());
+        }
+        // We run the context now. Events queued before ours go first (FIFO per sender
+        // even when a sender on another thread queued just before the last runner left).
+        if q.queued.load(Ordering::SeqCst) > 0 {
+            if let Some(env) = out.pop_by(NAME)
+                && let Some(env) = t.inbox.complete_reply(env)
+                && let Err((e, env)) = self.enqueue(env)
+            {
+                out.push_front(env);
+                drain(&self.state, q);
+                return Err(e);
+            }
+            drain(&self.state, q);
+            return Ok(());
+        }
+        let handed = match out.front() {
+            Some(ev) if t.inbox.takes_refs() => t.inbox.deliver_ref(EventRef {
+                id: ev.id,
+                source: ev.source.as_str(),
+                event: ev.event,
+                payload: ev.payload,
+                headers: ev.headers,
+                carried_by: Some(NAME),
+            }),
+            _ => false,
+        };
+        if handed {
+            out.advance();
+        } else if let Some(env) = out.pop_by(NAME) {
+            // A synchronous handler never gives the event back.
+            let _ = t.inbox.deliver_sync(env);
+        }
+        self.state.delivered.fetch_add(1, Ordering::Relaxed);
+        drain(&self.state, q);
         Ok(())
     }
 }
 
-impl DirectTransport {
-    /// If a drain already runs in the target's context (a re-entrant or concurrent send), queues
-    /// the envelope for it and says whether the caller must take the drain over (it ended meanwhile).
-    /// Otherwise the caller now owns the drain and gets the envelope back.
-    fn queue_behind_drain(
-        &self,
-        t: &Target,
-        env: Envelope,
-    ) -> std::result::Result<(Result<()>, bool), Envelope> {
-        let q = &t.queue;
-        if !q.draining.swap(true, Ordering::SeqCst) {
-            return Err(env);
+#[async_trait]
+impl Link for DirectLink {
+    fn try_send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        self.check()?;
+        if !self.target.inbox.is_sync() {
+            // An async handler runs on the machine's own task: queue in its mailbox.
+            let mut queued = false;
+            let r = loop {
+                let Some(env) = out.pop_by(NAME) else {
+                    break Ok(());
+                };
+                match self.target.inbox.offer(env) {
+                    Offer::Taken => queued = true,
+                    Offer::Full(env) => {
+                        out.push_front(env);
+                        break Ok(());
+                    }
+                    Offer::Refused(e, env) => {
+                        out.push_front(env);
+                        break Err(e);
+                    }
+                }
+            };
+            if queued {
+                self.state.delivered.fetch_add(1, Ordering::Relaxed);
+                self.target.inbox.notify();
+            }
+            return r;
         }
-        let r = self.enqueue(q, t.inbox.clone(), env);
-        let take_over = r.is_ok()
-            && !q.draining.load(Ordering::SeqCst)
-            && !q.draining.swap(true, Ordering::SeqCst);
-        Ok((r, take_over))
+        while !out.is_empty() {
+            self.run_one(out)?;
+        }
+        Ok(())
     }
 
-    fn try_deliver(&self, t: &Target, mut env: Envelope) -> TrySend {
-        env.carried_by = Some(NAME);
-        let q = &t.queue;
-        let env = match self.queue_behind_drain(t, env) {
-            Ok((r, take_over)) => {
-                if take_over {
-                    drain_sync(&self.state, q);
-                }
-                return TrySend::Done(r);
+    async fn send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        loop {
+            self.try_send(out)?;
+            if out.is_empty() {
+                return Ok(());
             }
-            Err(env) => env,
-        };
-        match t.inbox.deliver_sync(env) {
-            Ok(()) => {
-                self.state.delivered.fetch_add(1, Ordering::Relaxed);
-                drain_sync(&self.state, q);
-                TrySend::Done(Ok(()))
-            }
-            Err(env) => {
-                // Async handler: give up the drain and let `send` await it.
-                if release(q) {
-                    drain_sync(&self.state, q);
-                }
-                TrySend::Pending(env)
-            }
+            self.target.inbox.room().await;
         }
+    }
+
+    fn is_open(&self) -> bool {
+        self.target.bound.load(Ordering::Acquire)
+            && !self.target.inbox.is_closed()
+            && !self.state.closed.load(Ordering::Acquire)
     }
 }
 
@@ -177,45 +258,25 @@ fn pop(q: &RunQueue) -> Option<(Inbox, Envelope)> {
     item
 }
 
-/// Whether the caller may keep draining after finding the queue empty (someone may have queued meanwhile).
+/// Whether the caller may keep running after finding the queue empty (someone may have queued meanwhile).
 fn release(q: &RunQueue) -> bool {
     q.draining.store(false, Ordering::SeqCst);
     q.queued.load(Ordering::SeqCst) > 0 && !q.draining.swap(true, Ordering::SeqCst)
 }
 
-/// Drains synchronously; an async handler met on the way moves the rest of the drain to a task.
-fn drain_sync(state: &Arc<State>, q: &Arc<RunQueue>) {
-    loop {
-        match pop(q) {
-            Some((inbox, env)) => match inbox.deliver_sync(env) {
-                Ok(()) => {
-                    state.delivered.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(env) => {
-                    let (state, q) = (state.clone(), q.clone());
-                    tokio::spawn(async move {
-                        inbox.deliver(env).await;
-                        state.delivered.fetch_add(1, Ordering::Relaxed);
-                        drain_async(&state, &q).await;
-                    });
-                    return;
-                }
-            },
-            None => {
-                if !release(q) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-async fn drain_async(state: &Arc<State>, q: &Arc<RunQueue>) {
+/// Runs the queued events of a context until it is empty, then gives the context up.
+fn drain(state: &State, q: &RunQueue) {
     loop {
         match pop(q) {
             Some((inbox, env)) => {
-                if let Err(env) = inbox.deliver_sync(env) {
-                    inbox.deliver(env).await;
+                match inbox.deliver_sync(env) {
+                    Ok(_) => {}
+                    // An async handler whose mailbox is full: the event waits for room on a task.
+                    Err(env) => {
+                        tokio::spawn(async move {
+                            let _ = inbox.deliver(env).await;
+                        });
+                    }
                 }
                 state.delivered.fetch_add(1, Ordering::Relaxed);
             }
@@ -284,47 +345,25 @@ impl Transport for DirectTransport {
         Ok(())
     }
 
-    fn try_send(&self, to: &MachineId, env: Envelope) -> TrySend {
-        match self.target(to) {
-            Ok(t) => self.try_deliver(&t, env),
-            Err(e @ Error::Closed(_)) => TrySend::Retry(e, env),
-            Err(e) => TrySend::Done(Err(e)),
+    async fn link(&self, to: &MachineEntry) -> Result<Arc<dyn Link>> {
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(NAME));
         }
-    }
-
-    fn resolve(&self, to: &MachineId) -> Option<TargetHandle> {
-        self.target(to).ok().map(|t| t as TargetHandle)
-    }
-
-    fn try_send_resolved(&self, handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
-        match handle.downcast_ref::<Target>() {
-            Some(t)
-                if t.bound.load(Ordering::Acquire)
-                    && !self.state.closed.load(Ordering::Acquire) =>
-            {
-                self.try_deliver(t, env)
-            }
-            _ => self.try_send(to, env),
+        let target = self
+            .state
+            .targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to.id)
+            .cloned()
+            .ok_or_else(|| Error::TargetGone(to.id.clone()))?;
+        if target.inbox.is_closed() {
+            return Err(Error::TargetGone(to.id.clone()));
         }
-    }
-
-    async fn send(&self, to: &MachineId, mut env: Envelope) -> Result<()> {
-        let t = self.target(to)?;
-        env.carried_by = Some(NAME);
-        let q = &t.queue;
-        let env = match self.queue_behind_drain(&t, env) {
-            Ok((r, take_over)) => {
-                if take_over {
-                    drain_async(&self.state, q).await;
-                }
-                return r;
-            }
-            Err(env) => env,
-        };
-        t.inbox.deliver(env).await;
-        self.state.delivered.fetch_add(1, Ordering::Relaxed);
-        drain_async(&self.state, q).await;
-        Ok(())
+        Ok(Arc::new(DirectLink {
+            target,
+            state: self.state.clone(),
+        }))
     }
 
     fn health(&self) -> TransportHealth {
@@ -339,11 +378,16 @@ impl Transport for DirectTransport {
 
     fn close(&self) {
         self.state.closed.store(true, Ordering::Release);
-        self.state
+        let targets: Vec<_> = self
+            .state
             .targets
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .drain()
+            .collect();
+        for (_, t) in targets {
+            t.bound.store(false, Ordering::Release);
+        }
         for q in lock(&self.state.contexts).drain().map(|(_, q)| q) {
             lock(&q.items).clear();
         }

@@ -54,7 +54,7 @@ pub fn ipc_frame_len(payload_len: usize, source: &str, target: &str, event: &str
         u64::MAX >> 8,
         source.into(),
         Address::Machine(target.into()),
-        event.into(),
+        switchyard_core::Name::new(event),
         Payload::new(serde_bytes::ByteBuf::from(vec![0xa5u8; payload_len])),
     );
     let mut buf = Vec::new();

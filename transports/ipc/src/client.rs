@@ -17,7 +17,7 @@ use switchyard_core::{
     Envelope, Error, EventRef, Filter, Inbox, MachineEntry, MachineId, PayloadRef, RegistryEvent,
     Result, TopicPattern,
 };
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::conn::{FrameReader, Outbox, read_one, write_now};
 use crate::error::{IpcError, transport_err};
@@ -41,7 +41,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone)]
 pub(crate) struct Target {
     inbox: Inbox,
-    queue: Option<mpsc::Sender<Envelope>>,
 }
 
 struct LocalSub {
@@ -52,20 +51,16 @@ struct LocalSub {
     machine: MachineId,
 }
 
-/// A bound machine and the task draining its async queue, if it has one.
-type Bound = (Target, Option<tokio::task::JoinHandle<()>>);
-
 /// Called with the id of every machine that left.
 pub(crate) type LeftHook = Box<dyn Fn(&MachineId) + Send + Sync>;
 
 /// The machines and subscriptions of this process bound to the ipc transport.
 pub(crate) struct Local {
-    machines: RwLock<FxHashMap<MachineId, Bound>>,
+    machines: RwLock<FxHashMap<MachineId, Target>>,
     subs: RwLock<Vec<LocalSub>>,
     next_sub: AtomicU64,
     pub(crate) delivered: AtomicU64,
     pub(crate) dropped: AtomicU64,
-    async_queue: usize,
     /// Moves on every bind and unbind, so readers know when their cached target is stale.
     generation: AtomicU64,
 }
@@ -119,7 +114,7 @@ impl Inbound {
         let Some((_, _, t)) = &self.last else {
             return false;
         };
-        if t.queue.is_some() || !t.inbox.takes_refs() {
+        if !t.inbox.takes_refs() {
             return false;
         }
         let ev = EventRef {
@@ -169,15 +164,7 @@ impl Inbound {
         self.refresh(local, to)?;
         match &self.last {
             Some((_, _, t)) => {
-                // A synchronous handler runs right here, without building the async delivery.
-                if t.queue.is_none() {
-                    let env = local.stamp(env);
-                    if let Err(env) = t.inbox.deliver_sync(env) {
-                        t.inbox.deliver(env).await;
-                    }
-                } else {
-                    local.deliver(t, env).await;
-                }
+                local.deliver(t, env).await;
                 Ok(true)
             }
             None => {
@@ -189,14 +176,13 @@ impl Inbound {
 }
 
 impl Local {
-    fn new(async_queue: usize) -> Local {
+    fn new() -> Local {
         Local {
             machines: RwLock::new(FxHashMap::default()),
             subs: RwLock::new(Vec::new()),
             next_sub: AtomicU64::new(1),
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            async_queue,
             generation: AtomicU64::new(0),
         }
     }
@@ -206,44 +192,25 @@ impl Local {
         if m.contains_key(id) {
             return Err(Error::DuplicateId(id.clone()));
         }
-        let (queue, task) = if inbox.is_sync() {
-            (None, None)
-        } else {
-            // Async handlers may await (requests, sends needing a lookup) so they never run on the reader.
-            let (tx, mut rx) = mpsc::channel::<Envelope>(self.async_queue.max(1));
-            let ib = inbox.clone();
-            let task = tokio::spawn(async move {
-                while let Some(env) = rx.recv().await {
-                    ib.deliver(env).await;
-                }
-            });
-            (Some(tx), Some(task))
-        };
-        m.insert(id.clone(), (Target { inbox, queue }, task));
+        // Async handlers run on the machine's mailbox task, never on the reader.
+        m.insert(id.clone(), Target { inbox });
         self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
     pub(crate) fn unbind(&self, id: &MachineId) {
-        let removed = write(&self.machines).remove(id);
+        write(&self.machines).remove(id);
         self.generation.fetch_add(1, Ordering::Release);
-        if let Some((_, Some(task))) = removed {
-            task.abort();
-        }
         write(&self.subs).retain(|s| &s.machine != id);
     }
 
     pub(crate) fn clear(&self) {
-        for (_, (_, task)) in write(&self.machines).drain() {
-            if let Some(t) = task {
-                t.abort();
-            }
-        }
+        write(&self.machines).clear();
         write(&self.subs).clear();
     }
 
     pub(crate) fn target(&self, id: &str) -> Option<Target> {
-        read(&self.machines).get(id).map(|(t, _)| t.clone())
+        read(&self.machines).get(id).cloned()
     }
 
     /// Marks an envelope as carried by ipc and counts it as delivered.
@@ -253,31 +220,36 @@ impl Local {
         env
     }
 
+    /// Delivers to a bound machine: a synchronous handler runs right here (on the reader),
+    /// an async one's event goes to its mailbox (the reader waits while that is full).
     pub(crate) async fn deliver(&self, t: &Target, env: Envelope) {
         let env = self.stamp(env);
-        match &t.queue {
-            Some(q) => {
-                if q.send(env).await.is_err() {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            None => {
-                if let Err(env) = t.inbox.deliver_sync(env) {
-                    t.inbox.deliver(env).await;
-                }
-            }
+        if let Err(e) = t.inbox.deliver(env).await {
+            // The sender cannot be told here (its send returned when the frame was queued):
+            // count it where the machine's stats show it.
+            tracing::debug!(machine = %t.inbox.id(), error = %e, "event refused by the machine's mailbox");
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            t.inbox.count_dropped();
         }
     }
 
-    /// Delivers a topic event to every matching plain subscription here; returns how many took it.
+    /// Delivers a topic event once to each machine here with a matching plain subscription
+    /// whose filter takes it; returns how many machines took it.
     pub(crate) async fn deliver_topic(&self, topic: &str, env: &Envelope) -> usize {
         let targets: Vec<Target> = {
             let subs = read(&self.subs);
-            subs.iter()
+            let mut machines: Vec<&MachineId> = subs
+                .iter()
                 .filter(|s| s.group.is_none())
                 .filter(|s| s.topic.as_ref().is_some_and(|p| p.matches(topic)))
                 .filter(|s| s.filter.as_ref().is_none_or(|f| f(env)))
-                .filter_map(|s| self.target(s.machine.as_str()))
+                .map(|s| &s.machine)
+                .collect();
+            machines.sort();
+            machines.dedup();
+            machines
+                .into_iter()
+                .filter_map(|m| self.target(m.as_str()))
                 .collect()
         };
         let n = targets.len();
@@ -368,7 +340,7 @@ pub(crate) struct Client {
 impl Client {
     pub(crate) fn start(cfg: IpcConfig) -> Arc<Client> {
         let client = Arc::new(Client {
-            local: Arc::new(Local::new(cfg.async_queue)),
+            local: Arc::new(Local::new()),
             cfg,
             conn: RwLock::new(None),
             connected: watch::channel(false).0,

@@ -617,7 +617,7 @@ fn canonical_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
         id,
         source,
         target,
-        event,
+        event.into(),
         Payload::Encoded(payload),
         headers,
     ))
@@ -657,7 +657,7 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
         id?,
         source?,
         target?,
-        event?,
+        event?.into(),
         Payload::Encoded(payload?),
         headers,
     ))
@@ -781,7 +781,7 @@ mod tests {
                 n << 20,
                 src.into(),
                 Address::Machine(to.into()),
-                name.into(),
+                switchyard_core::Name::new(name),
                 Payload::new(data),
             );
             e.headers.sent_at_us = t;
@@ -941,8 +941,8 @@ mod tests {
             seen.push(d.event.clone());
         }
         // A repeated name is the same allocation, not a copy.
-        assert!(Arc::ptr_eq(&seen[0], &seen[1]));
-        assert!(!Arc::ptr_eq(&seen[1], &seen[2]));
+        assert!(std::ptr::eq(seen[0].as_ptr(), seen[1].as_ptr()));
+        assert!(!std::ptr::eq(seen[1].as_ptr(), seen[2].as_ptr()));
         // Invalid UTF-8 in a name is still refused (falls back to serde, which errors).
         let e = Envelope::new(
             1,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use interprocess::local_socket::tokio::Stream;
-use switchyard_core::{Error, OutgoingRef, Result};
+use switchyard_core::{Error, Result};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -115,11 +115,6 @@ impl Outbox {
         f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<bool> {
         self.try_push_enc(|b, _, max| f(b, max))
-    }
-
-    /// Appends a `SEND` frame for a borrowed event, through the connection's segment cache.
-    pub(crate) fn try_push_event(&self, to: &str, ev: &OutgoingRef<'_>) -> Result<bool> {
-        self.try_push_enc(|b, enc, max| enc.write(b, max, to, ev))
     }
 
     /// [`Outbox::try_push`] with the connection's `SEND` encoder at hand.
@@ -263,6 +258,34 @@ impl Outbox {
             }
         }
         Ok(())
+    }
+
+    /// Appends events from the front of `envs` as SEND frames to `to` without waiting:
+    /// stops when the buffer reaches its bound, leaving the rest in `envs`. On error (a
+    /// frame over the size limit, a closed connection) the failing event and those after
+    /// it stay in `envs`.
+    pub(crate) fn try_push_out(
+        &self,
+        to: &str,
+        envs: &mut dyn switchyard_core::Outgoing,
+    ) -> Result<()> {
+        let mut failed = None;
+        let limit = self.limit;
+        self.try_push_enc(|b, enc, max| {
+            while b.len() < limit {
+                let Some(ev) = envs.front() else { break };
+                if let Err(e) = enc.write(b, max, to, &ev) {
+                    failed = Some(e);
+                    break;
+                }
+                envs.advance();
+            }
+            Ok(())
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Appends a small control frame even past the bound (control traffic must not deadlock on data).

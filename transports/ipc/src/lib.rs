@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> switchyard_core::Result<()> {
-//! use std::sync::{Arc, OnceLock};
+//! use std::sync::Arc;
 //! use switchyard_ipc::{IpcBus, IpcConfig};
 //! let bus = IpcBus::connect(IpcConfig::new(switchyard_ipc::default_socket_path()))?;
 //! let transport = bus.transport();
@@ -34,15 +34,15 @@
 use std::any::Any;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use switchyard_core::{
-    Address, Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Location, MachineEntry,
-    MachineId, MessageOrdering, Outgoing, OutgoingRef, Registry, RegistryEvent, Result,
-    Subscription, SubscriptionId, TargetHandle, Transport, TransportHealth, TrySend,
+    Address, Capabilities, DeliveryGuarantee, Envelope, Error, Inbox, Link, Location, MachineEntry,
+    MachineId, MessageOrdering, Outgoing, PubSub, Reach, Registry, RegistryEvent, Result,
+    Subscription, SubscriptionId, Transport, TransportHealth,
 };
 use tokio::sync::broadcast;
 
@@ -98,14 +98,6 @@ pub struct IpcConfig {
     /// Bytes queued per connection before senders wait (policy `Wait`), default 1 MiB: enough
     /// to keep the socket busy, small enough that a saturated queue adds little latency.
     pub outbox_limit: usize,
-    /// Events queued per machine with an async handler before the reader waits, default 1,024.
-    pub async_queue: usize,
-    /// Also deliver this session's topic publishes to this session's own ipc subscribers.
-    ///
-    /// Off by default: a session that also has the in-process memory transport
-    /// already reaches its own subscribers, and would get each event twice. Turn
-    /// it on for a session whose only pub/sub transport is ipc.
-    pub echo_own_publishes: bool,
     /// How long a registry request (and the first connection) may take.
     pub request_timeout: Duration,
     /// Heartbeat TTL of machines registered through this client; `None` uses the daemon's default (10 s).
@@ -126,7 +118,6 @@ impl std::fmt::Debug for IpcConfig {
         f.debug_struct("IpcConfig")
             .field("socket", &self.socket)
             .field("mode", &self.mode)
-            .field("echo_own_publishes", &self.echo_own_publishes)
             .finish_non_exhaustive()
     }
 }
@@ -141,8 +132,6 @@ impl IpcConfig {
             mode: Mode::Bus,
             max_frame: frame::DEFAULT_MAX_FRAME,
             outbox_limit: 1024 * 1024,
-            async_queue: 1024,
-            echo_own_publishes: false,
             request_timeout: Duration::from_secs(10),
             ttl: None,
             backoff_min: Duration::from_millis(20),
@@ -154,11 +143,6 @@ impl IpcConfig {
     /// Peer-to-peer mode with a fresh socket for this process.
     pub fn peer_to_peer(mut self) -> Self {
         self.mode = Mode::PeerToPeer { listen: None };
-        self
-    }
-    /// Sets [`IpcConfig::echo_own_publishes`].
-    pub fn echo_own_publishes(mut self, on: bool) -> Self {
-        self.echo_own_publishes = on;
         self
     }
     /// Sets the client id.
@@ -257,15 +241,7 @@ impl IpcBus {
         let client = Client::start(cfg.clone());
         let p2p = match listen {
             Some(path) => match P2p::start(path, &cfg, client.local.clone()) {
-                Ok(p) => {
-                    let weak = Arc::downgrade(&p);
-                    client::write(&client.on_left).push(Box::new(move |id| {
-                        if let Some(p) = weak.upgrade() {
-                            p.forget(id);
-                        }
-                    }));
-                    Some(p)
-                }
+                Ok(p) => Some(p),
                 Err(e) => {
                     client.close();
                     return Err(e.into());
@@ -290,6 +266,7 @@ impl IpcBus {
                 groups: true,
                 request: true,
                 mailboxes: false,
+                priority: true,
             },
         })
     }
@@ -352,7 +329,7 @@ pub struct IpcTransport {
 }
 
 impl IpcTransport {
-    fn client(&self) -> &Client {
+    fn client(&self) -> &Arc<Client> {
         &self.bus.client
     }
 
@@ -362,24 +339,73 @@ impl IpcTransport {
         }
         Ok(())
     }
+}
 
-    async fn send_via_bus(&self, to: &MachineId, env: &Envelope) -> Result<()> {
-        let o = self.client().conn_now()?;
-        o.push_with(|b, max| frame::write_send(b, max, to.as_str(), env))
-            .await
+/// Where an ipc link writes: the daemon connection (which a reconnect replaces), or a
+/// peer process's own socket.
+enum Via {
+    Bus(Arc<Client>),
+    Peer(Arc<conn::Outbox>),
+}
+
+/// A link to one machine in another process.
+struct IpcLink {
+    via: Via,
+    to: MachineId,
+    closed: Arc<Client>,
+}
+
+impl IpcLink {
+    fn outbox(&self) -> Result<Arc<conn::Outbox>> {
+        match &self.via {
+            Via::Bus(c) => c.conn_now(),
+            Via::Peer(o) => Ok(o.clone()),
+        }
+    }
+
+    /// A connection failure of a peer link means the target's process is gone.
+    fn map_err(&self, e: Error) -> Error {
+        match (&self.via, e) {
+            (_, e @ Error::TooLarge { .. }) => e,
+            (Via::Peer(_), _) if self.closed.closed.load(Ordering::Acquire) => Error::Closed(NAME),
+            (Via::Peer(_), _) => Error::TargetGone(self.to.clone()),
+            (Via::Bus(_), e) => e,
+        }
     }
 }
 
-/// A route's peer-to-peer connection to its target, set on the first send that finds it.
-struct PeerHandle(OnceLock<Arc<conn::Outbox>>);
+#[async_trait]
+impl Link for IpcLink {
+    fn try_send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        if self.closed.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(NAME));
+        }
+        match &self.via {
+            Via::Bus(c) => match client::read(&c.conn).as_ref() {
+                Some(o) => o.try_push_out(self.to.as_str(), out),
+                None => Err(c.conn_now().err().unwrap_or(Error::Closed(NAME))),
+            },
+            Via::Peer(o) => o
+                .try_push_out(self.to.as_str(), out)
+                .map_err(|e| self.map_err(e)),
+        }
+    }
 
-fn push_now(o: &conn::Outbox, to: &MachineId, env: Envelope) -> TrySend {
-    match o.try_push_event(to.as_str(), &OutgoingRef::of(&env)) {
-        Ok(true) => TrySend::Done(Ok(())),
-        Ok(false) => TrySend::Pending(env),
-        Err(e) if matches!(e, Error::TooLarge { .. }) => TrySend::Done(Err(e)),
-        // A closed peer connection is re-resolved on the async path.
-        Err(_) => TrySend::Pending(env),
+    async fn send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        if self.closed.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(NAME));
+        }
+        let o = self.outbox()?;
+        o.push_batch(self.to.as_str(), out)
+            .await
+            .map_err(|e| self.map_err(e))
+    }
+
+    fn is_open(&self) -> bool {
+        match &self.via {
+            Via::Bus(c) => !c.closed.load(Ordering::Acquire),
+            Via::Peer(o) => !o.is_closed(),
+        }
     }
 }
 
@@ -403,154 +429,80 @@ impl Transport for IpcTransport {
         Ok(())
     }
 
-    fn try_send(&self, to: &MachineId, env: Envelope) -> TrySend {
-        if let Err(e) = self.check_open() {
-            return TrySend::Done(Err(e));
-        }
-        match &self.bus.p2p {
-            Some(p) => match p.cached(to) {
-                Some(o) => push_now(&o, to, env),
-                None => TrySend::Pending(env),
-            },
-            None => match client::read(&self.client().conn).as_ref() {
-                Some(o) => push_now(o, to, env),
-                None => TrySend::Done(Err(self
-                    .client()
-                    .conn_now()
-                    .err()
-                    .unwrap_or(error::transport_err("not connected to the bus daemon")))),
-            },
-        }
-    }
-
-    fn resolve(&self, _to: &MachineId) -> Option<TargetHandle> {
-        // Peer-to-peer only: the connection is found on the first send and kept in the handle.
-        // (Through the daemon there is one connection, which a reconnect replaces.)
-        self.bus
-            .p2p
-            .as_ref()
-            .map(|_| Arc::new(PeerHandle(OnceLock::new())) as TargetHandle)
-    }
-
-    fn try_send_resolved(&self, handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
-        let (Some(h), Some(p)) = (handle.downcast_ref::<PeerHandle>(), &self.bus.p2p) else {
-            return self.try_send(to, env);
-        };
-        if let Err(e) = self.check_open() {
-            return TrySend::Done(Err(e));
-        }
-        match h.0.get() {
-            Some(o) if !o.is_closed() => push_now(o, to, env),
-            // Not connected yet, or the peer went away: the lookup path (and the async one) decide.
-            _ => match p.cached(to) {
-                Some(o) => {
-                    let _ = h.0.set(o.clone());
-                    push_now(&o, to, env)
-                }
-                None => TrySend::Pending(env),
-            },
-        }
-    }
-
-    fn try_send_ref(
-        &self,
-        handle: Option<&TargetHandle>,
-        to: &MachineId,
-        ev: &OutgoingRef<'_>,
-    ) -> bool {
-        if self.check_open().is_err() {
-            return false;
-        }
-        let push = |o: &conn::Outbox| matches!(o.try_push_event(to.as_str(), ev), Ok(true));
-        match &self.bus.p2p {
-            Some(p) => match handle
-                .and_then(|h| h.downcast_ref::<PeerHandle>())
-                .and_then(|h| h.0.get())
-            {
-                Some(o) if !o.is_closed() => push(o),
-                // Not connected yet or gone: the envelope paths connect or report it.
-                _ => p.cached(to).is_some_and(|o| push(&o)),
-            },
-            None => client::read(&self.client().conn)
-                .as_ref()
-                .is_some_and(|o| push(o)),
-        }
-    }
-
-    async fn send(&self, to: &MachineId, env: Envelope) -> Result<()> {
+    async fn link(&self, to: &MachineEntry) -> Result<Arc<dyn Link>> {
         self.check_open()?;
-        let Some(p) = &self.bus.p2p else {
-            return self.send_via_bus(to, &env).await;
+        let via = match &self.bus.p2p {
+            Some(p) => match p.connect(self.client(), to).await? {
+                Some(o) => Via::Peer(o),
+                // No endpoint (a bus-mode or foreign client): the daemon routes it.
+                None => Via::Bus(self.client().clone()),
+            },
+            None => Via::Bus(self.client().clone()),
         };
-        if let Some(o) = p.cached(to)
-            && o.push_with(|b, max| frame::write_send(b, max, to.as_str(), &env))
-                .await
-                .is_ok()
-        {
-            return Ok(());
-        }
-        match p.resolve(self.client(), to).await? {
-            Some(o) => o
-                .push_with(|b, max| frame::write_send(b, max, to.as_str(), &env))
-                .await
-                .map_err(|e| match e {
-                    Error::TooLarge { .. } => e,
-                    _ => Error::TargetGone(to.clone()),
-                }),
-            // No endpoint (a bus-mode or foreign client): the daemon routes it.
-            None => self.send_via_bus(to, &env).await,
-        }
+        Ok(Arc::new(IpcLink {
+            via,
+            to: to.id.clone(),
+            closed: self.client().clone(),
+        }))
     }
 
-    async fn send_batch(&self, to: &MachineId, envs: &mut dyn Outgoing) -> Result<()> {
-        self.check_open()?;
-        let outbox = match &self.bus.p2p {
-            Some(p) => match p.cached(to) {
-                Some(o) => o,
-                None => match p.resolve(self.client(), to).await? {
-                    Some(o) => o,
-                    // No endpoint (a bus-mode or foreign client): the daemon routes it.
-                    None => self.client().conn_now()?,
+    fn pubsub(&self) -> Option<&dyn PubSub> {
+        Some(self)
+    }
+
+    fn health(&self) -> TransportHealth {
+        let c = self.client();
+        let connected = c.is_connected();
+        TransportHealth {
+            healthy: connected && !c.closed.load(Ordering::Acquire),
+            detail: format!(
+                "{} to the bus daemon at {}{}; {} undeliverable sends reported",
+                if connected {
+                    "connected"
+                } else {
+                    "not connected"
                 },
-            },
-            None => self.client().conn_now()?,
-        };
-        let direct = self.bus.p2p.is_some();
-        outbox
-            .push_batch(to.as_str(), envs)
-            .await
-            .map_err(|e| match e {
-                Error::TooLarge { .. } => e,
-                _ if direct => Error::TargetGone(to.clone()),
-                _ => e,
-            })
-    }
-
-    async fn emit(&self, env: Envelope) -> Result<()> {
-        self.check_open()?;
-        let Address::Topic(t) = &env.target else {
-            return self.publish(env).await.map(drop);
-        };
-        if self.client().cfg.echo_own_publishes {
-            self.client().local.deliver_topic(t, &env).await;
+                c.cfg.socket.display(),
+                match &self.bus.p2p {
+                    Some(p) => format!(", peer-to-peer on {}", p.path.display()),
+                    None => String::new(),
+                },
+                c.nacks.load(Ordering::Relaxed)
+            ),
+            delivered: c.local.delivered.load(Ordering::Relaxed),
+            dropped: c.local.dropped.load(Ordering::Relaxed) + c.nacks.load(Ordering::Relaxed),
         }
-        self.client().emit(t, &env).await
     }
 
-    async fn publish(&self, env: Envelope) -> Result<usize> {
+    fn close(&self) {
+        self.bus.close();
+    }
+}
+
+/// Whether a span of subscriber locations includes the publisher's own process.
+fn covers_own_process(reach: Reach) -> bool {
+    reach.covers(Location::SameThread) || reach.covers(Location::SameProcess)
+}
+
+#[async_trait]
+impl PubSub for IpcTransport {
+    async fn publish(&self, _from: &MachineEntry, env: Envelope, reach: Reach) -> Result<usize> {
         self.check_open()?;
         match &env.target {
             Address::Topic(t) => {
                 let t = t.clone();
-                let local = if self.client().cfg.echo_own_publishes {
+                let local = if covers_own_process(reach) {
                     self.client().local.deliver_topic(&t, &env).await
                 } else {
                     0
                 };
-                let remote = self
-                    .client()
-                    .publish(frame::kind::PUBLISH, &t, &env)
-                    .await?;
+                let remote = if reach.covers(Location::SameMachine) {
+                    self.client()
+                        .publish(frame::kind::PUBLISH, &t, &env)
+                        .await?
+                } else {
+                    0
+                };
                 Ok(local + remote)
             }
             Address::Group(g) => {
@@ -564,7 +516,21 @@ impl Transport for IpcTransport {
         }
     }
 
-    async fn subscribe(&self, sub: switchyard_core::Subscription) -> Result<SubscriptionId> {
+    async fn emit(&self, from: &MachineEntry, env: Envelope, reach: Reach) -> Result<()> {
+        self.check_open()?;
+        let Address::Topic(t) = &env.target else {
+            return self.publish(from, env, reach).await.map(drop);
+        };
+        if covers_own_process(reach) {
+            self.client().local.deliver_topic(t, &env).await;
+        }
+        if reach.covers(Location::SameMachine) {
+            self.client().emit(t, &env).await?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, sub: Subscription) -> Result<SubscriptionId> {
         self.check_open()?;
         let Subscription {
             topic,
@@ -598,34 +564,6 @@ impl Transport for IpcTransport {
             )
             .await
             .map(|_| ())
-    }
-
-    fn health(&self) -> TransportHealth {
-        let c = self.client();
-        let connected = c.is_connected();
-        TransportHealth {
-            healthy: connected && !c.closed.load(Ordering::Acquire),
-            detail: format!(
-                "{} to the bus daemon at {}{}; {} undeliverable sends reported",
-                if connected {
-                    "connected"
-                } else {
-                    "not connected"
-                },
-                c.cfg.socket.display(),
-                match &self.bus.p2p {
-                    Some(p) => format!(", peer-to-peer on {}", p.path.display()),
-                    None => String::new(),
-                },
-                c.nacks.load(Ordering::Relaxed)
-            ),
-            delivered: c.local.delivered.load(Ordering::Relaxed),
-            dropped: c.local.dropped.load(Ordering::Relaxed) + c.nacks.load(Ordering::Relaxed),
-        }
-    }
-
-    fn close(&self) {
-        self.bus.close();
     }
 }
 

@@ -6,16 +6,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::Listener as _;
-use rustc_hash::FxHashMap;
-use switchyard_core::{Error, MachineId, Result};
+use switchyard_core::{Error, MachineEntry, Result};
 use tokio::sync::watch;
 
-use crate::client::{Client, Inbound, Local, handshake_client, read, write};
+use crate::client::{Client, Inbound, Local, handshake_client};
 use crate::conn::{FrameReader, Outbox};
 use crate::daemon::{bind_listener, check_peer, error_frame_for, handshake_server, owner_uid};
 use crate::error::IpcError;
@@ -25,8 +24,6 @@ use crate::{ENDPOINT_KEY, IpcConfig};
 /// The peer-to-peer side of one transport: its listener and its connections to other processes.
 pub(crate) struct P2p {
     pub(crate) path: PathBuf,
-    // Looked up on every send: a fast hash, ids are not attacker-chosen here.
-    routes: RwLock<FxHashMap<MachineId, Arc<Outbox>>>,
     pool: tokio::sync::Mutex<HashMap<String, Arc<Outbox>>>,
     stop: watch::Sender<bool>,
 }
@@ -46,7 +43,6 @@ impl P2p {
         };
         let p2p = Arc::new(P2p {
             path,
-            routes: RwLock::new(FxHashMap::default()),
             pool: tokio::sync::Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
         });
@@ -63,9 +59,6 @@ impl P2p {
 
     pub(crate) fn close(&self) {
         let _ = self.stop.send_replace(true);
-        for (_, o) in write(&self.routes).drain() {
-            o.close("transport closed");
-        }
         if let Ok(mut pool) = self.pool.try_lock() {
             for (_, o) in pool.drain() {
                 o.close("transport closed");
@@ -76,60 +69,29 @@ impl P2p {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Forgets the route to a machine that left.
-    pub(crate) fn forget(&self, id: &MachineId) {
-        write(&self.routes).remove(id);
-    }
-
-    /// The open connection to the process of `to`, if one is cached.
-    pub(crate) fn cached(&self, to: &MachineId) -> Option<Arc<Outbox>> {
-        read(&self.routes)
-            .get(to)
-            .filter(|o| !o.is_closed())
-            .cloned()
-    }
-
-    /// Finds where `to` lives and connects to it; `None` when it has no endpoint (reach it through the daemon).
-    pub(crate) async fn resolve(
+    /// The connection to the process of `to` (from the endpoint in its registry entry),
+    /// opened once per peer process and shared; `None` when it has no endpoint (reach it
+    /// through the daemon).
+    pub(crate) async fn connect(
         &self,
         client: &Client,
-        to: &MachineId,
+        to: &MachineEntry,
     ) -> Result<Option<Arc<Outbox>>> {
-        write(&self.routes).remove(to);
-        let reply = client
-            .request(
-                frame::RequestMsg {
-                    op: "get".into(),
-                    id: Some(to.to_string()),
-                    ..Default::default()
-                },
-                Some(to.as_str()),
-            )
-            .await?;
-        let entry = reply
-            .entry
-            .ok_or_else(|| Error::UnknownTarget(to.clone()))?;
-        let Some(endpoint) = entry.metadata.get(ENDPOINT_KEY).cloned() else {
+        let Some(endpoint) = to.metadata.get(ENDPOINT_KEY) else {
             return Ok(None);
         };
-        let outbox = {
-            let mut pool = self.pool.lock().await;
-            match pool.get(&endpoint).filter(|o| !o.is_closed()) {
-                Some(o) => o.clone(),
-                None => {
-                    let o = connect_peer(Path::new(&endpoint), &client.cfg, self.stop.subscribe())
-                        .await
-                        .map_err(|e| {
-                            tracing::debug!(machine = %to, endpoint, error = %e, "peer unreachable");
-                            Error::TargetGone(to.clone())
-                        })?;
-                    pool.insert(endpoint, o.clone());
-                    o
-                }
-            }
-        };
-        write(&self.routes).insert(to.clone(), outbox.clone());
-        Ok(Some(outbox))
+        let mut pool = self.pool.lock().await;
+        if let Some(o) = pool.get(endpoint).filter(|o| !o.is_closed()) {
+            return Ok(Some(o.clone()));
+        }
+        let o = connect_peer(Path::new(endpoint), &client.cfg, self.stop.subscribe())
+            .await
+            .map_err(|e| {
+                tracing::debug!(machine = %to.id, endpoint, error = %e, "peer unreachable");
+                Error::TargetGone(to.id.clone())
+            })?;
+        pool.insert(endpoint.clone(), o.clone());
+        Ok(Some(o))
     }
 }
 

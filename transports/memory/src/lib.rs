@@ -1,256 +1,77 @@
-//! Switchyard `memory` transport: same-process delivery through bounded mailboxes.
+//! Switchyard `memory` transport: same-process delivery into each machine's mailbox.
 //!
-//! Each machine gets one bounded mailbox (capacity and [`FullPolicy`] from its
-//! `MailboxConfig`) drained by one task that runs the handler, so a machine
-//! handles one event at a time, in FIFO order per sender → receiver pair.
-//! Payloads are handed over as they are, never serialized. Topics (with `*`/`#`
-//! patterns and content filters) and consumer groups are matched in memory.
+//! A send queues the envelope in the target's bounded mailbox (capacity and
+//! [`switchyard_core::FullPolicy`] from its `MailboxConfig`), drained by one task
+//! that runs the handler, so a machine handles one event at a time, in FIFO order
+//! per sender → receiver pair, a higher priority first. Payloads are handed over as
+//! they are, never serialized. The mailbox task starts on the first event, so a
+//! machine only ever reached by direct calls costs no task.
+//!
+//! Topics (with `*`/`#` patterns and content filters) and consumer groups are
+//! matched in memory; a publish reaches each machine once, and a machine's
+//! matching subscriptions are computed once per topic until subscriptions change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use crossbeam_queue::ArrayQueue;
+use rustc_hash::FxHashMap;
 use switchyard_core::{
-    Address, Capabilities, DeliveryGuarantee, Envelope, Error, Filter, FullPolicy, Inbox, Location,
-    MachineEntry, MachineId, MessageOrdering, Outgoing, Result, Subscription, SubscriptionId,
-    TargetHandle, TopicPattern, Transport, TransportHealth, TrySend,
+    Address, Capabilities, DeliveryGuarantee, Envelope, Error, Filter, Inbox, Link, Location,
+    MachineEntry, MachineId, MessageOrdering, Offer, Outgoing, PubSub, Reach, Result, Subscription,
+    SubscriptionId, TopicPattern, Transport, TransportHealth,
 };
-use tokio::sync::Notify;
 
 /// Name shown in `Envelope::carried_by`.
 pub const NAME: &str = "memory";
 
-/// Events a mailbox task handles before yielding to the scheduler.
-const BATCH: usize = 128;
-
-struct Mailbox {
-    queue: ArrayQueue<Envelope>,
-    policy: FullPolicy,
-    consumer_sleeping: AtomicBool,
-    wake_consumer: Notify,
-    waiting_senders: AtomicUsize,
-    not_full: Notify,
-    closed: AtomicBool,
-    dropped: Arc<AtomicU64>,
-    inbox: Inbox,
-}
-
-impl Mailbox {
-    fn wake(&self) {
-        fence(Ordering::SeqCst);
-        if self.consumer_sleeping.swap(false, Ordering::SeqCst) {
-            self.wake_consumer.notify_one();
-        }
-    }
-
-    /// Pushes without waiting and without waking the consumer (a batch wakes it once).
-    fn push_quiet(&self, env: Envelope) -> Push {
-        if self.closed.load(Ordering::Acquire) {
-            return Push::Refused(Error::TargetGone(self.inbox.id().clone()), env);
-        }
-        match self.policy {
-            FullPolicy::Wait => match self.queue.push(env) {
-                Ok(()) => Push::Queued,
-                Err(env) => Push::Full(env),
-            },
-            FullPolicy::DropNewest => {
-                if self.queue.push(env).is_err() {
-                    self.count_drop();
-                }
-                Push::Queued
-            }
-            FullPolicy::DropOldest => {
-                if self.queue.force_push(env).is_some() {
-                    self.count_drop();
-                }
-                Push::Queued
-            }
-            FullPolicy::Fail => match self.queue.push(env) {
-                Ok(()) => Push::Queued,
-                Err(env) => Push::Refused(Error::MailboxFull(self.inbox.id().clone()), env),
-            },
-        }
-    }
-
-    /// Pushes without waiting; gives the envelope back only for `Wait` on a full mailbox.
-    fn try_push(&self, env: Envelope) -> std::result::Result<Result<()>, Envelope> {
-        match self.push_quiet(env) {
-            Push::Queued => {
-                self.wake();
-                Ok(Ok(()))
-            }
-            Push::Full(env) => Err(env),
-            Push::Refused(e @ Error::MailboxFull(_), _) => {
-                self.wake();
-                Ok(Err(e))
-            }
-            Push::Refused(e, _) => Ok(Err(e)),
-        }
-    }
-
-    /// Pushes a batch in order, waking the consumer once per run of queued envelopes
-    /// instead of once per envelope; on error the failing envelope and the rest stay in `envs`.
-    async fn push_batch(&self, envs: &mut dyn Outgoing) -> Result<()> {
-        let mut queued = false;
-        while let Some(mut env) = envs.pop() {
-            env.carried_by = Some(NAME);
-            match self.push_quiet(env) {
-                Push::Queued => queued = true,
-                Push::Full(env) => {
-                    // Let the consumer drain what is queued, wait for room, then try it again.
-                    envs.push_front(env);
-                    self.wake();
-                    queued = false;
-                    self.room().await;
-                }
-                Push::Refused(e, env) => {
-                    if queued {
-                        self.wake();
-                    }
-                    envs.push_front(env);
-                    return Err(e);
-                }
-            }
-        }
-        if queued {
-            self.wake();
-        }
-        Ok(())
-    }
-
-    fn count_drop(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-        self.inbox.count_dropped();
-    }
-
-    /// Returns once the queue has room (or the mailbox closed): the consumer wakes senders
-    /// that registered here whenever it takes an envelope.
-    async fn room(&self) {
-        let notified = self.not_full.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        self.waiting_senders.fetch_add(1, Ordering::SeqCst);
-        if self.queue.is_full() && !self.closed.load(Ordering::Acquire) {
-            notified.await;
-        }
-        self.waiting_senders.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    async fn push(&self, env: Envelope) -> Result<()> {
-        let mut env = match self.try_push(env) {
-            Ok(r) => return r,
-            Err(env) => env,
-        };
-        loop {
-            let notified = self.not_full.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            self.waiting_senders.fetch_add(1, Ordering::SeqCst);
-            let retry = self.try_push(env);
-            match retry {
-                Ok(r) => {
-                    self.waiting_senders.fetch_sub(1, Ordering::SeqCst);
-                    return r;
-                }
-                Err(e) => env = e,
-            }
-            notified.await;
-            self.waiting_senders.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.consumer_sleeping.store(false, Ordering::SeqCst);
-        self.wake_consumer.notify_one();
-        self.not_full.notify_waiters();
-    }
-
-    async fn run(self: Arc<Self>, delivered: Arc<AtomicU64>) {
-        let sync = self.inbox.is_sync();
-        loop {
-            let mut n = 0;
-            while let Some(env) = self.queue.pop() {
-                // Waiting senders are woken once half the queue is free, not on every pop: a
-                // saturated stream then costs one wake-up per half queue instead of one per event.
-                if self.waiting_senders.load(Ordering::SeqCst) > 0
-                    && self.queue.len() <= self.queue.capacity() / 2
-                {
-                    self.not_full.notify_waiters();
-                }
-                if sync {
-                    let _ = self.inbox.deliver_sync(env);
-                } else {
-                    self.inbox.deliver(env).await;
-                }
-                n += 1;
-                if n % BATCH == 0 {
-                    delivered.fetch_add(BATCH as u64, Ordering::Relaxed);
-                    tokio::task::yield_now().await;
-                }
-                if self.closed.load(Ordering::Acquire) {
-                    return;
-                }
-            }
-            delivered.fetch_add((n % BATCH) as u64, Ordering::Relaxed);
-            if self.closed.load(Ordering::Acquire) {
-                return;
-            }
-            self.consumer_sleeping.store(true, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            if !self.queue.is_empty() {
-                self.consumer_sleeping.store(false, Ordering::SeqCst);
-                continue;
-            }
-            self.wake_consumer.notified().await;
-        }
-    }
-}
-
-/// What [`Mailbox::push_quiet`] did with an envelope.
-enum Push {
-    /// In the queue (or dropped by the mailbox's policy, and counted).
-    Queued,
-    /// The mailbox is full and its policy is `Wait`.
-    Full(Envelope),
-    /// Refused: the mailbox is closed, or full with policy `Fail`.
-    Refused(Error, Envelope),
-}
-
-fn push_now(mb: &Mailbox, mut env: Envelope) -> TrySend {
-    env.carried_by = Some(NAME);
-    match mb.try_push(env) {
-        Ok(r) => TrySend::Done(r),
-        Err(env) => TrySend::Pending(env),
-    }
-}
+/// Topics whose receivers are kept precomputed; past it the cache starts over.
+const TOPIC_CACHE: usize = 1024;
 
 struct Sub {
     id: u64,
     topic: Option<TopicPattern>,
     group: Option<Arc<str>>,
     filter: Option<Filter>,
-    mailbox: Arc<Mailbox>,
+    inbox: Inbox,
 }
 
-type Mailboxes = HashMap<MachineId, (Arc<Mailbox>, tokio::task::JoinHandle<()>)>;
+/// One machine's share of a publish: its inbox and the filters of its matching subscriptions
+/// (`None` among them: one subscription takes everything).
+struct Receiver {
+    inbox: Inbox,
+    filters: Vec<Option<Filter>>,
+}
+
+impl Receiver {
+    fn wants(&self, env: &Envelope) -> bool {
+        self.filters
+            .iter()
+            .any(|f| f.as_ref().is_none_or(|f| f(env)))
+    }
+}
+
+/// The receivers of one topic, for the subscription generation they were computed in.
+type CachedReceivers = (u64, Arc<[Receiver]>);
 
 struct Fabric {
-    mailboxes: RwLock<Mailboxes>,
+    machines: RwLock<FxHashMap<MachineId, Inbox>>,
     subs: RwLock<Vec<Arc<Sub>>>,
+    /// Moves on every subscribe and unsubscribe, so cached receiver lists stay fresh.
+    subs_generation: AtomicU64,
+    topics: Mutex<FxHashMap<Arc<str>, CachedReceivers>>,
     group_next: Mutex<HashMap<Arc<str>, usize>>,
     next_sub: AtomicU64,
     closed: AtomicBool,
-    delivered: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
 }
 
 /// The same-process transport of one session.
 pub struct MemoryTransport {
     caps: Capabilities,
-    fabric: Fabric,
+    fabric: Arc<Fabric>,
 }
 
 impl Default for MemoryTransport {
@@ -264,6 +85,9 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
+}
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemoryTransport {
@@ -280,69 +104,149 @@ impl MemoryTransport {
                 groups: true,
                 request: true,
                 mailboxes: true,
+                priority: true,
             },
-            fabric: Fabric {
-                mailboxes: RwLock::new(HashMap::new()),
+            fabric: Arc::new(Fabric {
+                machines: RwLock::new(FxHashMap::default()),
                 subs: RwLock::new(Vec::new()),
+                subs_generation: AtomicU64::new(0),
+                topics: Mutex::new(FxHashMap::default()),
                 group_next: Mutex::new(HashMap::new()),
                 next_sub: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
-                delivered: Arc::new(AtomicU64::new(0)),
-                dropped: Arc::new(AtomicU64::new(0)),
-            },
+                delivered: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+            }),
         }
     }
 
-    fn mailbox(&self, to: &MachineId) -> Result<Arc<Mailbox>> {
+    fn check_open(&self) -> Result<()> {
         if self.fabric.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(NAME));
         }
-        read(&self.fabric.mailboxes)
-            .get(to)
-            .map(|(m, _)| m.clone())
-            .ok_or_else(|| Error::TargetGone(to.clone()))
+        Ok(())
     }
+}
 
-    /// Picks the receivers of a published envelope: every plain match, one member per matching group.
-    fn receivers(&self, target: &Address, env: &Envelope) -> Vec<Arc<Mailbox>> {
-        let parts: Vec<&str> = match target {
-            Address::Topic(t) => t.split('.').collect(),
-            _ => Vec::new(),
-        };
-        let subs = read(&self.fabric.subs);
-        let mut out = Vec::new();
-        let mut groups: Vec<(Arc<str>, Vec<Arc<Mailbox>>)> = Vec::new();
-        for s in subs.iter() {
-            let hit = match (target, &s.topic, &s.group) {
-                (Address::Topic(_), Some(p), _) => p.matches_segments(&parts),
-                (Address::Group(g), None, Some(sg)) => g == sg,
-                _ => false,
-            };
-            if !hit || s.filter.as_ref().is_some_and(|f| !f(env)) {
+impl Fabric {
+    /// The machines subscribed to `topic`, each once, from the cache while subscriptions are unchanged.
+    fn receivers(&self, topic: &Arc<str>) -> Arc<[Receiver]> {
+        let generation = self.subs_generation.load(Ordering::Acquire);
+        if let Some((g, r)) = lock(&self.topics).get(topic)
+            && *g == generation
+        {
+            return r.clone();
+        }
+        let parts: Vec<&str> = topic.split('.').collect();
+        let mut out: Vec<Receiver> = Vec::new();
+        for s in read(&self.subs).iter() {
+            if s.group.is_some() || !s.topic.as_ref().is_some_and(|p| p.matches_segments(&parts)) {
                 continue;
             }
-            match &s.group {
-                Some(g) => match groups.iter_mut().find(|(name, _)| name == g) {
-                    Some((_, members)) => members.push(s.mailbox.clone()),
-                    None => groups.push((g.clone(), vec![s.mailbox.clone()])),
-                },
-                None => out.push(s.mailbox.clone()),
+            match out.iter_mut().find(|r| r.inbox.id() == s.inbox.id()) {
+                Some(r) => r.filters.push(s.filter.clone()),
+                None => out.push(Receiver {
+                    inbox: s.inbox.clone(),
+                    filters: vec![s.filter.clone()],
+                }),
             }
         }
-        drop(subs);
-        if !groups.is_empty() {
-            let mut next = self
-                .fabric
-                .group_next
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for (g, members) in groups {
-                let i = next.entry(g).or_insert(0);
-                out.push(members[*i % members.len()].clone());
-                *i = i.wrapping_add(1);
-            }
+        let r: Arc<[Receiver]> = out.into();
+        let mut cache = lock(&self.topics);
+        if cache.len() >= TOPIC_CACHE {
+            cache.clear();
         }
-        out
+        cache.insert(topic.clone(), (generation, r.clone()));
+        r
+    }
+
+    /// The next member of `group` whose filter takes `env`, round-robin.
+    fn group_member(&self, group: &str, env: &Envelope) -> Option<Inbox> {
+        let members: Vec<Inbox> = read(&self.subs)
+            .iter()
+            .filter(|s| s.group.as_deref() == Some(group))
+            .filter(|s| s.filter.as_ref().is_none_or(|f| f(env)))
+            .map(|s| s.inbox.clone())
+            .collect();
+        if members.is_empty() {
+            return None;
+        }
+        let mut next = lock(&self.group_next);
+        let i = next.entry(group.into()).or_insert(0);
+        let m = members[*i % members.len()].clone();
+        *i = i.wrapping_add(1);
+        Some(m)
+    }
+
+    fn changed(&self) {
+        self.subs_generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Queues `env` in `inbox`'s mailbox, waiting for room under the `Wait` policy; `false`
+/// when the machine is gone.
+async fn deliver(inbox: &Inbox, env: Envelope) -> bool {
+    match inbox.offer(env) {
+        Offer::Taken => {
+            inbox.notify();
+            true
+        }
+        Offer::Full(env) => inbox.queue(env).await.is_ok(),
+        Offer::Refused(..) => false,
+    }
+}
+
+/// A link to one machine's mailbox.
+struct MemoryLink {
+    inbox: Inbox,
+    fabric: Arc<Fabric>,
+}
+
+#[async_trait]
+impl Link for MemoryLink {
+    fn try_send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        if self.fabric.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed(NAME));
+        }
+        if self.inbox.is_closed() {
+            return Err(Error::TargetGone(self.inbox.id().clone()));
+        }
+        let mut queued = 0u64;
+        let r = loop {
+            let Some(env) = out.pop_by(NAME) else {
+                break Ok(());
+            };
+            match self.inbox.offer(env) {
+                Offer::Taken => queued += 1,
+                Offer::Full(env) => {
+                    out.push_front(env);
+                    break Ok(());
+                }
+                Offer::Refused(e, env) => {
+                    out.push_front(env);
+                    break Err(e);
+                }
+            }
+        };
+        if queued > 0 {
+            self.inbox.notify();
+            self.fabric.delivered.fetch_add(queued, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        loop {
+            self.try_send(out)?;
+            if out.is_empty() {
+                return Ok(());
+            }
+            self.inbox.room().await;
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        !self.inbox.is_closed() && !self.fabric.closed.load(Ordering::Acquire)
     }
 }
 
@@ -357,104 +261,43 @@ impl Transport for MemoryTransport {
     }
 
     async fn bind(&self, entry: &MachineEntry, inbox: Inbox) -> Result<()> {
-        if self.fabric.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed(NAME));
-        }
-        let cfg = inbox.mailbox();
-        let mut boxes = write(&self.fabric.mailboxes);
-        if boxes.contains_key(&entry.id) {
+        self.check_open()?;
+        let mut m = write(&self.fabric.machines);
+        if m.contains_key(&entry.id) {
             return Err(Error::DuplicateId(entry.id.clone()));
         }
-        let mb = Arc::new(Mailbox {
-            queue: ArrayQueue::new(cfg.capacity.max(1)),
-            policy: cfg.policy,
-            consumer_sleeping: AtomicBool::new(false),
-            wake_consumer: Notify::new(),
-            waiting_senders: AtomicUsize::new(0),
-            not_full: Notify::new(),
-            closed: AtomicBool::new(false),
-            dropped: self.fabric.dropped.clone(),
-            inbox,
-        });
-        let task = tokio::spawn(mb.clone().run(self.fabric.delivered.clone()));
-        boxes.insert(entry.id.clone(), (mb, task));
+        m.insert(entry.id.clone(), inbox);
         Ok(())
     }
 
     async fn unbind(&self, id: &MachineId) -> Result<()> {
-        if let Some((mb, task)) = write(&self.fabric.mailboxes).remove(id) {
-            mb.close();
-            task.abort();
+        write(&self.fabric.machines).remove(id);
+        let mut subs = write(&self.fabric.subs);
+        let before = subs.len();
+        subs.retain(|s| s.inbox.id() != id);
+        if subs.len() != before {
+            self.fabric.changed();
         }
-        write(&self.fabric.subs).retain(|s| s.mailbox.inbox.id() != id);
         Ok(())
     }
 
-    fn try_send(&self, to: &MachineId, env: Envelope) -> TrySend {
-        match self.mailbox(to) {
-            Ok(mb) => push_now(&mb, env),
-            Err(e @ Error::Closed(_)) => TrySend::Retry(e, env),
-            Err(e) => TrySend::Done(Err(e)),
+    async fn link(&self, to: &MachineEntry) -> Result<Arc<dyn Link>> {
+        self.check_open()?;
+        let inbox = read(&self.fabric.machines)
+            .get(&to.id)
+            .cloned()
+            .ok_or_else(|| Error::TargetGone(to.id.clone()))?;
+        if inbox.is_closed() {
+            return Err(Error::TargetGone(to.id.clone()));
         }
+        Ok(Arc::new(MemoryLink {
+            inbox,
+            fabric: self.fabric.clone(),
+        }))
     }
 
-    fn resolve(&self, to: &MachineId) -> Option<TargetHandle> {
-        self.mailbox(to).ok().map(|m| m as TargetHandle)
-    }
-
-    fn try_send_resolved(&self, handle: &TargetHandle, to: &MachineId, env: Envelope) -> TrySend {
-        match handle.downcast_ref::<Mailbox>() {
-            Some(mb) if !mb.closed.load(Ordering::Acquire) => push_now(mb, env),
-            _ => self.try_send(to, env),
-        }
-    }
-
-    async fn send(&self, to: &MachineId, mut env: Envelope) -> Result<()> {
-        let mb = self.mailbox(to)?;
-        env.carried_by = Some(NAME);
-        mb.push(env).await
-    }
-
-    async fn send_batch(&self, to: &MachineId, envs: &mut dyn Outgoing) -> Result<()> {
-        if envs.is_empty() {
-            return Ok(());
-        }
-        self.mailbox(to)?.push_batch(envs).await
-    }
-
-    async fn publish(&self, mut env: Envelope) -> Result<usize> {
-        if self.fabric.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed(NAME));
-        }
-        env.carried_by = Some(NAME);
-        let target = env.target.clone();
-        let receivers = self.receivers(&target, &env);
-        let mut n = 0;
-        for mb in receivers {
-            // A receiver that left meanwhile is skipped; the others still get theirs.
-            if mb.push(env.clone()).await.is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    async fn subscribe(&self, sub: Subscription) -> Result<SubscriptionId> {
-        let mailbox = self.mailbox(sub.inbox.id())?;
-        let id = self.fabric.next_sub.fetch_add(1, Ordering::Relaxed);
-        write(&self.fabric.subs).push(Arc::new(Sub {
-            id,
-            topic: sub.topic,
-            group: sub.group,
-            filter: sub.filter,
-            mailbox,
-        }));
-        Ok(SubscriptionId(id))
-    }
-
-    async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
-        write(&self.fabric.subs).retain(|s| s.id != id.0);
-        Ok(())
+    fn pubsub(&self) -> Option<&dyn PubSub> {
+        Some(self)
     }
 
     fn health(&self) -> TransportHealth {
@@ -462,8 +305,8 @@ impl Transport for MemoryTransport {
         TransportHealth {
             healthy: !closed,
             detail: format!(
-                "{} mailboxes, {} subscriptions{}",
-                read(&self.fabric.mailboxes).len(),
+                "{} machines, {} subscriptions{}",
+                read(&self.fabric.machines).len(),
                 read(&self.fabric.subs).len(),
                 if closed { ", closed" } else { "" }
             ),
@@ -474,10 +317,70 @@ impl Transport for MemoryTransport {
 
     fn close(&self) {
         self.fabric.closed.store(true, Ordering::Release);
-        for (_, (mb, task)) in write(&self.fabric.mailboxes).drain() {
-            mb.close();
-            task.abort();
-        }
+        write(&self.fabric.machines).clear();
         write(&self.fabric.subs).clear();
+        lock(&self.fabric.topics).clear();
+        self.fabric.changed();
+    }
+}
+
+#[async_trait]
+impl PubSub for MemoryTransport {
+    async fn publish(&self, from: &MachineEntry, mut env: Envelope, reach: Reach) -> Result<usize> {
+        self.check_open()?;
+        env.carried_by = Some(NAME);
+        let mut n = 0;
+        match &env.target {
+            Address::Topic(topic) => {
+                let receivers = self.fabric.receivers(topic);
+                for r in receivers.iter() {
+                    if !reach.covers(Location::between(from, r.inbox.entry())) || !r.wants(&env) {
+                        continue;
+                    }
+                    // A receiver that left meanwhile is skipped; the others still get theirs.
+                    if deliver(&r.inbox, env.clone()).await {
+                        n += 1;
+                    }
+                }
+            }
+            Address::Group(g) => {
+                if let Some(inbox) = self.fabric.group_member(g, &env)
+                    && deliver(&inbox, env.clone()).await
+                {
+                    n += 1;
+                }
+            }
+            other => {
+                return Err(Error::InvalidPattern {
+                    pattern: other.to_string(),
+                    reason: "publish takes a topic or a group address",
+                });
+            }
+        }
+        self.fabric.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    async fn subscribe(&self, sub: Subscription) -> Result<SubscriptionId> {
+        self.check_open()?;
+        if !read(&self.fabric.machines).contains_key(sub.inbox.id()) {
+            return Err(Error::TargetGone(sub.inbox.id().clone()));
+        }
+        let id = self.fabric.next_sub.fetch_add(1, Ordering::Relaxed);
+        write(&self.fabric.subs).push(Arc::new(Sub {
+            id,
+            topic: sub.topic,
+            group: sub.group,
+            filter: sub.filter,
+            inbox: sub.inbox,
+        }));
+        self.fabric.changed();
+        Ok(SubscriptionId(id))
+    }
+
+    async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
+        write(&self.fabric.subs).retain(|s| s.id != id.0);
+        self.fabric.changed();
+        Ok(())
     }
 }
