@@ -2,3 +2,8 @@
 #![cfg(feature = "ipc")]
 mod conformance;
 conformance_suite!(conformance::Fixture::ipc_p2p());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_reaches_near_and_far_subscribers_once() {
+    conformance::publish_reaches_near_and_far_subscribers_once(true).await;
+}

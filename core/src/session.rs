@@ -307,6 +307,10 @@ impl SessionInner {
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+    /// Marks the cached routes to `id` stale now (its machine here is leaving).
+    pub(crate) fn invalidate_routes(&self, id: &MachineId) {
+        lock(&self.route_watch).mark(id);
+    }
     /// A flag the registry watcher sets when `id` leaves or joins again.
     pub(crate) fn watch_route(&self, id: &MachineId) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));

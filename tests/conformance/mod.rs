@@ -234,7 +234,10 @@ macro_rules! conformance_suite {
             expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
             fifo_per_sender_receiver, send_batch_delivers_in_order, rejoined_id_gets_the_new_events,
             borrowed_handler_sees_every_kind_of_event,
-            reentrant_bounce_runs_to_completion);
+            reentrant_bounce_runs_to_completion, priority_overtakes_queued_events,
+            declared_sender_follows_a_target_that_moved, declared_sender_to_a_target_that_left,
+            each_machine_gets_a_publish_once, declared_publisher_publishes,
+            multi_target_sends_try_every_target);
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1447,4 +1450,293 @@ pub async fn reentrant_bounce_runs_to_completion(fx: Fixture) {
         .expect("the bounce completes")
         .unwrap();
     assert_eq!(n, LAST);
+}
+
+/// A gated async handler holds event 0 while normal and urgent events queue behind it:
+/// where the transport honours priority, the most urgent go first, each priority in FIFO
+/// order; elsewhere everything stays in sending order.
+pub async fn priority_overtakes_queued_events(fx: Fixture) {
+    let w = fx.world();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, mut got) = mpsc::unbounded_channel::<String>();
+    let g = gate.clone();
+    let _slow = w
+        .machine("slow", "Slow")
+        .handler_async(move |_, ev| {
+            let (g, started_tx, tx) = (g.clone(), started_tx.clone(), tx.clone());
+            async move {
+                if ev.name() == "FIRST" {
+                    let _ = started_tx.send(());
+                    g.acquire().await.unwrap().forget();
+                }
+                let _ = tx.send(ev.name().to_string());
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let (_barrier, _) = w.ponger("barrier", "Barrier").await;
+    let p = w.machine("p", "P").build().await.unwrap();
+    p.send("slow", "FIRST", ()).await.unwrap();
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+    let to_slow = p.sender("slow").await.unwrap();
+    to_slow.send("N1", ()).await.unwrap();
+    to_slow.message("H1", ()).priority(5).send().await.unwrap();
+    to_slow.send("N2", ()).await.unwrap();
+    p.message("slow", "U1", ()).priority(9).send().await.unwrap();
+    to_slow.message("H2", ()).priority(5).send().await.unwrap();
+    p.message("slow", "N3", ()).priority(0).send().await.unwrap();
+    // Everything sent so far is queued at the receiver once the barrier answers.
+    p.request("barrier", "PING", 0u32, WAIT).await.unwrap();
+    gate.add_permits(1);
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(tokio::time::timeout(WAIT, got.recv()).await.unwrap().unwrap());
+    }
+    let expected: &[&str] = if w.caps().priority {
+        &["FIRST", "U1", "H1", "H2", "N1", "N2", "N3"]
+    } else {
+        &["FIRST", "N1", "H1", "N2", "U1", "H2", "N3"]
+    };
+    assert_eq!(seen, expected);
+}
+
+/// A declared sender keeps reaching its target after the target left and joined again
+/// (here or elsewhere), and never the machine that left.
+pub async fn declared_sender_follows_a_target_that_moved(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (b1, mut r1) = w.recorder("b", "T").await;
+    let to_b = a.sender("b").await.unwrap();
+    to_b.send("ONE", 1u32).await.unwrap();
+    assert_eq!(r1.next().await.name(), "ONE");
+    b1.close().await.unwrap();
+    let (_b2, mut r2) = w.recorder("b", "T").await;
+    for i in 0..10u32 {
+        to_b.send("TWO", i).await.unwrap();
+    }
+    to_b.post("THREE", 10u32).unwrap();
+    for i in 0..=10u32 {
+        let ev = r2.next().await;
+        assert_eq!(ev.data::<u32>().unwrap(), i);
+        assert_carried(&w, &ev);
+    }
+    assert!(
+        r1.rx.try_recv().is_err(),
+        "the machine that left got nothing more"
+    );
+    assert_eq!(to_b.target().as_str(), "b");
+}
+
+/// A send through a declared sender whose target left is an error, not a silent loss.
+///
+/// `post` says so itself when the registry answers at once (in process); when the
+/// registry needs a round trip (the bus daemon's) the post finishes on a task and the
+/// failure reaches the machine's `on_error` hook instead.
+pub async fn declared_sender_to_a_target_that_left(fx: Fixture) {
+    let w = fx.world();
+    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
+    let a = w
+        .machine("a", "T")
+        .on_error(move |_, e| {
+            let _ = errors_tx.send(e.clone());
+        })
+        .build()
+        .await
+        .unwrap();
+    let (b, mut rb) = w.recorder("b", "T").await;
+    let to_b = a.sender("b").await.unwrap();
+    to_b.send("ONE", ()).await.unwrap();
+    rb.next().await;
+    b.close().await.unwrap();
+    let err = to_b.send("TWO", ()).await.unwrap_err();
+    assert!(matches!(err, Error::UnknownTarget(ref id) if id.as_str() == "b"), "{err}");
+    let (err, later) = match to_b.post("THREE", ()) {
+        Err(e) => (e, 0),
+        Ok(()) => {
+            let e = tokio::time::timeout(WAIT, errors.recv())
+                .await
+                .expect("the failed post reaches the hook")
+                .unwrap();
+            (e, 1)
+        }
+    };
+    assert!(matches!(err, Error::UnknownTarget(_)), "{err}");
+    assert_eq!(a.stats().failed_sends, later, "counted when reported later");
+    assert!(matches!(
+        a.sender("b").await.unwrap_err(),
+        Error::UnknownTarget(_)
+    ));
+}
+
+/// A machine whose subscriptions match a topic twice gets each publish once, and the
+/// count is what was delivered (after content filters).
+pub async fn each_machine_gets_a_publish_once(fx: Fixture) {
+    let w = fx.world();
+    let (p, _) = w.recorder("p", "P").await;
+    let (twice, mut rt) = w.recorder("twice", "S").await;
+    let (filtered, mut rf) = w.recorder("filtered", "S").await;
+    if !w.caps().topics {
+        assert!(matches!(
+            twice.subscribe("a.*").await,
+            Err(Error::NotSupported { .. })
+        ));
+        return;
+    }
+    twice.subscribe("a.*").await.unwrap();
+    twice.subscribe("a.#").await.unwrap();
+    let never: switchyard::transport::Filter = Arc::new(|_| false);
+    let always: switchyard::transport::Filter = Arc::new(|_| true);
+    filtered
+        .subscribe_with(
+            "a.#",
+            SubscribeOptions {
+                group: None,
+                filter: Some(never.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    filtered
+        .subscribe_with(
+            "#",
+            SubscribeOptions {
+                group: None,
+                filter: Some(always),
+            },
+        )
+        .await
+        .unwrap();
+    // Only `never` matches here: `filtered` does not get it.
+    let lonely = w.machine("lonely", "S").build().await.unwrap();
+    lonely
+        .subscribe_with(
+            "a.b",
+            SubscribeOptions {
+                group: None,
+                filter: Some(never),
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..3u32 {
+        assert_eq!(p.publish("a.b", "E", i).await.unwrap(), 2, "publish {i}");
+    }
+    for i in 0..3u32 {
+        let e = rt.next().await;
+        assert_eq!((e.name(), e.data::<u32>().unwrap()), ("E", i));
+        assert_carried(&w, &e);
+        assert_eq!(rf.next().await.data::<u32>().unwrap(), i);
+    }
+    // A copy would have arrived before a later publish on the same path.
+    assert_eq!(p.publish("a.end", "END", ()).await.unwrap(), 2);
+    assert_eq!(rt.next().await.name(), "END", "no second copy");
+    assert_eq!(rf.next().await.name(), "END", "no second copy");
+}
+
+/// A declared publisher checks its topic once and publishes like `publish` and `emit`.
+pub async fn declared_publisher_publishes(fx: Fixture) {
+    let w = fx.world();
+    let (p, _) = w.recorder("p", "P").await;
+    let (s, mut rs) = w.recorder("s", "S").await;
+    if !w.caps().topics {
+        assert!(matches!(
+            p.publisher("news.x"),
+            Err(Error::NotSupported { .. })
+        ));
+        return;
+    }
+    assert!(matches!(
+        p.publisher("news.*"),
+        Err(Error::InvalidPattern { .. })
+    ));
+    s.subscribe("news.#").await.unwrap();
+    let news = p.publisher("news.x").unwrap();
+    assert_eq!(news.topic(), "news.x");
+    assert_eq!(news.publish("N", 1u32).await.unwrap(), 1);
+    news.emit("N", 2u32).await.unwrap();
+    for i in 1..=2u32 {
+        let e = rs.next().await;
+        assert_eq!(e.data::<u32>().unwrap(), i);
+        assert_eq!(e.target, switchyard::Address::Topic("news.x".into()));
+    }
+}
+
+/// Every multi-target send tries every target: one that fails does not stop the others,
+/// and the error names each one that failed.
+pub async fn multi_target_sends_try_every_target(fx: Fixture) {
+    let w = strict(&fx);
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    let (_c, mut rc) = w.recorder("c", "T").await;
+    a.connect("b");
+    a.connect("ghost");
+    a.connect("c");
+    match a.broadcast("NEWS", 7u32).await {
+        Err(Error::Partial { delivered, failed }) => {
+            assert_eq!(delivered, 2);
+            assert_eq!(failed.len(), 1);
+            assert_eq!(failed[0].0.as_str(), "ghost");
+            assert!(matches!(failed[0].1, Error::UnknownTarget(_)), "{}", failed[0].1);
+        }
+        other => panic!("expected a partial delivery, got {other:?}"),
+    }
+    assert_eq!(rb.next().await.data::<u32>().unwrap(), 7);
+    assert_eq!(rc.next().await.data::<u32>().unwrap(), 7, "the send after the failure went out");
+}
+
+/// Two sessions on one host (two "processes"), each with the in-process transports and
+/// ipc on one daemon: a publish reaches the subscriber beside the publisher through memory
+/// and the one in the other session through ipc, each exactly once, also when a machine's
+/// subscriptions overlap; the count covers both.
+#[cfg(feature = "ipc")]
+pub async fn publish_reaches_near_and_far_subscribers_once(p2p: bool) {
+    use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig, unique_socket_path};
+    let socket = unique_socket_path(&std::env::temp_dir(), "sy-mixed");
+    let _daemon = Daemon::start(DaemonConfig::new(&socket)).expect("a private bus daemon starts");
+    let session = || {
+        let mut cfg = IpcConfig::new(&socket);
+        if p2p {
+            cfg = cfg.peer_to_peer();
+        }
+        let bus = IpcBus::connect(cfg).expect("the ipc client starts");
+        switchyard::builder().ipc(&bus).build().expect("session builds")
+    };
+    let (here, there) = (session(), session());
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, &'static str)>();
+    let recorder = |s: &Session, id: &'static str| {
+        let tx = tx.clone();
+        s.machine(id, "Sub").handler(move |_, ev| {
+            let _ = tx.send((id.to_string(), ev.carried_by.unwrap_or("?")));
+        })
+    };
+    let near = recorder(&here, "near").build().await.unwrap();
+    let far = recorder(&there, "far").build().await.unwrap();
+    near.subscribe("news.#").await.unwrap();
+    far.subscribe("news.#").await.unwrap();
+    far.subscribe("news.*").await.unwrap();
+    let p = here.machine("pub", "Pub").build().await.unwrap();
+    for i in 0..5 {
+        assert_eq!(p.publish("news.x", "N", i as u32).await.unwrap(), 2, "publish {i}");
+    }
+    p.emit("news.x", "N", 5u32).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..12 {
+        got.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+    }
+    got.sort();
+    let mut expected: Vec<(String, &'static str)> = Vec::new();
+    for _ in 0..6 {
+        expected.push(("far".into(), "ipc"));
+        expected.push(("near".into(), "memory"));
+    }
+    expected.sort();
+    assert_eq!(got, expected, "each subscriber once per publish, from the nearest transport");
+    // A copy would come before a later publish on the same path.
+    assert_eq!(p.publish("news.end", "END", 0u32).await.unwrap(), 2);
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    }
+    assert!(rx.try_recv().is_err(), "no second copy");
 }

@@ -253,6 +253,8 @@ impl Node {
         s.unlink_all(self.id());
         lock(&s.nodes).remove(self.id());
         self.shut();
+        // Senders of this session learn it at once; others when the registry says it left.
+        s.invalidate_routes(self.id());
         s.registry.deregister(self.id()).await
     }
 }

@@ -9,7 +9,8 @@
 //! the context when the handler returns. Events queued that way keep their order
 //! per sender, also when senders on several threads share a context. The queue is
 //! bounded ([`DEFAULT_QUEUE_CAPACITY`]); past it a send fails with
-//! `Error::QueueFull`.
+//! `Error::QueueFull`. An event of higher priority queued there overtakes those of
+//! lower priority.
 //!
 //! An async handler cannot run inline: its events go to the machine's mailbox and
 //! run on its task, so a sender never waits for an async handler (and a request's
@@ -88,7 +89,7 @@ impl DirectTransport {
                 groups: false,
                 request: true,
                 mailboxes: false,
-                priority: false,
+                priority: true,
             },
             state: Arc::new(State {
                 targets: RwLock::new(HashMap::new()),
@@ -130,7 +131,17 @@ impl DirectLink {
                 env,
             ));
         }
-        items.push_back((self.target.inbox.clone(), env));
+        // An urgent event overtakes the queued events of lower priority (FIFO within one).
+        let p = env.headers.priority;
+        let at = if p == 0 {
+            items.len()
+        } else {
+            items
+                .iter()
+                .rposition(|(_, e)| e.headers.priority >= p)
+                .map_or(0, |i| i + 1)
+        };
+        items.insert(at, (self.target.inbox.clone(), env));
         q.queued.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

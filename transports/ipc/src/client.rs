@@ -300,7 +300,7 @@ impl Local {
     fn sub_requests(&self) -> Vec<RequestMsg> {
         read(&self.subs)
             .iter()
-            .map(|s| sub_request(s.id, s.topic.as_ref(), s.group.as_deref()))
+            .map(|s| sub_request(s.id, s.topic.as_ref(), s.group.as_deref(), &s.machine))
             .collect()
     }
 }
@@ -309,12 +309,14 @@ pub(crate) fn sub_request(
     id: u64,
     topic: Option<&TopicPattern>,
     group: Option<&str>,
+    machine: &MachineId,
 ) -> RequestMsg {
     RequestMsg {
         op: "subscribe".into(),
         sub: Some(id),
         pattern: topic.map(|t| t.as_str().to_string()),
         group: group.map(str::to_string),
+        id: Some(machine.to_string()),
         ..RequestMsg::default()
     }
 }
@@ -568,6 +570,9 @@ impl Client {
         let subs = self.local.sub_requests();
         *write(&self.conn) = Some(outbox.clone());
         self.bump();
+        // Joins and leaves while we were away were not heard: whatever was cached from the
+        // registry (routes, peer connections) is to be read again.
+        let _ = self.events.send(RegistryEvent::Resync);
         let _ = self.connected.send_replace(true);
         if !entries.is_empty() || !subs.is_empty() {
             let me = self.clone();

@@ -103,6 +103,8 @@ struct SubRec {
     sub: u64,
     topic: Option<TopicPattern>,
     group: Option<Arc<str>>,
+    /// The subscribing machine, when the client said (a machine is counted once per publish).
+    machine: Option<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -685,6 +687,7 @@ impl Shared {
                     sub,
                     topic,
                     group,
+                    machine: req.id.map(Into::into),
                 });
                 Ok(ReplyMsg::ok(r))
             }
@@ -966,19 +969,25 @@ async fn handle_frame(
             let (targets, count) = {
                 let st = lock(&shared.st);
                 let mut per_conn: HashMap<u64, Arc<Outbox>> = HashMap::new();
-                let mut count = 0u64;
+                // Each machine counts once, however many of its subscriptions match.
+                let mut machines: std::collections::HashSet<(u64, &str, u64)> =
+                    std::collections::HashSet::new();
                 for s in &st.subs {
                     if s.conn == conn || s.group.is_some() {
                         continue;
                     }
                     if s.topic.as_ref().is_some_and(|p| p.matches(topic)) {
-                        count += 1;
+                        let who = match &s.machine {
+                            Some(m) => (s.conn, &**m, 0),
+                            None => (s.conn, "", s.sub),
+                        };
+                        machines.insert(who);
                         if let Some(c) = st.conns.get(&s.conn) {
                             per_conn.entry(s.conn).or_insert_with(|| c.outbox.clone());
                         }
                     }
                 }
-                (per_conn, count)
+                (per_conn, machines.len() as u64)
             };
             if !targets.is_empty() {
                 let mut fr = Vec::with_capacity(bytes.len() + 8);
