@@ -78,7 +78,7 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
         pairs.push((transport.to_string(), workload.to_string()));
     }
     for t in ["direct", "memory"] {
-        for w in ["one-way", "ping-pong", "any-of-type"] {
+        for w in ["one-way", "one-way send", "ping-pong", "any-of-type"] {
             assert!(
                 pairs.contains(&(t.into(), w.into())),
                 "no row for {t} {w}: {pairs:?}"
@@ -86,7 +86,13 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
         }
     }
     for t in ["memory", "ipc", "ipc-p2p"] {
-        for w in ["one-way", "ping-pong", "fan-out", "any-of-type"] {
+        for w in [
+            "one-way",
+            "one-way send",
+            "ping-pong",
+            "fan-out",
+            "any-of-type",
+        ] {
             assert!(
                 pairs.contains(&(t.into(), w.into())),
                 "no row for {t} {w}: {pairs:?}"
@@ -173,7 +179,7 @@ fn an_offered_rate_is_recorded_with_each_paced_row() {
     let _ = std::fs::remove_file(&path);
     let rows: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     let rows = rows.as_array().expect("a JSON array");
-    assert_eq!(rows.len(), 4, "{text}");
+    assert_eq!(rows.len(), 5, "{text}");
     for row in rows {
         let rate = row["rate"].as_f64();
         if row["workload"] == "ping-pong" {

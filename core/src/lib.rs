@@ -37,7 +37,9 @@ pub use node::{
     SubscriptionHandle,
 };
 pub use payload::{LocalValue, Payload, PayloadRef};
-pub use registry::{LocalRegistry, MachineEntry, Registry, RegistryEvent, glob_matches};
+pub use registry::{
+    ChangeHook, ChangeHooks, LocalRegistry, MachineEntry, Registry, RegistryEvent, glob_matches,
+};
 pub use session::{ContextId, RoutePlan, Router, Session, SessionBuilder};
 pub use topic::TopicPattern;
 pub use transport::{

@@ -57,6 +57,10 @@ pub enum RegistryEvent {
     Resync,
 }
 
+/// Told of every registry change; returns `false` once it no longer wants to hear (its
+/// session is gone), and is then dropped.
+pub type ChangeHook = Arc<dyn Fn(&RegistryEvent) -> bool + Send + Sync>;
+
 /// Where machines are registered and discovered; in-process ([`LocalRegistry`]) or shared.
 #[async_trait]
 pub trait Registry: Send + Sync {
@@ -80,6 +84,52 @@ pub trait Registry: Send + Sync {
     fn watch(&self) -> broadcast::Receiver<RegistryEvent>;
     /// Increases on every join or leave; route caches compare it to stay fresh without lookups.
     fn generation(&self) -> u64;
+    /// Calls `hook` with every change, as [`Registry::watch`] would report it.
+    ///
+    /// Sessions mark their cached routes stale from here. A registry that can should call
+    /// the hook where it learns of the change, before any later answer of its shows the
+    /// change (so a caller that saw a machine gone also finds its routes stale); the
+    /// default relays [`Registry::watch`] from a task, a little later.
+    fn on_change(&self, hook: ChangeHook) {
+        let mut events = self.watch();
+        tokio::spawn(async move {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(broadcast::error::RecvError::Lagged(_)) => RegistryEvent::Resync,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if !hook(&ev) {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// The hooks of a registry that calls them itself (see [`Registry::on_change`]).
+#[derive(Default)]
+pub struct ChangeHooks(Mutex<Vec<ChangeHook>>);
+
+impl ChangeHooks {
+    /// Adds a hook.
+    pub fn add(&self, hook: ChangeHook) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+    /// Tells every hook, dropping those that no longer listen.
+    pub fn call(&self, ev: &RegistryEvent) {
+        let hooks: Vec<ChangeHook> = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if hooks.is_empty() {
+            return;
+        }
+        let gone: Vec<ChangeHook> = hooks.into_iter().filter(|h| !h(ev)).collect();
+        if !gone.is_empty() {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|h| !gone.iter().any(|g| Arc::ptr_eq(g, h)));
+        }
+    }
 }
 
 /// Matches a discovery glob: `*` any run, `?` one character, anchored, case-insensitive, all else literal.
@@ -105,6 +155,7 @@ struct State {
 pub struct LocalRegistry {
     state: Mutex<State>,
     events: broadcast::Sender<RegistryEvent>,
+    hooks: ChangeHooks,
     ttl: Duration,
     generation: AtomicU64,
 }
@@ -120,6 +171,7 @@ impl LocalRegistry {
                 rng: fastrand::Rng::new(),
             }),
             events: broadcast::channel(1024).0,
+            hooks: ChangeHooks::default(),
             ttl,
             generation: AtomicU64::new(0),
         }
@@ -228,7 +280,9 @@ impl Registry for LocalRegistry {
             );
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
-        let _ = self.events.send(RegistryEvent::Joined(entry.clone()));
+        let ev = RegistryEvent::Joined(entry.clone());
+        self.hooks.call(&ev);
+        let _ = self.events.send(ev);
         Ok(entry)
     }
 
@@ -238,7 +292,9 @@ impl Registry for LocalRegistry {
             return Err(Error::UnknownTarget(id.clone()));
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
-        let _ = self.events.send(RegistryEvent::Left(id.clone()));
+        let ev = RegistryEvent::Left(id.clone());
+        self.hooks.call(&ev);
+        let _ = self.events.send(ev);
         Ok(())
     }
 
@@ -319,6 +375,10 @@ impl Registry for LocalRegistry {
 
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    fn on_change(&self, hook: ChangeHook) {
+        self.hooks.add(hook);
     }
 }
 

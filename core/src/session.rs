@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::address::MachineId;
 use crate::error::{Error, Result};
@@ -106,6 +106,7 @@ pub struct SessionBuilder {
     router: Option<Arc<dyn Router>>,
     strict: bool,
     auto_link_same_type: bool,
+    metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SessionBuilder {
@@ -118,6 +119,7 @@ impl Default for SessionBuilder {
             router: None,
             strict: false,
             auto_link_same_type: false,
+            metadata: Default::default(),
         }
     }
 }
@@ -162,6 +164,13 @@ impl SessionBuilder {
         self.auto_link_same_type = on;
         self
     }
+    /// One metadata entry every machine of the session registers with (a machine's own
+    /// entry for the same key wins). Transports advertise how to reach this process this
+    /// way: a sender on another host reads the endpoints from the registry entry.
+    pub fn entry_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
 
     /// Builds the session; must run inside a tokio runtime.
     pub fn build(self) -> Result<Session> {
@@ -200,6 +209,7 @@ impl SessionBuilder {
             links: RwLock::new(HashSet::new()),
             strict: self.strict,
             auto_link_same_type: self.auto_link_same_type,
+            metadata: self.metadata,
             next_id: AtomicU64::new((rng.u64(..) & 0xff_ffff) << 40),
             next_context: AtomicU64::new(1),
             shutdown,
@@ -208,7 +218,8 @@ impl SessionBuilder {
             route_watch: Mutex::new(RouteWatch::default()),
             runtime,
         });
-        let mut tasks = vec![spawn_route_watcher(&inner)];
+        watch_routes(&inner);
+        let mut tasks = Vec::new();
         if let Some(local) = local {
             let every = (self.ttl / 4).max(Duration::from_millis(5));
             tasks.push(local.spawn_sweeper(every));
@@ -243,25 +254,23 @@ fn default_host_id() -> Arc<str> {
 
 /// Marks cached routes stale when their target leaves or joins again (it may have moved),
 /// and every route when events were missed.
-fn spawn_route_watcher(inner: &Arc<SessionInner>) -> tokio::task::JoinHandle<()> {
-    let mut events = inner.registry.watch();
+fn watch_routes(inner: &Arc<SessionInner>) {
     let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
-        loop {
-            let ev = events.recv().await;
-            let Some(s) = weak.upgrade() else { break };
+    inner
+        .registry
+        .on_change(Arc::new(move |ev: &RegistryEvent| {
+            let Some(s) = weak.upgrade() else {
+                return false;
+            };
             let mut w = lock(&s.route_watch);
             match ev {
-                Ok(RegistryEvent::Left(id)) => w.mark(&id),
-                Ok(RegistryEvent::Joined(e)) => w.mark(&e.id),
-                Ok(RegistryEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    w.mark_all()
-                }
-                Ok(RegistryEvent::HealthChanged { .. }) => {}
-                Err(broadcast::error::RecvError::Closed) => break,
+                RegistryEvent::Left(id) => w.mark(id),
+                RegistryEvent::Joined(e) => w.mark(&e.id),
+                RegistryEvent::Resync => w.mark_all(),
+                RegistryEvent::HealthChanged { .. } => {}
             }
-        }
-    })
+            true
+        }));
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -278,6 +287,8 @@ pub(crate) struct SessionInner {
     links: RwLock<HashSet<(MachineId, MachineId)>>,
     pub(crate) strict: bool,
     pub(crate) auto_link_same_type: bool,
+    /// Added to every machine's registry entry (endpoints transports advertise).
+    pub(crate) metadata: std::collections::BTreeMap<String, String>,
     next_id: AtomicU64,
     next_context: AtomicU64,
     pub(crate) shutdown: watch::Sender<bool>,

@@ -19,6 +19,24 @@ use tokio::sync::mpsc;
 /// How long a test waits for an event before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Where a session of a world runs: what a fixture's `configure` gets.
+pub struct Host<'a> {
+    /// Unique per world: a fixture keys what the sessions of one world share by it (a
+    /// daemon socket, a broker namespace).
+    pub namespace: &'a str,
+    /// 0 for the world's first session; 1, 2, ... for the machines of a multi-host world.
+    pub index: usize,
+    /// The host id of this session (multi-host worlds give each machine its own).
+    pub host_id: &'a str,
+    /// In a multi-host world, the registry of the world's first session, for a fixture
+    /// whose sessions share a registry object (an in-process one; a registry client a
+    /// fixture can share). `None` for the first session itself.
+    pub first_registry: Option<&'a Arc<dyn switchyard::Registry>>,
+}
+
+/// Builds one session of a world.
+type Configure = Arc<dyn Fn(Builder, &Host<'_>) -> Builder + Send + Sync>;
+
 /// How to build sessions and place machines so that one transport carries the traffic.
 #[derive(Clone)]
 pub struct Fixture {
@@ -26,29 +44,48 @@ pub struct Fixture {
     pub transport: &'static str,
     /// The location the selector must compute between two machines of one world.
     pub location: Location,
-    configure: Arc<dyn Fn(Builder) -> Builder + Send + Sync>,
+    configure: Configure,
     same_context: bool,
+    /// Every machine runs in a session of its own, with a host id of its own, the sessions
+    /// sharing one registry: the selector computes `Remote` itself.
+    multi_host: bool,
 }
 
 impl Fixture {
+    /// A fixture for a transport under test: `configure` builds each session of a world.
+    /// With `multi_host`, each machine gets its own session (own host id), and `configure`
+    /// makes the sessions of a world share one registry (see [`Host`]), so every pair of
+    /// machines is `Remote`.
+    pub fn new(
+        transport: &'static str,
+        location: Location,
+        multi_host: bool,
+        configure: impl Fn(Builder, &Host<'_>) -> Builder + Send + Sync + 'static,
+    ) -> Fixture {
+        Fixture {
+            transport,
+            location,
+            configure: Arc::new(configure),
+            same_context: false,
+            multi_host,
+        }
+    }
+
     /// Same-thread: only the direct transport, every machine in one context.
     pub fn direct() -> Fixture {
         Fixture {
-            transport: "direct",
-            location: Location::SameThread,
-            configure: Arc::new(|b| b.selector(|s| s.without(["memory"]))),
             same_context: true,
+            ..Fixture::new("direct", Location::SameThread, false, |b, _| {
+                b.selector(|s| s.without(["memory"]))
+            })
         }
     }
 
     /// Same-process: only the memory transport, no shared context.
     pub fn memory() -> Fixture {
-        Fixture {
-            transport: "memory",
-            location: Location::SameProcess,
-            configure: Arc::new(|b| b.selector(|s| s.without(["direct"]))),
-            same_context: false,
-        }
+        Fixture::new("memory", Location::SameProcess, false, |b, _| {
+            b.selector(|s| s.without(["direct"]))
+        })
     }
 
     /// Same host through the bus daemon: a private daemon per world on its own temp socket,
@@ -68,30 +105,46 @@ impl Fixture {
     #[cfg(feature = "ipc")]
     fn ipc(p2p: bool) -> Fixture {
         use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig, unique_socket_path};
-        Fixture {
-            transport: "ipc",
-            location: Location::SameMachine,
-            configure: Arc::new(move |b| {
-                let socket = unique_socket_path(&std::env::temp_dir(), "sy-conf");
+        Fixture::new("ipc", Location::SameMachine, false, move |b, _| {
+            let socket = unique_socket_path(&std::env::temp_dir(), "sy-conf");
+            let daemon =
+                Daemon::start(DaemonConfig::new(&socket)).expect("a private bus daemon starts");
+            let mut cfg = IpcConfig::new(&socket)
+                .ttl(Duration::from_secs(1))
+                .keep_alive(Arc::new(daemon));
+            if p2p {
+                cfg = cfg.peer_to_peer();
+            }
+            let bus = IpcBus::connect(cfg).expect("the ipc client starts");
+            b.selector(|s| {
+                s.without(["direct", "memory"])
+                    .force_location_all(Location::SameMachine)
+            })
+            .ipc(&bus)
+            .session(|s| s.heartbeat_interval(Some(Duration::from_millis(250))))
+        })
+    }
+
+    /// A multi-host world on one bus daemon: each machine in a session of its own with a
+    /// host id of its own, all registered in the daemon, and the selector configured to
+    /// reach `Remote` through ipc. It checks the multi-host harness the remote transports
+    /// use (nothing is forced: the selector computes `Remote`).
+    #[cfg(feature = "ipc")]
+    pub fn ipc_hosts() -> Fixture {
+        use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig};
+        Fixture::new("ipc", Location::Remote, true, |b, host| {
+            let socket = std::env::temp_dir().join(format!("sy-hosts-{}.sock", host.namespace));
+            let mut cfg = IpcConfig::new(&socket).ttl(Duration::from_secs(1));
+            if host.index == 0 {
                 let daemon =
                     Daemon::start(DaemonConfig::new(&socket)).expect("a private bus daemon starts");
-                // One session is the whole world, so it must hear its own topic publishes.
-                let mut cfg = IpcConfig::new(&socket)
-                    .ttl(Duration::from_secs(1))
-                    .keep_alive(Arc::new(daemon));
-                if p2p {
-                    cfg = cfg.peer_to_peer();
-                }
-                let bus = IpcBus::connect(cfg).expect("the ipc client starts");
-                b.selector(|s| {
-                    s.without(["direct", "memory"])
-                        .force_location_all(Location::SameMachine)
-                })
+                cfg = cfg.keep_alive(Arc::new(daemon));
+            }
+            let bus = IpcBus::connect(cfg).expect("the ipc client starts");
+            b.selector(|s| s.prefer(Location::Remote, ["ipc"]))
                 .ipc(&bus)
                 .session(|s| s.heartbeat_interval(Some(Duration::from_millis(250))))
-            }),
-            same_context: false,
-        }
+        })
     }
 
     /// A world with default session settings.
@@ -99,37 +152,89 @@ impl Fixture {
         self.world_with(|b| b)
     }
 
-    /// A world whose session builder is adjusted by `f` (after the fixture's own settings).
-    pub fn world_with(&self, f: impl FnOnce(Builder) -> Builder) -> World {
-        let session = f((self.configure)(switchyard::builder()))
-            .build()
-            .expect("session builds inside a runtime");
+    /// A world whose sessions are adjusted by `f` (after the fixture's own settings).
+    pub fn world_with(&self, f: impl Fn(Builder) -> Builder + Send + Sync + 'static) -> World {
+        let namespace = format!("{}-{:x}", std::process::id(), fastrand_u64());
+        let adjust: Arc<dyn Fn(Builder) -> Builder + Send + Sync> = Arc::new(f);
+        let host = Host {
+            namespace: &namespace,
+            index: 0,
+            host_id: "host-0",
+            first_registry: None,
+        };
+        let mut b = adjust((self.configure)(switchyard::builder(), &host));
+        if self.multi_host {
+            b = b.session(|s| s.host_id(format!("{namespace}-host-0")));
+        }
+        let session = b.build().expect("session builds inside a runtime");
         let ctx = self.same_context.then(|| session.context());
         World {
             fx: self.clone(),
             session,
             ctx,
+            namespace,
+            adjust,
+            hosts: std::sync::Mutex::new(Vec::new()),
         }
     }
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 /// The sessions of one test and where its machines go.
 pub struct World {
     /// The fixture that made it.
     pub fx: Fixture,
-    /// The session.
+    /// The world's first session (in a multi-host world: the registry's owner; machines
+    /// run in sessions of their own).
     pub session: Session,
     ctx: Option<ContextId>,
+    namespace: String,
+    adjust: Arc<dyn Fn(Builder) -> Builder + Send + Sync>,
+    hosts: std::sync::Mutex<Vec<Session>>,
 }
 
 impl World {
     /// Starts a machine placed as the fixture requires.
     pub fn machine(&self, id: &str, machine_type: &str) -> MachineBuilder {
+        if self.fx.multi_host {
+            let mut hosts = self.hosts.lock().unwrap();
+            let index = hosts.len() + 1;
+            let host_id = format!("{}-host-{index}", self.namespace);
+            let host = Host {
+                namespace: &self.namespace,
+                index,
+                host_id: &host_id,
+                first_registry: Some(self.session.registry()),
+            };
+            let session = (self.adjust)((self.fx.configure)(switchyard::builder(), &host))
+                .session(|s| s.host_id(host_id.clone()))
+                .build()
+                .expect("a host session builds");
+            let b = session.machine(id, machine_type);
+            hosts.push(session);
+            return b;
+        }
         let b = self.session.machine(id, machine_type);
         match self.ctx {
             Some(c) => b.context(c),
             None => b,
         }
+    }
+
+    /// Whether every machine runs on a host of its own.
+    pub fn multi_host(&self) -> bool {
+        self.fx.multi_host
+    }
+
+    /// Shuts every session of the world down.
+    pub fn shutdown(self) {
+        let World { session, hosts, .. } = self;
+        drop(hosts);
+        drop(session);
     }
 
     /// The capabilities of the transport under test.
@@ -267,6 +372,11 @@ pub async fn connect_establishes_bidirectional_link(fx: Fixture) {
     let (a, mut ra) = w.recorder("a", "T").await;
     let (b, mut rb) = w.recorder("b", "T").await;
     a.connect("b");
+    if w.multi_host() {
+        // Links belong to the session that makes them: across hosts each side connects.
+        assert!(!b.is_connected(a.id()));
+        b.connect("a");
+    }
     assert!(a.is_connected(b.id()) && b.is_connected(a.id()));
     a.send("b", "HELLO", 1u32).await.unwrap();
     b.send("a", "HELLO", 2u32).await.unwrap();
@@ -282,9 +392,15 @@ pub async fn disconnect_stops_communication(fx: Fixture) {
     let (a, _ra) = w.recorder("a", "T").await;
     let (b, mut rb) = w.recorder("b", "T").await;
     a.connect("b");
+    if w.multi_host() {
+        b.connect("a");
+    }
     a.send("b", "BEFORE", ()).await.unwrap();
     assert_eq!(rb.next().await.name(), "BEFORE");
     assert!(b.disconnect("a"));
+    if w.multi_host() {
+        assert!(a.disconnect("b"));
+    }
     assert!(matches!(
         a.send("b", "AFTER", ()).await,
         Err(Error::NotLinked { .. })
@@ -555,8 +671,7 @@ pub async fn session_cleanup_on_drop(fx: Fixture) {
         .unwrap();
     let (a, _) = w.recorder("a", "T").await;
     a.send("b", "X", ()).await.unwrap();
-    let World { session, .. } = w;
-    drop(session);
+    w.shutdown();
     assert!(matches!(
         a.send("b", "X", ()).await,
         Err(Error::SessionClosed)
@@ -601,17 +716,18 @@ pub async fn register_and_discover_by_type(fx: Fixture) {
 
 pub async fn auto_connect_same_type(fx: Fixture) {
     let w = fx.world_with(|b| b.session(|s| s.strict_links(true).auto_link_same_type(true)));
-    let (w1, _) = w.recorder("w1", "Worker").await;
+    let (_w1, mut r1) = w.recorder("w1", "Worker").await;
     let (_w2, mut r2) = w.recorder("w2", "Worker").await;
     let (w3, mut r3) = w.recorder("w3", "Worker").await;
     let (o, _) = w.recorder("other", "Other").await;
+    // The newcomer is linked to those already there (in its own session, across hosts).
     assert_eq!(
-        w1.connections(),
-        vec![MachineId::from("w2"), MachineId::from("w3")]
+        w3.connections(),
+        vec![MachineId::from("w1"), MachineId::from("w2")]
     );
-    assert_eq!(w1.broadcast_to_same_type("HI", ()).await.unwrap(), 2);
+    assert_eq!(w3.broadcast_to_same_type("HI", ()).await.unwrap(), 2);
+    assert_eq!(r1.next().await.name(), "HI");
     assert_eq!(r2.next().await.name(), "HI");
-    assert_eq!(r3.next().await.name(), "HI");
     assert!(matches!(
         o.send("w1", "X", ()).await,
         Err(Error::NotLinked { .. })
@@ -1484,15 +1600,28 @@ pub async fn priority_overtakes_queued_events(fx: Fixture) {
     to_slow.send("N1", ()).await.unwrap();
     to_slow.message("H1", ()).priority(5).send().await.unwrap();
     to_slow.send("N2", ()).await.unwrap();
-    p.message("slow", "U1", ()).priority(9).send().await.unwrap();
+    p.message("slow", "U1", ())
+        .priority(9)
+        .send()
+        .await
+        .unwrap();
     to_slow.message("H2", ()).priority(5).send().await.unwrap();
-    p.message("slow", "N3", ()).priority(0).send().await.unwrap();
+    p.message("slow", "N3", ())
+        .priority(0)
+        .send()
+        .await
+        .unwrap();
     // Everything sent so far is queued at the receiver once the barrier answers.
     p.request("barrier", "PING", 0u32, WAIT).await.unwrap();
     gate.add_permits(1);
     let mut seen = Vec::new();
     for _ in 0..7 {
-        seen.push(tokio::time::timeout(WAIT, got.recv()).await.unwrap().unwrap());
+        seen.push(
+            tokio::time::timeout(WAIT, got.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let expected: &[&str] = if w.caps().priority {
         &["FIRST", "U1", "H1", "H2", "N1", "N2", "N3"]
@@ -1550,8 +1679,19 @@ pub async fn declared_sender_to_a_target_that_left(fx: Fixture) {
     to_b.send("ONE", ()).await.unwrap();
     rb.next().await;
     b.close().await.unwrap();
+    if w.multi_host() {
+        // Across hosts the sender learns of the leave from the registry: once its registry
+        // answers that `b` is gone, its routes to `b` are stale too.
+        assert!(matches!(
+            a.locate(&MachineId::from("b")).await,
+            Err(Error::UnknownTarget(_))
+        ));
+    }
     let err = to_b.send("TWO", ()).await.unwrap_err();
-    assert!(matches!(err, Error::UnknownTarget(ref id) if id.as_str() == "b"), "{err}");
+    assert!(
+        matches!(err, Error::UnknownTarget(ref id) if id.as_str() == "b"),
+        "{err}"
+    );
     let (err, later) = match to_b.post("THREE", ()) {
         Err(e) => (e, 0),
         Ok(()) => {
@@ -1678,12 +1818,20 @@ pub async fn multi_target_sends_try_every_target(fx: Fixture) {
             assert_eq!(delivered, 2);
             assert_eq!(failed.len(), 1);
             assert_eq!(failed[0].0.as_str(), "ghost");
-            assert!(matches!(failed[0].1, Error::UnknownTarget(_)), "{}", failed[0].1);
+            assert!(
+                matches!(failed[0].1, Error::UnknownTarget(_)),
+                "{}",
+                failed[0].1
+            );
         }
         other => panic!("expected a partial delivery, got {other:?}"),
     }
     assert_eq!(rb.next().await.data::<u32>().unwrap(), 7);
-    assert_eq!(rc.next().await.data::<u32>().unwrap(), 7, "the send after the failure went out");
+    assert_eq!(
+        rc.next().await.data::<u32>().unwrap(),
+        7,
+        "the send after the failure went out"
+    );
 }
 
 /// Two sessions on one host (two "processes"), each with the in-process transports and
@@ -1701,7 +1849,10 @@ pub async fn publish_reaches_near_and_far_subscribers_once(p2p: bool) {
             cfg = cfg.peer_to_peer();
         }
         let bus = IpcBus::connect(cfg).expect("the ipc client starts");
-        switchyard::builder().ipc(&bus).build().expect("session builds")
+        switchyard::builder()
+            .ipc(&bus)
+            .build()
+            .expect("session builds")
     };
     let (here, there) = (session(), session());
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, &'static str)>();
@@ -1718,12 +1869,21 @@ pub async fn publish_reaches_near_and_far_subscribers_once(p2p: bool) {
     far.subscribe("news.*").await.unwrap();
     let p = here.machine("pub", "Pub").build().await.unwrap();
     for i in 0..5 {
-        assert_eq!(p.publish("news.x", "N", i as u32).await.unwrap(), 2, "publish {i}");
+        assert_eq!(
+            p.publish("news.x", "N", i as u32).await.unwrap(),
+            2,
+            "publish {i}"
+        );
     }
     p.emit("news.x", "N", 5u32).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..12 {
-        got.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+        got.push(
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     got.sort();
     let mut expected: Vec<(String, &'static str)> = Vec::new();
@@ -1732,11 +1892,17 @@ pub async fn publish_reaches_near_and_far_subscribers_once(p2p: bool) {
         expected.push(("near".into(), "memory"));
     }
     expected.sort();
-    assert_eq!(got, expected, "each subscriber once per publish, from the nearest transport");
+    assert_eq!(
+        got, expected,
+        "each subscriber once per publish, from the nearest transport"
+    );
     // A copy would come before a later publish on the same path.
     assert_eq!(p.publish("news.end", "END", 0u32).await.unwrap(), 2);
     for _ in 0..2 {
-        tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
     }
     assert!(rx.try_recv().is_err(), "no second copy");
 }

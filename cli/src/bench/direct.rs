@@ -43,14 +43,15 @@ impl Provider for Direct {
                 Side::Ours => {
                     let dep = Deployment::single("direct", true)?;
                     match w {
-                        Workload::OneWay => ours::oneway(&dep, cfg).await,
+                        Workload::OneWay => ours::oneway(&dep, cfg, true).await,
+                        Workload::OneWaySend => ours::oneway(&dep, cfg, false).await,
                         Workload::PingPong => ours::pingpong(&dep, cfg).await,
                         Workload::FanOut => ours::fanout(&dep, cfg).await,
                         Workload::AnyOfType => ours::any_of_type(&dep, cfg).await,
                     }
                 }
                 Side::Raw => match w {
-                    Workload::OneWay => raw_calls(cfg, 1).await,
+                    Workload::OneWay | Workload::OneWaySend => raw_calls(cfg, 1).await,
                     Workload::AnyOfType => raw_calls(cfg, cfg.workers.max(1)).await,
                     Workload::PingPong => raw_pingpong(cfg).await,
                     Workload::FanOut => Err("the direct transport has no topics".into()),

@@ -119,7 +119,8 @@ impl Provider for Ipc {
                     }
                     let run = IpcRun::start(self.p2p).await?;
                     let r = match w {
-                        Workload::OneWay => ours::oneway(&run.dep, cfg).await,
+                        Workload::OneWay => ours::oneway(&run.dep, cfg, true).await,
+                        Workload::OneWaySend => ours::oneway(&run.dep, cfg, false).await,
                         Workload::PingPong => ours::pingpong(&run.dep, cfg).await,
                         Workload::FanOut => ours::fanout(&run.dep, cfg).await,
                         Workload::AnyOfType => ours::any_of_type(&run.dep, cfg).await,
@@ -128,7 +129,7 @@ impl Provider for Ipc {
                     r
                 }
                 Side::Raw => match w {
-                    Workload::OneWay => raw_sockets(cfg, 1, false).await,
+                    Workload::OneWay | Workload::OneWaySend => raw_sockets(cfg, 1, false).await,
                     Workload::FanOut => raw_sockets(cfg, cfg.fanout.max(1), true).await,
                     Workload::AnyOfType => raw_sockets(cfg, cfg.workers.max(1), false).await,
                     Workload::PingPong => raw_pingpong(cfg).await,

@@ -34,14 +34,15 @@ impl Provider for Memory {
                 Side::Ours => {
                     let dep = Deployment::single("memory", false)?;
                     match w {
-                        Workload::OneWay => ours::oneway(&dep, cfg).await,
+                        Workload::OneWay => ours::oneway(&dep, cfg, true).await,
+                        Workload::OneWaySend => ours::oneway(&dep, cfg, false).await,
                         Workload::PingPong => ours::pingpong(&dep, cfg).await,
                         Workload::FanOut => ours::fanout(&dep, cfg).await,
                         Workload::AnyOfType => ours::any_of_type(&dep, cfg).await,
                     }
                 }
                 Side::Raw => match w {
-                    Workload::OneWay => raw_channels(cfg, 1, false).await,
+                    Workload::OneWay | Workload::OneWaySend => raw_channels(cfg, 1, false).await,
                     Workload::FanOut => raw_channels(cfg, cfg.fanout.max(1), true).await,
                     Workload::AnyOfType => raw_channels(cfg, cfg.workers.max(1), false).await,
                     Workload::PingPong => raw_pingpong(cfg).await,

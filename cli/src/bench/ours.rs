@@ -106,8 +106,8 @@ fn counting(
     move |_, ev| probe.received_payload(i, ev.payload)
 }
 
-/// One producer, one consumer.
-pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
+/// One producer, one consumer; through a declared sender, or a plain `send` per message.
+pub async fn oneway(dep: &Deployment, cfg: &RunConfig, declared: bool) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let sink = dep
         .machine(dep.rx(), "sink", "Sink")
@@ -121,7 +121,12 @@ pub async fn oneway(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
     source.locate(sink.id()).await?;
     let to = sink.id().clone();
     let clock = probe.start_clock();
-    let producer = produce!(probe, |msg| source.send(to.clone(), "E", msg).await?);
+    let producer = if declared {
+        let sender = source.sender(to).await?;
+        produce!(probe, |msg| sender.send("E", msg).await?)
+    } else {
+        produce!(probe, |msg| source.send(to.clone(), "E", msg).await?)
+    };
     finish(&probe, clock, producer, 1).await
 }
 
@@ -139,10 +144,9 @@ pub async fn pingpong(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> 
 
 /// The ponger's handler: answers every ping with the same message.
 pub fn ponger() -> impl Fn(&Node, switchyard::Envelope) + Send + Sync + 'static {
-    let pong: Arc<str> = "PONG".into();
     move |node, ev| {
         if let Some(m) = BenchMsg::from_payload(&ev.payload)
-            && let Err(e) = node.post(ev.source.clone(), pong.clone(), m)
+            && let Err(e) = node.post(ev.source.clone(), "PONG", m)
         {
             tracing::warn!(error = %e, "ponger could not answer");
         }
@@ -158,12 +162,11 @@ pub async fn pingpong_with(
 ) -> BenchResult<Sample> {
     let probe = Probe::new(1, cfg)?;
     let done = Arc::new(Notify::new());
-    let ping: Arc<str> = "PING".into();
+    let ping = "PING";
     let pinger = dep
         .machine(&dep.senders, "pinger", "Pinger")
         .handler({
-            let (probe, done, ping, to) =
-                (probe.clone(), done.clone(), ping.clone(), ponger_id.clone());
+            let (probe, done, to) = (probe.clone(), done.clone(), ponger_id.clone());
             move |node, ev| {
                 let cfg = probe.cfg();
                 let arrived = cfg.now_ns();
@@ -177,7 +180,7 @@ pub async fn pingpong_with(
                 }
                 // Closed loop: the next ping is meant to go out the moment this answer arrived.
                 let next = cfg.msg_at(m.seq + 1, arrived);
-                if let Err(e) = node.post(to.clone(), ping.clone(), next) {
+                if let Err(e) = node.post(to.clone(), ping, next) {
                     tracing::warn!(error = %e, "pinger could not send");
                     done.notify_one();
                 }
@@ -221,11 +224,9 @@ pub async fn fanout(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sample> {
         .machine(&dep.senders, "source", "Source")
         .build()
         .await?;
-    let event: Arc<str> = "E".into();
+    let publisher = source.publisher("bench.fanout")?;
     let clock = probe.start_clock();
-    let producer = produce!(probe, |msg| source
-        .emit("bench.fanout", event.clone(), msg)
-        .await?);
+    let producer = produce!(probe, |msg| publisher.emit("E", msg).await?);
     let r = finish(&probe, clock, producer, n as u64).await;
     drop(subs);
     r
@@ -251,10 +252,9 @@ pub async fn any_of_type(dep: &Deployment, cfg: &RunConfig) -> BenchResult<Sampl
     for w in &workers {
         source.locate(w.id()).await?;
     }
-    let event: Arc<str> = "E".into();
     let clock = probe.start_clock();
     let producer = produce!(probe, |msg| source
-        .send_to_any_of_type("BenchWorker", event.clone(), msg)
+        .send_to_any_of_type("BenchWorker", "E", msg)
         .await?);
     finish(&probe, clock, producer, 1).await
 }

@@ -12,8 +12,10 @@ use super::measure::{BenchResult, RunConfig, Sample};
 /// The workloads every provider is measured on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
-    /// One producer, one consumer, as fast as the consumer takes them.
+    /// One producer, one consumer, as fast as the consumer takes them, through a declared sender.
     OneWay,
+    /// The same with a plain `Node::send` per message (target looked up in the node's route cache).
+    OneWaySend,
     /// Closed-loop request and answer between two machines.
     PingPong,
     /// One publisher, N topic subscribers; each message reaches all of them.
@@ -24,8 +26,9 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::OneWay,
+        Workload::OneWaySend,
         Workload::PingPong,
         Workload::FanOut,
         Workload::AnyOfType,
@@ -35,6 +38,7 @@ impl Workload {
     pub fn name(self) -> &'static str {
         match self {
             Workload::OneWay => "one-way",
+            Workload::OneWaySend => "one-way send",
             Workload::PingPong => "ping-pong",
             Workload::FanOut => "fan-out",
             Workload::AnyOfType => "any-of-type",

@@ -131,7 +131,11 @@ impl MachineBuilder {
             context: self.context.map(|c| c.0),
             version: self.version,
             accepts: self.accepts,
-            metadata: self.metadata,
+            metadata: {
+                let mut m = s.metadata.clone();
+                m.extend(self.metadata);
+                m
+            },
         };
         let peers = if s.auto_link_same_type {
             s.registry.discover(&entry.machine_type).await?

@@ -300,7 +300,7 @@ impl Local {
     fn sub_requests(&self) -> Vec<RequestMsg> {
         read(&self.subs)
             .iter()
-            .map(|s| sub_request(s.id, s.topic.as_ref(), s.group.as_deref(), &s.machine))
+            .map(|s| sub_request(s.id, s.topic.as_ref(), s.group.as_deref()))
             .collect()
     }
 }
@@ -309,14 +309,12 @@ pub(crate) fn sub_request(
     id: u64,
     topic: Option<&TopicPattern>,
     group: Option<&str>,
-    machine: &MachineId,
 ) -> RequestMsg {
     RequestMsg {
         op: "subscribe".into(),
         sub: Some(id),
         pattern: topic.map(|t| t.as_str().to_string()),
         group: group.map(str::to_string),
-        id: Some(machine.to_string()),
         ..RequestMsg::default()
     }
 }
@@ -331,6 +329,8 @@ pub(crate) struct Client {
     pub(crate) local: Arc<Local>,
     registered: Mutex<Vec<(MachineEntry, Option<u64>)>>,
     pub(crate) events: broadcast::Sender<RegistryEvent>,
+    /// Told of every registry event on the reader task, before any later frame is read.
+    pub(crate) hooks: switchyard_core::ChangeHooks,
     pub(crate) generation: AtomicU64,
     pub(crate) closed: AtomicBool,
     stop: watch::Sender<bool>,
@@ -350,6 +350,7 @@ impl Client {
             next_req: AtomicU64::new(1),
             registered: Mutex::new(Vec::new()),
             events: broadcast::channel(1024).0,
+            hooks: Default::default(),
             generation: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             stop: watch::channel(false).0,
@@ -572,7 +573,7 @@ impl Client {
         self.bump();
         // Joins and leaves while we were away were not heard: whatever was cached from the
         // registry (routes, peer connections) is to be read again.
-        let _ = self.events.send(RegistryEvent::Resync);
+        self.announce(RegistryEvent::Resync);
         let _ = self.connected.send_replace(true);
         if !entries.is_empty() || !subs.is_empty() {
             let me = self.clone();
@@ -660,6 +661,24 @@ impl Client {
                 let env = b.envelope_with(&mut inbound.names)?;
                 self.local.deliver_topic(topic, &env).await;
             }
+            kind::TOPIC_COUNTED => {
+                let mut b = Body::array(body, 3)?;
+                let topic = b.str()?;
+                let id = b.uint()?;
+                let env = b.envelope_with(&mut inbound.names)?;
+                let n = self.local.deliver_topic(topic, &env).await;
+                // The publisher waits for this answer: it goes out even past the buffer bound.
+                if let Ok(o) = self.conn_now() {
+                    let mut fr = Vec::with_capacity(24);
+                    frame::write_frame(&mut fr, kind::TOPIC_COUNT, usize::MAX, |w| {
+                        frame::write_array(w, 2)?;
+                        frame::write_uint(w, id)?;
+                        frame::write_uint(w, n as u64)
+                    })
+                    .map_err(|e| IpcError::Malformed(e.to_string()))?;
+                    let _ = o.push_force(&fr);
+                }
+            }
             kind::GROUP_DELIVER => {
                 let mut b = Body::array(body, 2)?;
                 let sub = b.uint()?;
@@ -693,12 +712,18 @@ impl Client {
         Ok(())
     }
 
+    /// Tells the hooks (at once, on this task) and the watchers of a registry event.
+    fn announce(&self, ev: RegistryEvent) {
+        self.hooks.call(&ev);
+        let _ = self.events.send(ev);
+    }
+
     fn on_event(&self, ev: EventMsg) {
         match ev.event.as_str() {
             "joined" => {
                 if let Some(e) = ev.entry {
                     self.bump();
-                    let _ = self.events.send(RegistryEvent::Joined(e));
+                    self.announce(RegistryEvent::Joined(e));
                 }
             }
             "left" => {
@@ -708,12 +733,12 @@ impl Client {
                     for f in read(&self.on_left).iter() {
                         f(&id);
                     }
-                    let _ = self.events.send(RegistryEvent::Left(id));
+                    self.announce(RegistryEvent::Left(id));
                 }
             }
             "health" => {
                 if let (Some(id), Some(healthy)) = (ev.id, ev.healthy) {
-                    let _ = self.events.send(RegistryEvent::HealthChanged {
+                    self.announce(RegistryEvent::HealthChanged {
                         id: id.into(),
                         healthy,
                     });

@@ -103,13 +103,25 @@ struct SubRec {
     sub: u64,
     topic: Option<TopicPattern>,
     group: Option<Arc<str>>,
-    /// The subscribing machine, when the client said (a machine is counted once per publish).
-    machine: Option<Arc<str>>,
 }
+
+/// A counted publish waiting for its subscribers' connections to say how many machines got it.
+struct PendingCount {
+    publisher: Arc<Outbox>,
+    req: u64,
+    waiting: Vec<u64>,
+    sum: u64,
+}
+
+/// How long a counted publish waits for the subscribers' counts before answering with
+/// what it has (a connection that does not answer counts 0).
+const COUNT_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct State {
     conns: HashMap<u64, ConnInfo>,
+    counts: HashMap<u64, PendingCount>,
+    next_count: u64,
     machines: HashMap<MachineId, MRec>,
     per_type: HashMap<Arc<str>, u64>,
     seq: u64,
@@ -119,6 +131,8 @@ struct State {
 
 struct Shared {
     cfg: DaemonConfig,
+    /// Itself, for tasks that must not keep the daemon alive.
+    me: std::sync::Weak<Shared>,
     st: Mutex<State>,
     generation: AtomicU64,
     next_conn: AtomicU64,
@@ -307,9 +321,10 @@ impl Daemon {
         } else {
             owner_uid(&cfg.socket)
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
             server_id: format!("switchyard-bus-{}", std::process::id()),
             cfg,
+            me: me.clone(),
             st: Mutex::new(State::default()),
             generation: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
@@ -475,6 +490,43 @@ impl Shared {
     }
 
     /// Pushes a registry event to every watching connection (called with the state locked, so events stay ordered).
+    /// Adds one connection's answer to a counted publish; answers the publisher once all did.
+    fn counted(&self, id: u64, conn: u64, n: u64) {
+        let done = {
+            let mut st = lock(&self.st);
+            let Some(p) = st.counts.get_mut(&id) else {
+                return;
+            };
+            let before = p.waiting.len();
+            p.waiting.retain(|c| *c != conn);
+            if p.waiting.len() == before {
+                return;
+            }
+            p.sum += n;
+            if p.waiting.is_empty() {
+                st.counts.remove(&id)
+            } else {
+                None
+            }
+        };
+        if let Some(p) = done {
+            answer_count(&p.publisher, p.req, p.sum);
+        }
+    }
+
+    /// Answers a counted publish with what came in, when some connection did not answer.
+    fn count_timed_out(&self, id: u64) {
+        let p = lock(&self.st).counts.remove(&id);
+        if let Some(p) = p {
+            tracing::warn!(
+                missing = p.waiting.len(),
+                "a counted publish got no count from {} connection(s) in time; answering with the others",
+                p.waiting.len()
+            );
+            answer_count(&p.publisher, p.req, p.sum);
+        }
+    }
+
     fn notify(&self, st: &State, ev: &EventMsg) {
         let Ok(bytes) = frame::msg_frame(kind::EVENT, ev) else {
             return;
@@ -687,7 +739,6 @@ impl Shared {
                     sub,
                     topic,
                     group,
-                    machine: req.id.map(Into::into),
                 });
                 Ok(ReplyMsg::ok(r))
             }
@@ -708,6 +759,19 @@ impl Shared {
         let mut st = lock(&self.st);
         st.conns.remove(&conn);
         st.subs.retain(|s| s.conn != conn);
+        let mut done = Vec::new();
+        st.counts.retain(|_, p| {
+            p.waiting.retain(|c| *c != conn);
+            if p.waiting.is_empty() {
+                done.push((p.publisher.clone(), p.req, p.sum));
+                false
+            } else {
+                true
+            }
+        });
+        for (publisher, req, sum) in done {
+            answer_count(&publisher, req, sum);
+        }
         let gone: Vec<MachineId> = st
             .machines
             .iter()
@@ -966,45 +1030,83 @@ async fn handle_frame(
             let req = b.uint()?;
             let topic = b.str()?;
             let env = b.rest();
-            let (targets, count) = {
+            let targets = {
                 let st = lock(&shared.st);
                 let mut per_conn: HashMap<u64, Arc<Outbox>> = HashMap::new();
-                // Each machine counts once, however many of its subscriptions match.
-                let mut machines: std::collections::HashSet<(u64, &str, u64)> =
-                    std::collections::HashSet::new();
                 for s in &st.subs {
-                    if s.conn == conn || s.group.is_some() {
+                    if s.conn == conn || s.group.is_some() || per_conn.contains_key(&s.conn) {
                         continue;
                     }
-                    if s.topic.as_ref().is_some_and(|p| p.matches(topic)) {
-                        let who = match &s.machine {
-                            Some(m) => (s.conn, &**m, 0),
-                            None => (s.conn, "", s.sub),
-                        };
-                        machines.insert(who);
-                        if let Some(c) = st.conns.get(&s.conn) {
-                            per_conn.entry(s.conn).or_insert_with(|| c.outbox.clone());
-                        }
+                    if s.topic.as_ref().is_some_and(|p| p.matches(topic))
+                        && let Some(c) = st.conns.get(&s.conn)
+                    {
+                        per_conn.insert(s.conn, c.outbox.clone());
                     }
                 }
-                (per_conn, machines.len() as u64)
+                per_conn
             };
-            if !targets.is_empty() {
-                let mut fr = Vec::with_capacity(bytes.len() + 8);
-                frame::write_frame(&mut fr, kind::TOPIC, usize::MAX, |w| {
+            if targets.is_empty() {
+                return reply_count(me, req, 0).await;
+            }
+            // A publisher that wants the count gets what the subscribers' connections say
+            // they delivered (each machine once, after its content filters); one that does
+            // not (`req` 0, `emit`) gets plain `TOPIC` frames and no answer.
+            let counted = (req != NO_REPLY).then(|| {
+                let mut st = lock(&shared.st);
+                st.next_count += 1;
+                let id = st.next_count;
+                st.counts.insert(
+                    id,
+                    PendingCount {
+                        publisher: me.clone(),
+                        req,
+                        waiting: targets.keys().copied().collect(),
+                        sum: 0,
+                    },
+                );
+                id
+            });
+            let mut fr = Vec::with_capacity(bytes.len() + 16);
+            match counted {
+                Some(id) => frame::write_frame(&mut fr, kind::TOPIC_COUNTED, usize::MAX, |w| {
+                    frame::write_array(w, 3)?;
+                    frame::write_str(w, topic)?;
+                    frame::write_uint(w, id)?;
+                    w.extend_from_slice(env);
+                    Ok(())
+                }),
+                None => frame::write_frame(&mut fr, kind::TOPIC, usize::MAX, |w| {
                     frame::write_array(w, 2)?;
                     frame::write_str(w, topic)?;
                     w.extend_from_slice(env);
                     Ok(())
-                })
-                .map_err(|e| IpcError::Malformed(e.to_string()))?;
-                for (_, o) in targets {
-                    if o.push_bytes(&fr).await.is_ok() {
-                        shared.routed.fetch_add(1, Ordering::Relaxed);
-                    }
+                }),
+            }
+            .map_err(|e| IpcError::Malformed(e.to_string()))?;
+            for (c, o) in targets {
+                if o.push_bytes(&fr).await.is_ok() {
+                    shared.routed.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(id) = counted {
+                    shared.counted(id, c, 0);
                 }
             }
-            reply_count(me, req, count).await
+            if let Some(id) = counted {
+                let weak = shared.me.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(COUNT_WAIT).await;
+                    if let Some(shared) = weak.upgrade() {
+                        shared.count_timed_out(id);
+                    }
+                });
+            }
+            Ok(())
+        }
+        kind::TOPIC_COUNT => {
+            let mut b = Body::array(body, 2)?;
+            let id = b.uint()?;
+            let n = b.uint()?;
+            shared.counted(id, conn, n);
+            Ok(())
         }
         kind::GROUP => {
             let mut b = Body::array(body, 3)?;
@@ -1066,6 +1168,17 @@ async fn reply(me: &Outbox, r: &ReplyMsg) -> Result<(), IpcError> {
 }
 
 /// Answers a `PUBLISH` or `GROUP` with how many got it, unless its request id asks for no reply.
+/// Answers a counted publish (a control frame: it never waits for room).
+fn answer_count(publisher: &Outbox, req: u64, count: u64) {
+    let r = ReplyMsg {
+        count: Some(count),
+        ..ReplyMsg::ok(req)
+    };
+    if let Ok(bytes) = frame::msg_frame(kind::REPLY, &r) {
+        let _ = publisher.push_force(&bytes);
+    }
+}
+
 async fn reply_count(me: &Outbox, req: u64, count: u64) -> Result<(), IpcError> {
     if req == NO_REPLY {
         return Ok(());

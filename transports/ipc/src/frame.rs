@@ -47,6 +47,11 @@ pub mod kind {
     pub const GROUP_DELIVER: u8 = 0x14;
     /// Daemon/peer → sender: a `SEND` could not be delivered.
     pub const NACK: u8 = 0x15;
+    /// Client → daemon: `[count id, delivered]`, answering a `TOPIC_COUNTED`.
+    pub const TOPIC_COUNT: u8 = 0x16;
+    /// Daemon → client: `[topic, count id, envelope]`, a `TOPIC` whose publisher wants to
+    /// know how many machines got it: deliver, then answer `TOPIC_COUNT`.
+    pub const TOPIC_COUNTED: u8 = 0x17;
 }
 
 /// First frame of a connection.

@@ -540,7 +540,7 @@ impl PubSub for IpcTransport {
         } = sub;
         let local = &self.client().local;
         let id = local.add_sub(topic.clone(), group.clone(), filter, inbox.id().clone());
-        let req = client::sub_request(id, topic.as_ref(), group.as_deref(), inbox.id());
+        let req = client::sub_request(id, topic.as_ref(), group.as_deref());
         if let Err(e) = self.client().request(req, None).await {
             local.remove_sub(id);
             return Err(e);
@@ -698,5 +698,9 @@ impl Registry for BusRegistry {
 
     fn generation(&self) -> u64 {
         self.client().generation.load(Ordering::Acquire)
+    }
+
+    fn on_change(&self, hook: switchyard_core::ChangeHook) {
+        self.client().hooks.add(hook);
     }
 }
