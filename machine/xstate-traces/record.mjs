@@ -23,7 +23,7 @@ function arg(name, fallback) {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? Number(process.argv[i + 1]) : fallback;
 }
-const GENERATED = arg('generated', 400);
+const GENERATED = arg('generated', 500);
 const SEED = arg('seed', 12);
 
 const stats = { recorded: 0, truncated: 0, rejected: [] };
@@ -95,6 +95,38 @@ function write(file, header, charts) {
   console.log(`${file}: ${charts.length} charts, ${charts.reduce((n, c) => n + c.steps.length, 0)} steps`);
 }
 
+/** Which features a chart uses, for the coverage summary. */
+function features(chart) {
+  const f = new Set();
+  const text = JSON.stringify(chart);
+  const visit = (s, parentType, depth) => {
+    if (s.type === 'parallel') f.add(parentType === 'parallel' || depth > 0 ? 'nested parallel' : 'parallel root');
+    if (s.type === 'parallel' && Object.values(s.states).some((c) => c.type === 'parallel')) f.add('parallel in parallel');
+    if (s.type === 'final' && parentType === 'parallel') f.add('final region');
+    if (s.always) f.add('always');
+    if (s.onDone) f.add('onDone');
+    if (s.after) f.add('after');
+    for (const k of Object.keys(s.on ?? {})) if (k.includes('*')) f.add('wildcard');
+    for (const c of Object.values(s.states ?? {})) visit(c, s.type ?? 'compound', depth + 1);
+  };
+  visit(chart, undefined, 0);
+  if (text.includes('"reenter":true')) f.add('reenter');
+  if (/"target":\[/.test(text)) f.add('multi-target');
+  if (/"target":"\.[^"]/.test(text)) f.add('.child target');
+  if (/"#i_[^".]+\.[^"]/.test(text)) f.add('#id.child target');
+  if (/"#i_[^".]+"/.test(text)) f.add('#id target');
+  if (/"target":"[a-z]/.test(text)) f.add('sibling target');
+  if (text.includes('"#m"')) f.add('root target');
+  if (/"guard"/.test(text)) f.add('guard');
+  return f;
+}
+
+function coverage(entries) {
+  const counts = {};
+  for (const e of entries) for (const k of features(e.chart)) counts[k] = (counts[k] ?? 0) + 1;
+  return Object.fromEntries(Object.entries(counts).sort());
+}
+
 fs.mkdirSync(outDir, { recursive: true });
 const header = (what) => ({ xstate: xstateVersion, corpus: what });
 
@@ -117,7 +149,8 @@ for (let i = 0; i < GENERATED; i += 1) {
   const e = entry(`generated/${i} (seed ${seed})`, chart, randomSteps(r, r.int(6, 16), SENT_EVENTS));
   if (e) generated.push(e);
 }
-write('generated.json', { ...header(`${GENERATED} random charts, seed ${SEED}`) }, generated);
+write('generated.json', { ...header(`${GENERATED} random charts, seed ${SEED}`), coverage: coverage(generated) }, generated);
+console.log('generated charts per feature:', coverage(generated));
 
 console.log(`recorded ${stats.recorded} charts (${stats.truncated} traces end early on an XState error)`);
 if (stats.rejected.length) {

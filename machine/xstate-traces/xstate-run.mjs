@@ -84,7 +84,12 @@ export function toXState(chart) {
       }
       s.after = after;
     } else if (s.after) {
-      for (const k of Object.keys(s.after)) s.after[k] = transitions(s.after[k]);
+      // XState 5.33.3 reads a plain string inside an `after` array as a transition without a
+      // target (it spreads the string); spell it out as `{ target }`, which is what it means.
+      for (const k of Object.keys(s.after)) {
+        const t = transitions(s.after[k]);
+        s.after[k] = Array.isArray(t) ? t.map((x) => (typeof x === 'string' ? { target: x } : x)) : t;
+      }
     }
     for (const child of Object.values(s.states ?? {})) visit(child);
   };
