@@ -226,6 +226,9 @@ impl MachineState {
     pub(crate) fn entered(&self) -> &[u32] {
         &self.entered
     }
+    pub(crate) fn clear_timers(&mut self) {
+        self.timers.clear();
+    }
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -355,7 +358,7 @@ impl Interpreter {
     /// to its due time) and returns its step; when none is due, moves the clock to `until` and
     /// returns `None`. [`Interpreter::advance`] is this in a loop.
     pub fn fire_due(&self, st: &mut MachineState, until: Duration) -> Option<Step> {
-        self.fire_due_with(st, until, None)
+        self.fire_due_named(st, until, None).map(|(_, step)| step)
     }
 
     pub(crate) fn start_with(&self, st: &mut MachineState, node: Option<&Node>) -> Step {
@@ -408,12 +411,13 @@ impl Interpreter {
         self.macrostep(st, &event, Some(Some(timer.event)), node)
     }
 
-    pub(crate) fn fire_due_with(
+    /// [`Interpreter::fire_due`], also naming the timer's event.
+    pub(crate) fn fire_due_named(
         &self,
         st: &mut MachineState,
         until: Duration,
         node: Option<&Node>,
-    ) -> Option<Step> {
+    ) -> Option<(Arc<str>, Step)> {
         let next = st
             .pending
             .iter()
@@ -432,13 +436,19 @@ impl Interpreter {
             }
         }
         st.now = st.now.max(fired.due);
+        let name = self.chart.event_names[fired.id.event as usize].clone();
         if !st.started || st.done {
-            return Some(Step::default());
+            return Some((name, Step::default()));
         }
         // Like an XState delayed event, the timer's event is an ordinary event: cancelled on
         // exit, it only fires while its state is active.
-        let name = self.chart.event_names[fired.id.event as usize].clone();
-        Some(self.macrostep(st, &Event::new(name), Some(Some(fired.id.event)), node))
+        let step = self.macrostep(
+            st,
+            &Event::new(name.clone()),
+            Some(Some(fired.id.event)),
+            node,
+        );
+        Some((name, step))
     }
 
     /// The name of the event a timer raises (`xstate.after.<ms>.<state id>`).

@@ -86,7 +86,7 @@
 //! // Bound to a Node: addressable by id and type, state changes on `state.lamp.#`.
 //! let session = switchyard::builder().build()?; // the facade: direct + memory transports
 //! let lamp = interp.bind(&session, "lamp", "Lamp").build().await?;
-//! lamp.send("FLIP", ()).await;
+//! lamp.send("FLIP", ()).await?;
 //! assert!(lamp.matches("on"));
 //! assert_eq!(lamp.snapshot().context["flips"], 1);
 //! # Ok(()) }

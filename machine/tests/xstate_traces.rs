@@ -1,5 +1,6 @@
 //! Replays the traces recorded from XState v5 itself (`machine/xstate-traces`, fixtures in
-//! `tests/xstate/*.json`) and fails on the first difference.
+//! `tests/xstate/*.json`) on the pure [`Interpreter`] (its virtual clock) and on a machine
+//! bound to a Node (a paused tokio clock), and fails on the first difference.
 //!
 //! Every fixture is a chart, the steps run on it (start, send an event, advance the clock) and
 //! what XState showed after each step: state value, active leaf paths, status, context and the
@@ -17,7 +18,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use switchyard_machine::{Actions, Chart, Event, Interpreter, MachineState, Status};
+use switchyard_machine::{
+    Actions, Chart, Event, Interpreter, MachineError, MachineState, Snapshot, StateMachine, Status,
+};
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -185,12 +188,16 @@ fn observe(interp: &Interpreter, st: &MachineState, log: &Log) -> Observation {
     }
 }
 
+fn interpreter_for(case: &Case, log: &Log) -> Result<Interpreter, String> {
+    let chart = Chart::from_json(case.chart.get()).map_err(|e| format!("does not load: {e}"))?;
+    let actions = actions_for(&chart, log);
+    Interpreter::new(chart, &actions).map_err(|e| e.to_string())
+}
+
 /// Replays one case on the pure interpreter; `Err` describes the first difference.
 fn replay_interpreter(case: &Case) -> Result<(), String> {
-    let chart = Chart::from_json(case.chart.get()).map_err(|e| format!("does not load: {e}"))?;
     let log: Log = Arc::default();
-    let interp =
-        Interpreter::new(chart, &actions_for_text(case, &log)).map_err(|e| e.to_string())?;
+    let interp = interpreter_for(case, &log)?;
     let mut st = interp.new_state();
     for (i, step) in case.steps.iter().enumerate() {
         if step.start {
@@ -223,9 +230,60 @@ fn replay_interpreter(case: &Case) -> Result<(), String> {
     Ok(())
 }
 
-fn actions_for_text(case: &Case, log: &Log) -> Actions {
-    let chart = Chart::from_json(case.chart.get()).expect("loaded above");
-    actions_for(&chart, log)
+fn observe_bound(m: &StateMachine, log: &Log) -> Observation {
+    let Snapshot {
+        value,
+        context,
+        status,
+    } = m.snapshot();
+    Observation {
+        value,
+        leaves: m.active_leaves(),
+        status: status_name(status).to_owned(),
+        context,
+        actions: std::mem::take(&mut *log.lock().unwrap()),
+    }
+}
+
+/// Replays one case on a machine bound to a Node of `session`, its timers on tokio's paused
+/// clock; `Err` describes the first difference.
+async fn replay_bound(session: &switchyard::Session, case: &Case, n: usize) -> Result<(), String> {
+    let log: Log = Arc::default();
+    let interp = interpreter_for(case, &log)?;
+    let m = interp
+        .bind(session, format!("trace{n}"), "Trace")
+        .publish_states(false)
+        .build()
+        .await
+        .map_err(|e| format!("does not start: {e}"))?;
+    let r = async {
+        for (i, step) in case.steps.iter().enumerate() {
+            if let Some(ev) = &step.send {
+                let done = m.is_done();
+                let e = event_of(ev);
+                let data = e.data::<Value>().map_err(|e| e.to_string())?;
+                match (m.send(e.name().to_owned(), data).await, done) {
+                    (Ok(()), false) | (Err(MachineError::Done { .. }), true) => {}
+                    (r, _) => {
+                        return Err(difference(case, i, &format!("send gave {r:?}"), None));
+                    }
+                }
+            } else if let Some(ms) = step.advance {
+                tokio::time::advance(Duration::from_millis(ms)).await;
+                m.fire_due_timers()
+                    .await
+                    .map_err(|e| difference(case, i, &e.to_string(), None))?;
+            }
+            let got = observe_bound(&m, &log);
+            if got != step.expect {
+                return Err(difference(case, i, "", Some(&got)));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    m.stop().await.map_err(|e| e.to_string())?;
+    r
 }
 
 fn pretty(v: &impl serde::Serialize) -> String {
@@ -266,7 +324,7 @@ fn difference(case: &Case, i: usize, why: &str, got: Option<&Observation>) -> St
     s
 }
 
-fn replay_all(driver: &str, replay: impl Fn(&Case) -> Result<(), String>) {
+async fn replay_all(driver: &str, mut replay: impl AsyncFnMut(&Case, usize) -> Result<(), String>) {
     let summary = std::env::var_os("XSTATE_TRACES_SUMMARY").is_some();
     let mut total = 0;
     let mut agreed = 0;
@@ -275,7 +333,7 @@ fn replay_all(driver: &str, replay: impl Fn(&Case) -> Result<(), String>) {
         let mut file_agreed = 0;
         for case in &fixture.charts {
             total += 1;
-            match replay(case) {
+            match replay(case, total).await {
                 Ok(()) => {
                     agreed += 1;
                     file_agreed += 1;
@@ -306,7 +364,20 @@ fn replay_all(driver: &str, replay: impl Fn(&Case) -> Result<(), String>) {
     );
 }
 
-#[test]
-fn xstate_traces_on_the_interpreter() {
-    replay_all("interpreter", replay_interpreter);
+#[tokio::test(flavor = "current_thread")]
+async fn xstate_traces_on_the_interpreter() {
+    replay_all("interpreter", async |case, _| replay_interpreter(case)).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn xstate_traces_on_a_bound_machine() {
+    // Direct transport only: nothing to publish to, every step runs on this task.
+    let session = switchyard::builder()
+        .selector(|s| s.without(["memory"]))
+        .build()
+        .expect("session builds");
+    replay_all("bound machine", async |case, n| {
+        replay_bound(&session, case, n).await
+    })
+    .await;
 }
