@@ -67,7 +67,10 @@ struct Observation {
 }
 
 fn fixtures() -> Vec<(String, Fixture)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/xstate");
+    // XSTATE_TRACES_DIR: another corpus (`node record.mjs --out DIR`), e.g. a larger one.
+    let dir = std::env::var_os("XSTATE_TRACES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/xstate"));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.expect("a directory entry").path())

@@ -1,6 +1,6 @@
 // Records the XState v5 reference traces that machine/tests/xstate_traces.rs replays.
 //
-//   npm ci && node record.mjs [--generated N] [--seed S]
+//   npm ci && node record.mjs [--generated N] [--seed S] [--out DIR]
 //
 // Writes machine/tests/xstate/{repo,issue,generated}.json. The files are the contract: CI has
 // no node and only replays them; run this again after changing the corpus or the generator.
@@ -16,7 +16,12 @@ import { repoCharts, ISSUE_CHARTS } from './corpus.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(here, '..', '..');
-const outDir = path.resolve(here, '..', 'tests', 'xstate');
+function argText(name) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+// `--out DIR` writes a corpus elsewhere, e.g. a large one to try with XSTATE_TRACES_DIR=DIR.
+const outDir = path.resolve(argText('out') ?? path.resolve(here, '..', 'tests', 'xstate'));
 const xstateVersion = createRequire(import.meta.url)('xstate/package.json').version;
 
 function arg(name, fallback) {
