@@ -137,9 +137,6 @@ pub struct Chart {
     pub(crate) by_path: HashMap<Box<str>, u32>,
     /// Whether any state has `always` transitions (else eventless selection is skipped).
     pub(crate) has_always: bool,
-    /// Whether any `always` transition has a guard: only then can an event that selects no
-    /// transition still change the machine (a guard may read the event).
-    pub(crate) has_guarded_always: bool,
 }
 
 /// Prefix of the event a compound or parallel state raises when it completes (XState v5).
@@ -341,7 +338,6 @@ impl Chart {
                 guard_names: Vec::new(),
                 by_path: HashMap::new(),
                 has_always: false,
-                has_guarded_always: false,
             },
             raw: Vec::new(),
             json_paths: Vec::new(),
@@ -361,11 +357,6 @@ impl Chart {
         }
         let chart = &mut b.chart;
         chart.has_always = chart.states.iter().any(|s| !s.always.is_empty());
-        chart.has_guarded_always = chart.states.iter().any(|s| {
-            s.always
-                .iter()
-                .any(|&t| chart.transitions[t as usize].guard.is_some())
-        });
         Ok(b.chart)
     }
 }
