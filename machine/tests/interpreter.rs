@@ -644,3 +644,27 @@ fn virtual_clock_drops_the_timers_of_exited_states() {
         "{timers:?}"
     );
 }
+
+#[test]
+fn completion_event_has_the_v5_name_and_the_v4_name_is_an_alias() {
+    let json = r#"{
+      "id": "job", "initial": "work", "context": { "seen": [] },
+      "states": {
+        "work": {
+          "initial": "step",
+          "states": { "step": { "on": { "FINISH": "finished" } }, "finished": { "type": "final" } },
+          "on": { "done.state.job.work": { "target": "report", "actions": "record" } }
+        },
+        "report": {}
+      }
+    }"#;
+    let actions = Actions::new().action("record", |ctx| {
+        let name = ctx.event_name().to_owned();
+        ctx.set("seen", [name])
+    });
+    let interp = Interpreter::from_json(json, &actions).unwrap();
+    let mut st = started(&interp);
+    interp.send(&mut st, &ev("FINISH"));
+    assert!(interp.matches(&st, "report"));
+    assert_eq!(st.context()["seen"], json!(["xstate.done.state.job.work"]));
+}

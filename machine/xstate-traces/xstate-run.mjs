@@ -71,6 +71,7 @@ export function toXState(chart) {
       const on = {};
       for (const [ev, t] of Object.entries(s.on)) {
         if (ev === '') s.always = transitions(t);
+        else if (ev.startsWith('done.state.')) on[`xstate.${ev}`] = transitions(t);
         else on[ev] = transitions(t);
       }
       s.on = on;
