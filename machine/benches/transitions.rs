@@ -123,7 +123,10 @@ fn end_to_end(c: &mut Criterion) {
             rt.block_on(async {
                 let t = Instant::now();
                 for _ in 0..iters {
-                    local.send("T", ()).await;
+                    local
+                        .send("T", ())
+                        .await
+                        .expect("the machine takes the event");
                 }
                 t.elapsed()
             })

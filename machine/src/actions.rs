@@ -327,6 +327,9 @@ pub struct ActionContext<'a> {
     pub(crate) machine_id: &'a Arc<str>,
     pub(crate) event: &'a Event,
     pub(crate) context: &'a mut Arc<Value>,
+    /// Set when the action may have written the context (XState: an `assign` ran), so
+    /// eventless transitions are selected again.
+    pub(crate) context_written: &'a mut bool,
     pub(crate) params: Option<&'a Value>,
     pub(crate) effects: &'a mut Vec<Effect>,
     pub(crate) node: Option<&'a Node>,
@@ -359,6 +362,7 @@ impl<'a> ActionContext<'a> {
     }
     /// The machine's context, to update (copied on the first write of an event, for rollback).
     pub fn context_mut(&mut self) -> &mut Value {
+        *self.context_written = true;
         Arc::make_mut(self.context)
     }
     /// Reads one context field as a `T`.
@@ -388,6 +392,7 @@ impl<'a> ActionContext<'a> {
     /// Replaces the whole context.
     pub fn set_context<T: Serialize>(&mut self, value: T) -> Result<(), ActionError> {
         *self.context = Arc::new(serde_json::to_value(value)?);
+        *self.context_written = true;
         Ok(())
     }
 

@@ -1,12 +1,13 @@
 //! A machine bound to a [`Node`]: addressable by id and type, fed by whatever transport
 //! carried the event, its state changes published on `state.<id>.<path>`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -16,12 +17,11 @@ use switchyard_core::{
 };
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use crate::actions::{Effect, Event, Origin};
 use crate::error::{Failure, MachineError};
-use crate::interpreter::{
-    ERROR_ACTION, Interpreter, MachineState, Snapshot, TimerCommand, TimerId,
-};
+use crate::interpreter::{ERROR_ACTION, Interpreter, MachineState, Snapshot, Step};
 
 /// The event a machine receives when one of its sends failed (data: [`SendFailure`]).
 pub const ERROR_COMMUNICATION: &str = "error.communication";
@@ -74,7 +74,16 @@ pub struct StateChange {
 
 enum Input {
     Event(Event),
-    Timer(TimerId),
+    /// Fire the `after` timers that are due by now.
+    Clock,
+}
+
+/// The task that wakes the machine when its earliest `after` timer falls due.
+struct ClockTask {
+    /// Tells this task from the one that replaced it.
+    id: u64,
+    due: Duration,
+    task: AbortHandle,
 }
 
 struct Shared {
@@ -83,7 +92,14 @@ struct Shared {
     queue: Mutex<VecDeque<Input>>,
     capacity: usize,
     running: AtomicBool,
-    timers: Mutex<HashMap<TimerId, AbortHandle>>,
+    /// Time zero of the machine's virtual clock: its `after` timers run on tokio's clock.
+    origin: Instant,
+    clock: Mutex<Option<ClockTask>>,
+    clock_tasks: AtomicU64,
+    stopped: AtomicBool,
+    /// The machine reached a top-level final state (kept out of the state's lock, which an
+    /// action holds while it runs).
+    done: AtomicBool,
     publish: AtomicBool,
     changes: watch::Sender<u64>,
     dropped: AtomicU64,
@@ -116,15 +132,33 @@ impl Shared {
 
     /// [`Shared::deliver`] as a boxed `Send` future, for spawned tasks (breaks the async recursion).
     fn deliver_owned(self: Arc<Self>, node: Node, input: Input) -> BoxFuture<'static, ()> {
-        Box::pin(async move { self.deliver(&node, input).await })
+        Box::pin(async move {
+            let _ = self.deliver(&node, input).await;
+        })
     }
 
-    async fn deliver(self: &Arc<Self>, node: &Node, input: Input) {
+    /// Queues the input and runs the queue unless another caller is running it; says why an
+    /// input was not taken.
+    async fn deliver(self: &Arc<Self>, node: &Node, input: Input) -> Result<(), MachineError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(MachineError::Stopped {
+                id: node.id().to_string(),
+            });
+        }
+        if matches!(input, Input::Event(_)) && self.done.load(Ordering::Acquire) {
+            return Err(MachineError::Done {
+                id: node.id().to_string(),
+            });
+        }
         if !self.push(input) {
             tracing::warn!(machine = %node.id(), capacity = self.capacity, "machine event queue full; event dropped");
-            return;
+            return Err(MachineError::QueueFull {
+                id: node.id().to_string(),
+                capacity: self.capacity,
+            });
         }
         self.drain(node).await;
+        Ok(())
     }
 
     /// Runs queued events one at a time; a caller that finds another drain running leaves its
@@ -148,40 +182,105 @@ impl Shared {
     }
 
     async fn process(self: &Arc<Self>, node: &Node, input: Input) {
-        let (step, event_name, effects, timers, publications) = {
-            let mut st = lock(&self.state);
-            let (step, event_name) = match &input {
-                Input::Event(e) => (
-                    self.interp.send_with(&mut st, e, Some(node)),
-                    e.name_arc().clone(),
-                ),
-                Input::Timer(t) => (
-                    self.interp.fire_with(&mut st, *t, Some(node)),
-                    self.interp
-                        .timer_event(*t)
-                        .cloned()
-                        .unwrap_or_else(|| "xstate.after".into()),
-                ),
+        // The timers that fell due before this input fire first, in due order, each its own step.
+        let now = self.origin.elapsed();
+        loop {
+            let done = {
+                let mut st = lock(&self.state);
+                self.interp
+                    .fire_due_named(&mut st, now, Some(node))
+                    .map(|(name, step)| self.collect(&mut st, step, name))
             };
-            let effects = if st.has_effects() {
-                st.take_effects()
-            } else {
-                Vec::new()
+            let Some(done) = done else { break };
+            self.finish(node, done).await;
+        }
+        if let Input::Event(e) = input {
+            let done = {
+                let mut st = lock(&self.state);
+                let step = self.interp.send_with(&mut st, &e, Some(node));
+                self.collect(&mut st, step, e.name_arc().clone())
             };
-            let timers = if st.has_timers() {
-                st.take_timers()
-            } else {
-                Vec::new()
-            };
-            let publications = self.publications(&st, step.transitioned, &event_name);
-            (step, event_name, effects, timers, publications)
+            self.finish(node, done).await;
+        }
+        self.schedule_clock(node);
+    }
+
+    /// What a step left to do outside the lock: its sends, its state-change publications.
+    fn collect(&self, st: &mut MachineState, step: Step, event: Arc<str>) -> StepOutput {
+        let effects = if st.has_effects() {
+            st.take_effects()
+        } else {
+            Vec::new()
         };
-        if step.transitioned {
+        // The machine's own clock runs its timers; the commands are for other hosts.
+        st.clear_timers();
+        if st.is_done() {
+            self.done.store(true, Ordering::Release);
+        }
+        let publications = self.publications(st, step.transitioned, &event);
+        StepOutput {
+            step,
+            event,
+            effects,
+            publications,
+        }
+    }
+
+    async fn finish(self: &Arc<Self>, node: &Node, out: StepOutput) {
+        if out.step.transitioned {
             self.changes.send_modify(|v| *v = v.wrapping_add(1));
         }
-        self.apply(node, timers, publications, effects).await;
-        if let Some(f) = step.failure {
-            self.report(node, f, &event_name);
+        self.apply(node, out.publications, out.effects).await;
+        if let Some(f) = out.step.failure {
+            self.report(node, f, &out.event);
+        }
+    }
+
+    /// Makes sure a task wakes the machine when its earliest timer falls due.
+    fn schedule_clock(self: &Arc<Self>, node: &Node) {
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let next = lock(&self.state).next_timer();
+        let mut slot = lock(&self.clock);
+        if let (Some(due), Some(t)) = (next, slot.as_ref())
+            && t.due == due
+        {
+            return;
+        }
+        // Whoever takes a task out of the slot owns it: a task that took itself out (it woke
+        // up) is running the machine and is not aborted.
+        if let Some(t) = slot.take() {
+            t.task.abort();
+        }
+        let Some(due) = next else { return };
+        let id = self.clock_tasks.fetch_add(1, Ordering::Relaxed);
+        let shared = self.clone();
+        let n = node.clone();
+        let at = self.origin + due;
+        // Spawned while the slot is held, so the task finds itself there when it wakes.
+        let task = tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            {
+                let mut slot = lock(&shared.clock);
+                if slot.as_ref().is_none_or(|t| t.id != id) {
+                    return;
+                }
+                *slot = None;
+            }
+            shared.deliver_owned(n, Input::Clock).await;
+        });
+        *slot = Some(ClockTask {
+            id,
+            due,
+            task: task.abort_handle(),
+        });
+    }
+
+    fn stop_clock(&self) {
+        self.stopped.store(true, Ordering::Release);
+        if let Some(t) = lock(&self.clock).take() {
+            t.task.abort();
         }
     }
 
@@ -226,34 +325,9 @@ impl Shared {
     async fn apply(
         self: &Arc<Self>,
         node: &Node,
-        timers: Vec<TimerCommand>,
         publications: Vec<(String, StateChange)>,
         effects: Vec<Effect>,
     ) {
-        for cmd in timers {
-            match cmd {
-                TimerCommand::Start(id, delay) => {
-                    let shared = self.clone();
-                    let n = node.clone();
-                    // Hold the map while spawning so a zero delay cannot fire before it is recorded.
-                    let mut map = lock(&self.timers);
-                    let task = tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        // Whoever removes the entry owns it: a cancelled timer does nothing.
-                        if lock(&shared.timers).remove(&id).is_none() {
-                            return;
-                        }
-                        shared.deliver_owned(n, Input::Timer(id)).await;
-                    });
-                    map.insert(id, task.abort_handle());
-                }
-                TimerCommand::Cancel(id) => {
-                    if let Some(h) = lock(&self.timers).remove(&id) {
-                        h.abort();
-                    }
-                }
-            }
-        }
         for (topic, change) in publications {
             match node.publish(&topic, topic.clone(), change).await {
                 Ok(_) => {}
@@ -443,6 +517,14 @@ impl Shared {
     }
 }
 
+/// A step's results, taken out of the machine's lock.
+struct StepOutput {
+    step: Step,
+    event: Arc<str>,
+    effects: Vec<Effect>,
+    publications: Vec<(String, StateChange)>,
+}
+
 impl Interpreter {
     /// Starts describing a machine that runs this statechart on a Node of `session`.
     pub fn bind(
@@ -507,7 +589,11 @@ impl StateMachineBuilder {
             capacity: self.capacity,
             // Claimed until the start is done: early events wait in the queue.
             running: AtomicBool::new(true),
-            timers: Mutex::new(HashMap::new()),
+            origin: Instant::now(),
+            clock: Mutex::new(None),
+            clock_tasks: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            done: AtomicBool::new(false),
             publish: AtomicBool::new(self.publish),
             changes: watch::Sender::new(0),
             dropped: AtomicU64::new(0),
@@ -518,7 +604,8 @@ impl StateMachineBuilder {
             .handler_async(move |node: Node, env| {
                 let shared = s2.clone();
                 async move {
-                    shared
+                    // A full queue was logged; a stopped or done machine takes nothing.
+                    let _ = shared
                         .deliver(&node, Input::Event(Event::from_envelope(env)))
                         .await;
                 }
@@ -533,26 +620,24 @@ impl StateMachineBuilder {
             }
         };
         let init: Arc<str> = crate::interpreter::INIT_EVENT.into();
-        let (step, effects, timers, publications) = {
+        let out = {
             let mut st = lock(&shared.state);
             st.set_machine_id(node.id().as_str());
             let step = shared.interp.start_with(&mut st, Some(&node));
-            let effects = st.take_effects();
-            let timers = st.take_timers();
-            let publications = shared.publications(&st, step.transitioned, &init);
-            (step, effects, timers, publications)
+            shared.collect(&mut st, step, init)
         };
-        if let Some(failure) = step.failure {
+        if let Some(failure) = out.step.failure {
+            shared.stop_clock();
             let _ = node.close().await;
             return Err(MachineError::Start {
                 id: node.id().to_string(),
                 failure,
             });
         }
-        shared.changes.send_modify(|v| *v = v.wrapping_add(1));
         {
             let guard = Draining(&shared.running);
-            shared.apply(&node, timers, publications, effects).await;
+            shared.finish(&node, out).await;
+            shared.schedule_clock(&node);
             drop(guard);
         }
         shared.drain(&node).await;
@@ -598,6 +683,15 @@ impl StateMachine {
     pub fn is_done(&self) -> bool {
         lock(&self.shared.state).is_done()
     }
+    /// The dotted paths of the active atomic (and final) states, in document order.
+    pub fn active_leaves(&self) -> Vec<String> {
+        let st = lock(&self.shared.state);
+        self.shared
+            .interp
+            .active_leaves(&st)
+            .map(str::to_owned)
+            .collect()
+    }
     /// How many events (including the start) changed the machine so far.
     pub fn transitions(&self) -> u64 {
         *self.shared.changes.borrow()
@@ -608,14 +702,29 @@ impl StateMachine {
     }
 
     /// Gives the machine an event directly (no transport), as if it had been received.
+    ///
+    /// `Ok` means the machine took the event: it was handled before `send` returned, or queued
+    /// behind the event another caller is running (it is handled before that caller returns).
+    /// An error says it was not taken: the machine was stopped ([`MachineError::Stopped`]), has
+    /// reached a top-level final state and ignores events ([`MachineError::Done`]), or its queue
+    /// is full ([`MachineError::QueueFull`], counted in [`StateMachine::dropped_events`]).
     pub async fn send<P: Serialize + Send + Sync + 'static>(
         &self,
         event: impl Into<Arc<str>>,
         payload: P,
-    ) {
+    ) -> Result<(), MachineError> {
         self.shared
             .deliver(&self.node, Input::Event(Event::with_data(event, payload)))
-            .await;
+            .await
+    }
+
+    /// Fires the `after` timers that are due by now on tokio's clock, in due order, and returns
+    /// when they have been handled.
+    ///
+    /// The machine does this by itself when its earliest timer falls due; call it to be sure
+    /// that it has, e.g. after `tokio::time::advance` on a paused clock in a test.
+    pub async fn fire_due_timers(&self) -> Result<(), MachineError> {
+        self.shared.deliver(&self.node, Input::Clock).await
     }
 
     /// Waits until the snapshot satisfies `f` (checked after every step); wrap it in a timeout.
@@ -645,11 +754,9 @@ impl StateMachine {
         }
     }
 
-    /// Cancels the machine's timers and removes it from the session.
+    /// Cancels the machine's timers and removes it from the session; it takes no more events.
     pub async fn stop(&self) -> Result<(), MachineError> {
-        for (_, h) in lock(&self.shared.timers).drain() {
-            h.abort();
-        }
+        self.shared.stop_clock();
         self.node.close().await?;
         Ok(())
     }

@@ -35,11 +35,13 @@ pub(crate) enum Matcher {
 }
 
 impl Matcher {
-    fn rank(&self) -> u8 {
+    /// XState v5 candidate order: the exact name first, then the wildcards, longest first.
+    fn rank(&self) -> (u8, usize) {
         match self {
-            Matcher::Exact(_) => 0,
-            Matcher::Prefix(_) => 1,
-            Matcher::Any => 2,
+            Matcher::Exact(_) => (0, 0),
+            // `prefix.*` is the prefix plus two characters, `*` one.
+            Matcher::Prefix(p) => (1, usize::MAX - (p.len() + 2)),
+            Matcher::Any => (1, usize::MAX - 1),
         }
     }
 }
@@ -60,16 +62,29 @@ pub(crate) struct GuardRef {
     pub(crate) params: Option<Arc<Value>>,
 }
 
+/// The transition domain (XState v5 `getTransitionDomain`): the state whose active descendants
+/// a transition exits and below which it enters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Domain {
+    /// A targetless transition: it exits and enters nothing.
+    None,
+    /// Exits the active descendants of this state (not the state itself).
+    State(u32),
+    /// Above the root (`reenter: true` to the root or from it): exits and re-enters the root too.
+    AboveRoot,
+}
+
 /// One transition.
 #[derive(Clone, Debug)]
 pub(crate) struct Transition {
     pub(crate) source: u32,
-    /// Resolved targets; empty for a targetless (internal) transition.
+    /// Resolved targets; empty for a targetless transition.
     pub(crate) targets: Vec<u32>,
     pub(crate) guard: Option<GuardRef>,
     pub(crate) actions: Vec<ActionRef>,
-    /// SCXML `type="internal"`: do not exit the source when every target is its descendant.
-    pub(crate) internal: bool,
+    /// `reenter: true` (v4: `internal: false`).
+    pub(crate) reenter: bool,
+    pub(crate) domain: Domain,
 }
 
 /// A delayed (`after`) transition group of one state.
@@ -97,11 +112,12 @@ pub(crate) struct StateNode {
     pub(crate) initial: Option<u32>,
     pub(crate) entry: Vec<ActionRef>,
     pub(crate) exit: Vec<ActionRef>,
-    /// Transitions by event, exact names first, then `prefix.*`, then `*`, each in document order.
+    /// Transitions by event: the exact names first, then the wildcards, longest first, each
+    /// in document order (XState v5's candidate order).
     pub(crate) on: Vec<(Matcher, u32)>,
     pub(crate) always: Vec<u32>,
     pub(crate) after: Vec<After>,
-    /// `done.state.<id>`, raised when this (compound or parallel) state completes.
+    /// `xstate.done.state.<id>`, raised when this (compound or parallel) state completes.
     pub(crate) done_event: u32,
 }
 
@@ -119,7 +135,12 @@ pub struct Chart {
     /// Distinct guard names with the JSON path of their first use.
     pub(crate) guard_names: Vec<(Arc<str>, String)>,
     pub(crate) by_path: HashMap<Box<str>, u32>,
+    /// Whether any state has `always` transitions (else eventless selection is skipped).
+    pub(crate) has_always: bool,
 }
+
+/// Prefix of the event a compound or parallel state raises when it completes (XState v5).
+pub(crate) const DONE_STATE: &str = "xstate.done.state.";
 
 /// Keys that XState allows and that carry no behaviour here.
 const IGNORED_KEYS: &[&str] = &[
@@ -301,7 +322,8 @@ impl Chart {
             }
         }
         let context = match get(root, "context") {
-            None => Value::Null,
+            // XState v5's default context.
+            None => Value::Object(serde_json::Map::new()),
             Some(c) => c.to_value(),
         };
         let mut b = Builder {
@@ -315,6 +337,7 @@ impl Chart {
                 action_names: Vec::new(),
                 guard_names: Vec::new(),
                 by_path: HashMap::new(),
+                has_always: false,
             },
             raw: Vec::new(),
             json_paths: Vec::new(),
@@ -332,6 +355,8 @@ impl Chart {
         for s in &mut b.chart.states {
             s.on.sort_by_key(|(m, _)| m.rank());
         }
+        let chart = &mut b.chart;
+        chart.has_always = chart.states.iter().any(|s| !s.always.is_empty());
         Ok(b.chart)
     }
 }
@@ -512,7 +537,7 @@ impl<'a> Builder<'a> {
             }
             self.ids.insert(candidate, index);
         }
-        let done_name = format!("done.state.{id}");
+        let done_name = format!("{DONE_STATE}{id}");
         let done_event = self.intern_event(&done_name);
         self.chart.by_path.insert(path.clone(), index);
         self.chart.states.push(StateNode {
@@ -613,6 +638,11 @@ impl<'a> Builder<'a> {
                                 &child_path(&on_path, ev),
                                 "`*` is allowed only as `*` or as a last segment (`feedback.*`)",
                             ));
+                        } else if let Some(id) = ev.strip_prefix("done.state.") {
+                            // The v4 name of the completion event.
+                            Slot::On(Matcher::Exact(
+                                self.intern_event(&format!("{DONE_STATE}{id}")),
+                            ))
                         } else {
                             Slot::On(Matcher::Exact(self.intern_event(ev)))
                         };
@@ -747,7 +777,8 @@ impl<'a> Builder<'a> {
             targets: Vec::new(),
             guard: None,
             actions: Vec::new(),
-            internal: false,
+            reenter: false,
+            domain: Domain::None,
         };
         let mut reenter: Option<bool> = None;
         match t {
@@ -843,16 +874,44 @@ impl<'a> Builder<'a> {
                 ));
             }
         }
-        // XState v5 default (`reenter: false`): a transition to its own source or the source's
-        // descendants does not exit the source (SCXML `type="internal"`); `reenter: true` /
-        // `internal: false` does. A parallel source is always exited (SCXML: only compound
-        // states are transition domains), and so is an atomic one with `reenter: true`.
-        let s = &self.chart.states[source as usize];
-        tr.internal = !reenter.unwrap_or(false)
-            && matches!(s.kind, StateKind::Compound | StateKind::Atomic)
-            && !tr.targets.is_empty()
-            && tr.targets.iter().all(|&t| t >= source && t <= s.end);
+        tr.reenter = reenter.unwrap_or(false);
+        tr.domain = self.domain(&tr);
         Ok(tr)
+    }
+
+    fn is_desc(&self, a: u32, b: u32) -> bool {
+        b < a && a <= self.chart.states[b as usize].end
+    }
+
+    /// XState v5 `getTransitionDomain`. Without `reenter`, a transition to its own source or the
+    /// source's descendants stays inside the source; otherwise the domain is the least common
+    /// ancestor of the targets and the source, of whatever kind (a parallel state too, so its
+    /// other regions are exited and re-entered but the state itself is not); with no common
+    /// ancestor, the root, or above it with `reenter`.
+    fn domain(&self, tr: &Transition) -> Domain {
+        let Some((&head, rest)) = tr.targets.split_first() else {
+            return Domain::None;
+        };
+        if !tr.reenter
+            && tr
+                .targets
+                .iter()
+                .all(|&t| t == tr.source || self.is_desc(t, tr.source))
+        {
+            return Domain::State(tr.source);
+        }
+        let mut at = self.chart.states[head as usize].parent;
+        while let Some(a) = at {
+            if self.is_desc(tr.source, a) && rest.iter().all(|&t| self.is_desc(t, a)) {
+                return Domain::State(a);
+            }
+            at = self.chart.states[a as usize].parent;
+        }
+        if tr.reenter {
+            Domain::AboveRoot
+        } else {
+            Domain::State(0)
+        }
     }
 
     fn targets(&self, source: u32, path: &str, target: &str) -> Result<Vec<u32>, LoadError> {
@@ -992,7 +1051,7 @@ mod tests {
         assert_eq!(c.states[0].end, 4);
         assert_eq!(c.states[1].end, 3);
         let t = &c.transitions[0];
-        assert!(t.internal);
+        assert_eq!(t.domain, Domain::State(1));
         assert_eq!(t.targets, [3]);
     }
 }

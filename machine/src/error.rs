@@ -180,4 +180,28 @@ pub enum MachineError {
     /// Registering or binding the Node failed.
     #[error(transparent)]
     Node(#[from] switchyard_core::Error),
+    /// The machine was stopped and takes no more events.
+    #[error("machine `{id}` is stopped and takes no more events; bind a new one to go on")]
+    Stopped {
+        /// The machine id.
+        id: String,
+    },
+    /// The machine reached a top-level final state; it ignores further events.
+    #[error(
+        "machine `{id}` is done (it reached a top-level final state) and ignores events; bind a new one to start over"
+    )]
+    Done {
+        /// The machine id.
+        id: String,
+    },
+    /// The machine's event queue is full; the event was dropped.
+    #[error(
+        "machine `{id}`: its event queue is full ({capacity} events) and the event was dropped; send more slowly or raise `queue_capacity`"
+    )]
+    QueueFull {
+        /// The machine id.
+        id: String,
+        /// The queue's bound.
+        capacity: usize,
+    },
 }

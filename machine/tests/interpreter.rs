@@ -536,3 +536,135 @@ fn loads_from_a_json_value() {
     interp.send(&mut st, &ev("GO"));
     assert!(interp.matches(&st, "b"));
 }
+
+#[test]
+fn virtual_clock_fires_in_due_order() {
+    // a: 300 ms to b; b: 100 ms to c (counted from b's entry); p's regions race on 200 ms.
+    let json = r#"{
+      "id": "c", "type": "parallel",
+      "states": {
+        "x": { "initial": "a", "states": {
+          "a": { "after": { "300": { "target": "b", "actions": "log_a" } } },
+          "b": { "after": { "100": { "target": "c", "actions": "log_b" } } },
+          "c": {} } },
+        "y": { "initial": "a", "states": {
+          "a": { "after": { "200": { "target": "b", "actions": "log_ya" } } },
+          "b": {} } },
+        "z": { "initial": "a", "states": {
+          "a": { "after": { "200": { "target": "b", "actions": "log_za" } } },
+          "b": {} } }
+      }
+    }"#;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut actions = Actions::new();
+    for name in ["log_a", "log_b", "log_ya", "log_za"] {
+        let seen = seen.clone();
+        actions = actions.action(name, move |ctx| {
+            seen.lock()
+                .unwrap()
+                .push(format!("{name}@{}", ctx.event_name()));
+            Ok(())
+        });
+    }
+    let interp = Interpreter::from_json(json, &actions).unwrap();
+    let mut st = started(&interp);
+    assert_eq!(st.next_timer(), Some(Duration::from_millis(200)));
+
+    // Nothing is due before 200 ms.
+    assert!(
+        interp
+            .advance(&mut st, Duration::from_millis(199))
+            .is_empty()
+    );
+    assert_eq!(st.now(), Duration::from_millis(199));
+
+    // One advance past everything: y and z (same due time, in start order), then x.a at 300,
+    // then x.b at 400 (100 ms after it was entered at 300, not after the advance began).
+    let steps = interp.advance(&mut st, Duration::from_millis(1000));
+    assert_eq!(steps.len(), 4);
+    assert!(steps.iter().all(|s| s.transitioned && s.failure.is_none()));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "log_ya@xstate.after.200.c.y.a",
+            "log_za@xstate.after.200.c.z.a",
+            "log_a@xstate.after.300.c.x.a",
+            "log_b@xstate.after.100.c.x.b"
+        ]
+    );
+    assert_eq!(st.now(), Duration::from_millis(1199));
+    assert_eq!(st.next_timer(), None);
+    assert_eq!(
+        leaves(&interp, &st),
+        ["x.c", "y.b", "z.b"],
+        "every timer ran"
+    );
+}
+
+#[test]
+fn virtual_clock_drops_the_timers_of_exited_states() {
+    let actions = Actions::new().action("countCycle", |ctx| {
+        let n: u64 = ctx.get("cycles")?;
+        ctx.set("cycles", n + 1)
+    });
+    let interp = Interpreter::from_json(TRAFFIC, &actions).unwrap();
+    let mut st = started(&interp);
+    assert!(
+        interp
+            .advance(&mut st, Duration::from_millis(400))
+            .is_empty()
+    );
+    // Leaving green cancels its 1000 ms timer; red's and walk's count from now.
+    interp.send(&mut st, &ev("EMERGENCY"));
+    assert!(interp.matches(&st, "red.walk"));
+    assert_eq!(st.next_timer(), Some(Duration::from_millis(1200)));
+    // fire_due: one timer at a time, the clock at its due time; green's never comes.
+    assert!(
+        interp
+            .fire_due(&mut st, Duration::from_millis(1199))
+            .is_none()
+    );
+    let step = interp
+        .fire_due(&mut st, Duration::from_millis(5000))
+        .unwrap();
+    assert!(step.transitioned);
+    assert_eq!(st.now(), Duration::from_millis(1200));
+    assert!(interp.matches(&st, "red.wait"));
+    assert_eq!(
+        interp.advance(&mut st, Duration::from_millis(1200)).len(),
+        2
+    );
+    assert!(interp.matches(&st, "green"), "stop at 1800, green at 2400");
+    assert_eq!(st.context()["cycles"], 1);
+    // A host that takes no timer commands does not pile them up: a start and a cancel it
+    // never saw drop each other, so only green's running timer is left.
+    let timers = st.take_timers();
+    assert!(
+        matches!(timers[..], [TimerCommand::Start(_, d)] if d == Duration::from_millis(1000)),
+        "{timers:?}"
+    );
+}
+
+#[test]
+fn completion_event_has_the_v5_name_and_the_v4_name_is_an_alias() {
+    let json = r#"{
+      "id": "job", "initial": "work", "context": { "seen": [] },
+      "states": {
+        "work": {
+          "initial": "step",
+          "states": { "step": { "on": { "FINISH": "finished" } }, "finished": { "type": "final" } },
+          "on": { "done.state.job.work": { "target": "report", "actions": "record" } }
+        },
+        "report": {}
+      }
+    }"#;
+    let actions = Actions::new().action("record", |ctx| {
+        let name = ctx.event_name().to_owned();
+        ctx.set("seen", [name])
+    });
+    let interp = Interpreter::from_json(json, &actions).unwrap();
+    let mut st = started(&interp);
+    interp.send(&mut st, &ev("FINISH"));
+    assert!(interp.matches(&st, "report"));
+    assert_eq!(st.context()["seen"], json!(["xstate.done.state.job.work"]));
+}

@@ -95,7 +95,7 @@ async fn run_ping(session: &Session, place: impl Fn(MachineBuilder) -> MachineBu
         .await
         .expect("ping starts");
     assert!(ping.matches("idle"));
-    ping.send("START", ()).await;
+    ping.send("START", ()).await.expect("ping takes START");
     let done = within(ping.wait_for_state("finished")).await;
     assert!(ping.is_done());
     done.context

@@ -14,8 +14,8 @@ use serde_json::json;
 use switchyard::ipc::{Daemon, DaemonConfig, unique_socket_path};
 use switchyard::{Node, Session};
 use switchyard_machine::{
-    Actions, ERROR_ACTION, Failure, FailureKind, Interpreter, Located, SendFailure, StateMachine,
-    Status,
+    Actions, ERROR_ACTION, Failure, FailureKind, Interpreter, Located, MachineError, SendFailure,
+    StateMachine, Status,
 };
 use tokio::time::Instant;
 
@@ -193,7 +193,9 @@ async fn ui_and_worker() {
     states.until("state.ui-main.idle").await;
     for round in 1..=2u64 {
         let start = Instant::now();
-        ui.send("START_WORK", ()).await;
+        ui.send("START_WORK", ())
+            .await
+            .expect("the machine takes the event");
         let seen = states.until("state.ui-main.idle").await;
         assert_eq!(
             seen,
@@ -226,7 +228,9 @@ async fn ui_and_worker_across_processes() {
     let ui = start_ui(&session).await;
     states.until("state.ui-main.idle").await;
     for round in 1..=2u64 {
-        ui.send("START_WORK", ()).await;
+        ui.send("START_WORK", ())
+            .await
+            .expect("the machine takes the event");
         let mut seen = states.until("state.ui-main.idle").await;
         if !seen.iter().any(|t| t == "state.worker-1.ready") {
             seen.extend(states.until("state.worker-1.ready").await);
@@ -428,7 +432,10 @@ async fn request_reply_and_timeout_come_back_as_events() {
         .build()
         .await
         .unwrap();
-    asker.send("GO", "calc".to_string()).await;
+    asker
+        .send("GO", "calc".to_string())
+        .await
+        .expect("the machine takes the event");
     let snap = within(asker.wait_for_state("answered")).await;
     assert_eq!(snap.context["sum"], 5);
 
@@ -438,7 +445,10 @@ async fn request_reply_and_timeout_come_back_as_events() {
         .build()
         .await
         .unwrap();
-    waiter.send("GO", "silent".to_string()).await;
+    waiter
+        .send("GO", "silent".to_string())
+        .await
+        .expect("the machine takes the event");
     assert!(
         waiter.matches("asking"),
         "the request does not block the machine"
@@ -496,7 +506,9 @@ async fn locate_now_or_as_an_event() {
     let finder = interp(FINDER, &actions);
 
     let a = finder.bind(&session, "a", "Finder").build().await.unwrap();
-    a.send("FIND", "peer".to_string()).await;
+    a.send("FIND", "peer".to_string())
+        .await
+        .expect("the machine takes the event");
     let snap = within(a.wait_for_state("found")).await;
     assert_eq!(snap.context["now"], "SameProcess");
     assert_eq!(snap.context["now_type"], "Peer");
@@ -505,7 +517,9 @@ async fn locate_now_or_as_an_event() {
     assert_eq!(snap.context["event"], "done.locate.peer");
 
     let b = finder.bind(&session, "b", "Finder").build().await.unwrap();
-    b.send("FIND", "nobody".to_string()).await;
+    b.send("FIND", "nobody".to_string())
+        .await
+        .expect("the machine takes the event");
     let snap = within(b.wait_for_state("lost")).await;
     assert!(
         snap.context["now_error"]
@@ -664,7 +678,9 @@ async fn failed_send_raises_error_communication() {
         .build()
         .await
         .unwrap();
-    m.send("CALL", ()).await;
+    m.send("CALL", ())
+        .await
+        .expect("the machine takes the event");
     let snap = within(m.wait_for_state("b")).await;
     assert_eq!(snap.context["failure"]["target"], "nobody");
     assert_eq!(snap.context["failure"]["event"], "HELLO");
@@ -712,7 +728,7 @@ async fn self_delayed_and_published_sends() {
         .await
         .unwrap();
     let start = Instant::now();
-    m.send("GO", ()).await;
+    m.send("GO", ()).await.expect("the machine takes the event");
     // send_self is handled right after GO, before `send` returns to us.
     assert!(m.matches("second"));
     within(m.wait_for_state("awake")).await;
@@ -843,10 +859,86 @@ async fn sends_of_one_step_go_out_in_order() {
         .build()
         .await
         .unwrap();
-    m.send("GO", ()).await;
+    m.send("GO", ()).await.expect("the machine takes the event");
     within(m.wait_for_state("c")).await;
     let snap =
         within(rec.wait_until(|s| s.context["seen"].as_array().is_some_and(|a| a.len() == 4)))
             .await;
     assert_eq!(snap.context["seen"], json!(["ONE", "ADD", "THREE", "FOUR"]));
+}
+
+#[tokio::test]
+async fn send_says_when_the_machine_did_not_take_the_event() {
+    let session = memory_session();
+    let json =
+        r#"{"id":"m","initial":"a","states":{"a":{"on":{"END":"over"}},"over":{"type":"final"}}}"#;
+    let m = interp(json, &Actions::new())
+        .bind(&session, "ender", "Ender")
+        .build()
+        .await
+        .unwrap();
+    m.send("NOTHING", ())
+        .await
+        .expect("an unhandled event is still taken");
+    m.send("END", ()).await.expect("END is taken");
+    assert!(m.is_done());
+    let e = m
+        .send("END", ())
+        .await
+        .expect_err("a done machine takes nothing");
+    assert!(
+        matches!(e, MachineError::Done { ref id } if id == "ender"),
+        "{e}"
+    );
+
+    let m = interp(json, &Actions::new())
+        .bind(&session, "stopper", "Ender")
+        .build()
+        .await
+        .unwrap();
+    m.stop().await.unwrap();
+    let e = m
+        .send("END", ())
+        .await
+        .expect_err("a stopped machine takes nothing");
+    assert!(
+        matches!(e, MachineError::Stopped { ref id } if id == "stopper"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_reports_a_full_queue() {
+    let session = memory_session();
+    let json = r#"{"id":"m","initial":"a","states":{"a":{"on":{"SLOW":{"actions":"hold"}}}}}"#;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    // `hold` keeps the machine busy (its worker thread blocked) until the test releases it.
+    let actions = Actions::new().action("hold", move |_| {
+        let _ = started_tx.send(());
+        let _ = held.lock().unwrap().recv();
+        Ok(())
+    });
+    let m = interp(json, &actions)
+        .bind(&session, "busy", "Busy")
+        .queue_capacity(1)
+        .build()
+        .await
+        .unwrap();
+    let busy = m.clone();
+    let slow = tokio::spawn(async move { busy.send("SLOW", ()).await });
+    within(started.recv()).await.expect("hold runs");
+    // SLOW is being handled: one event fits in the queue behind it, the next does not.
+    m.send("QUEUED", ())
+        .await
+        .expect("the queue has room for one");
+    let e = m.send("DROPPED", ()).await.expect_err("the queue is full");
+    assert!(
+        matches!(e, MachineError::QueueFull { ref id, capacity: 1 } if id == "busy"),
+        "{e}"
+    );
+    assert_eq!(m.dropped_events(), 1);
+    release.send(()).unwrap();
+    within(slow).await.unwrap().expect("SLOW was taken");
 }
