@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 use crate::address::{Address, MachineId};
 use crate::envelope::{Envelope, EnvelopeData, Headers};
+use crate::letter::{Letter, LetterData, LetterPayload, LetterPool};
 use crate::name::Name;
 use crate::payload::{Payload, PayloadRef};
 
@@ -71,6 +72,14 @@ pub trait Outgoing: Send {
             env.carried_by = Some(carrier);
         }
         Some(env)
+    }
+    /// Takes the next event for an in-process mailbox, marked as carried by `carrier`:
+    /// builders hand over its fields with a small payload in place, in an allocation the
+    /// mailbox reuses (`pool`, from [`crate::Mailbox::letters`]); the default takes it as an
+    /// envelope.
+    fn pop_letter(&mut self, carrier: &'static str, pool: &LetterPool) -> Option<Letter> {
+        let _ = pool;
+        self.pop_by(carrier).map(Letter::Envelope)
     }
     /// Puts back an envelope taken with [`Outgoing::pop`] that the transport could not take.
     fn push_front(&mut self, env: Envelope);
@@ -184,6 +193,27 @@ impl<P: Serialize + Send + Sync + 'static> Outgoing for OneEvent<'_, P> {
     fn pop_by(&mut self, carrier: &'static str) -> Option<Envelope> {
         self.take(Some(carrier))
     }
+    fn pop_letter(&mut self, carrier: &'static str, pool: &LetterPool) -> Option<Letter> {
+        match std::mem::replace(&mut self.state, OneState::Taken) {
+            OneState::Value(p) => Some(Letter::Data(pool.boxed(LetterData {
+                id: self.id,
+                source: self.source.clone(),
+                address: match self.target {
+                    Address::Machine(_) => None,
+                    other => Some(other.clone()),
+                },
+                event: self.event.clone(),
+                payload: LetterPayload::of(p),
+                headers: self.headers.clone(),
+                carried_by: Some(carrier),
+            }))),
+            OneState::Envelope(env) => {
+                self.state = OneState::Envelope(env);
+                self.pop_by(carrier).map(Letter::Envelope)
+            }
+            OneState::Taken => None,
+        }
+    }
     fn push_front(&mut self, env: Envelope) {
         self.state = OneState::Envelope(env);
     }
@@ -285,6 +315,23 @@ impl<E: Into<Name> + AsRef<str> + Send, P: Serialize + Send + Sync + 'static> Ou
     }
     fn push_front(&mut self, env: Envelope) {
         self.returned.push(env);
+    }
+    fn pop_letter(&mut self, carrier: &'static str, pool: &LetterPool) -> Option<Letter> {
+        if !self.returned.is_empty() {
+            return self.pop_by(carrier).map(Letter::Envelope);
+        }
+        let (event, payload) = self.items.pop_front()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(Letter::Data(pool.boxed(LetterData {
+            id,
+            source: self.source.clone(),
+            address: None,
+            event: event.into(),
+            payload: LetterPayload::of(payload),
+            headers: self.headers.clone(),
+            carried_by: Some(carrier),
+        })))
     }
 }
 

@@ -20,6 +20,7 @@ use futures_util::future::BoxFuture;
 use crate::address::MachineId;
 use crate::envelope::{Envelope, EventRef, coarse_now_micros};
 use crate::error::{Error, Result};
+use crate::letter::{Letter, LetterData};
 use crate::node::mailbox::{Mailbox, Push};
 use crate::node::{Node, NodeInner};
 use crate::registry::MachineEntry;
@@ -93,14 +94,23 @@ impl Handler {
 }
 
 /// What [`Inbox::offer`] did with an event.
-#[derive(Debug)]
 pub enum Offer {
     /// Taken: queued, completed a request, or dropped by the full policy (and counted).
     Taken,
     /// The mailbox is full and its policy is `Wait`: here is the event back; await [`Inbox::room`].
-    Full(Envelope),
+    Full(Letter),
     /// Refused (the machine left, or its mailbox is full with policy `Fail`): here is the event back.
-    Refused(Error, Envelope),
+    Refused(Error, Letter),
+}
+
+impl std::fmt::Debug for Offer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Offer::Taken => f.write_str("Taken"),
+            Offer::Full(_) => f.write_str("Full(..)"),
+            Offer::Refused(e, _) => write!(f, "Refused({e}, ..)"),
+        }
+    }
 }
 
 /// The receiving side of a machine, handed to transports by [`crate::Transport::bind`].
@@ -191,17 +201,27 @@ impl Inbox {
     /// Queues `env` in the machine's mailbox, whatever its handler (what a transport that
     /// keeps one event at a time per machine does): replies complete at once, full-policy
     /// drops are counted. Does not wake the mailbox task; call [`Inbox::notify`] after a run.
-    pub fn offer(&self, env: Envelope) -> Offer {
-        let Some(env) = self.complete_reply(env) else {
-            return Offer::Taken;
+    pub fn offer(&self, letter: impl Into<Letter>) -> Offer {
+        let letter = match letter.into() {
+            Letter::Envelope(env) => match self.complete_reply(env) {
+                Some(env) => Letter::Envelope(env),
+                None => return Offer::Taken,
+            },
+            Letter::Data(d) if d.headers.is_reply => {
+                match self.complete_reply((*d).into_envelope(self.id())) {
+                    Some(env) => Letter::Envelope(env),
+                    None => return Offer::Taken,
+                }
+            }
+            letter => letter,
         };
         let node = self.inner();
         let mb = node.mailbox();
         mb.ensure_started(node);
-        match mb.push_quiet(node, env) {
+        match mb.push_quiet(node, letter) {
             Push::Queued => Offer::Taken,
-            Push::Full(env) => Offer::Full(env),
-            Push::Refused(e, env) => Offer::Refused(e, env),
+            Push::Full(letter) => Offer::Full(letter),
+            Push::Refused(e, letter) => Offer::Refused(e, letter),
         }
     }
 
@@ -220,14 +240,19 @@ impl Inbox {
     }
 
     /// Queues `env` in the mailbox, waiting for room while it is full and the policy is `Wait`.
-    pub async fn queue(&self, env: Envelope) -> Result<()> {
-        let Some(env) = self.complete_reply(env) else {
-            return Ok(());
-        };
-        let node = self.inner();
-        let mb = node.mailbox();
-        mb.ensure_started(node);
-        mb.push(node, env).await
+    pub async fn queue(&self, letter: impl Into<Letter>) -> Result<()> {
+        let mut letter = letter.into();
+        loop {
+            match self.offer(letter) {
+                Offer::Taken => {
+                    self.notify();
+                    return Ok(());
+                }
+                Offer::Full(back) => letter = back,
+                Offer::Refused(e, _) => return Err(e),
+            }
+            self.room().await;
+        }
     }
 
     /// Delivers without waiting: a reply completes its request; a synchronous handler
@@ -280,6 +305,19 @@ impl Inbox {
             None => self.count_dropped(),
         }
         Ok(())
+    }
+
+    /// Lends a letter's fields to a borrowed handler as they are (expiry checked).
+    pub(crate) fn run_letter(&self, d: &LetterData) {
+        if let Some(Handler::Ref(h)) = &self.inner().handler {
+            if let Some(at) = d.headers.expires_at_us
+                && coarse_now_micros() > at
+            {
+                self.inner().expired.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            run_ref(&self.0, h, d.as_event());
+        }
     }
 
     /// Runs the handler on an event, awaiting an async one (expiry checked).

@@ -15,8 +15,9 @@ use crossbeam_queue::ArrayQueue;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, Headers};
 use crate::error::{Error, Result};
+use crate::letter::{Letter, LetterData, LetterPool};
 use crate::node::inbox::{FullPolicy, MailboxConfig};
 use crate::node::{Node, NodeInner};
 use crate::session::lock;
@@ -24,32 +25,47 @@ use crate::session::lock;
 /// Events the mailbox task handles before yielding to the scheduler.
 const BATCH: usize = 128;
 
-/// What [`Mailbox::push_quiet`] did with an envelope.
+/// What [`Mailbox::push_quiet`] did with a letter.
 pub(crate) enum Push {
     /// In the queue, or dropped by the mailbox's policy (and counted).
     Queued,
     /// The mailbox is full and its policy is `Wait`.
-    Full(Envelope),
+    Full(Letter),
     /// Refused: the mailbox is closed, or full with policy `Fail`.
-    Refused(Error, Envelope),
+    Refused(Error, Letter),
+}
+
+/// What a mailbox slot holds: a shared envelope, or a letter's fields in a reused box.
+pub(crate) enum Queued {
+    Envelope(Envelope),
+    Boxed(Box<LetterData>),
+}
+
+impl Queued {
+    fn headers(&self) -> &Headers {
+        match self {
+            Queued::Envelope(e) => &e.headers,
+            Queued::Boxed(d) => &d.headers,
+        }
+    }
 }
 
 /// Events of priority above 0, highest first, FIFO within each priority.
 #[derive(Default)]
 struct Urgent {
     /// (priority, events), sorted by priority, highest first.
-    levels: Vec<(u8, VecDeque<Envelope>)>,
+    levels: Vec<(u8, VecDeque<Queued>)>,
 }
 
 impl Urgent {
-    fn push(&mut self, env: Envelope) {
-        let p = env.headers.priority;
+    fn push(&mut self, env: Queued) {
+        let p = env.headers().priority;
         match self.levels.binary_search_by(|(q, _)| p.cmp(q)) {
             Ok(i) => self.levels[i].1.push_back(env),
             Err(i) => self.levels.insert(i, (p, VecDeque::from([env]))),
         }
     }
-    fn pop(&mut self) -> Option<Envelope> {
+    fn pop(&mut self) -> Option<Queued> {
         let (_, q) = self.levels.first_mut()?;
         let env = q.pop_front();
         if q.is_empty() {
@@ -58,7 +74,7 @@ impl Urgent {
         env
     }
     /// Drops the oldest event of the lowest priority.
-    fn pop_lowest(&mut self) -> Option<Envelope> {
+    fn pop_lowest(&mut self) -> Option<Queued> {
         let (_, q) = self.levels.last_mut()?;
         let env = q.pop_front();
         if q.is_empty() {
@@ -70,7 +86,8 @@ impl Urgent {
 
 /// A machine's bounded mailbox; see the module docs.
 pub struct Mailbox {
-    normal: ArrayQueue<Envelope>,
+    normal: ArrayQueue<Queued>,
+    pool: LetterPool,
     urgent: Mutex<Urgent>,
     urgent_len: AtomicUsize,
     capacity: usize,
@@ -89,6 +106,7 @@ impl Mailbox {
         let capacity = cfg.capacity.max(1);
         Mailbox {
             normal: ArrayQueue::new(capacity),
+            pool: LetterPool::new(capacity),
             urgent: Mutex::new(Urgent::default()),
             urgent_len: AtomicUsize::new(0),
             capacity,
@@ -144,45 +162,68 @@ impl Mailbox {
         node.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Queues without waiting and without waking the consumer (a batch wakes it once).
-    pub(crate) fn push_quiet(&self, node: &NodeInner, env: Envelope) -> Push {
-        if self.closed.load(Ordering::Acquire) {
-            return Push::Refused(Error::TargetGone(node.entry.id.clone()), env);
+    /// The allocations this mailbox's letters reuse (see [`crate::Outgoing::pop_letter`]).
+    pub fn letters(&self) -> &LetterPool {
+        &self.pool
+    }
+
+    fn queued(&self, letter: Letter) -> Queued {
+        match letter {
+            Letter::Envelope(e) => Queued::Envelope(e),
+            Letter::Data(d) => Queued::Boxed(d),
         }
-        if env.headers.priority > 0 {
-            return self.push_urgent(node, env);
+    }
+
+    fn letter(&self, q: Queued) -> Letter {
+        match q {
+            Queued::Envelope(e) => Letter::Envelope(e),
+            Queued::Boxed(b) => Letter::Data(b),
+        }
+    }
+
+    /// Queues without waiting and without waking the consumer (a batch wakes it once).
+    pub(crate) fn push_quiet(&self, node: &NodeInner, letter: Letter) -> Push {
+        if self.closed.load(Ordering::Acquire) {
+            return Push::Refused(Error::TargetGone(node.entry.id.clone()), letter);
+        }
+        let q = self.queued(letter);
+        if q.headers().priority > 0 {
+            return self.push_urgent(node, q);
         }
         match self.policy {
-            FullPolicy::Wait => match self.normal.push(env) {
+            FullPolicy::Wait => match self.normal.push(q) {
                 Ok(()) => Push::Queued,
-                Err(env) => Push::Full(env),
+                Err(q) => Push::Full(self.letter(q)),
             },
             FullPolicy::DropNewest => {
-                if self.normal.push(env).is_err() {
+                if self.normal.push(q).is_err() {
                     self.count_drop(node);
                 }
                 Push::Queued
             }
             FullPolicy::DropOldest => {
-                if self.normal.force_push(env).is_some() {
+                if self.normal.force_push(q).is_some() {
                     self.count_drop(node);
                 }
                 Push::Queued
             }
-            FullPolicy::Fail => match self.normal.push(env) {
+            FullPolicy::Fail => match self.normal.push(q) {
                 Ok(()) => Push::Queued,
-                Err(env) => Push::Refused(Error::MailboxFull(node.entry.id.clone()), env),
+                Err(q) => Push::Refused(Error::MailboxFull(node.entry.id.clone()), self.letter(q)),
             },
         }
     }
 
-    fn push_urgent(&self, node: &NodeInner, env: Envelope) -> Push {
+    fn push_urgent(&self, node: &NodeInner, q: Queued) -> Push {
         let mut urgent = lock(&self.urgent);
         if self.urgent_len.load(Ordering::Acquire) >= self.capacity {
             match self.policy {
-                FullPolicy::Wait => return Push::Full(env),
+                FullPolicy::Wait => return Push::Full(self.letter(q)),
                 FullPolicy::Fail => {
-                    return Push::Refused(Error::MailboxFull(node.entry.id.clone()), env);
+                    return Push::Refused(
+                        Error::MailboxFull(node.entry.id.clone()),
+                        self.letter(q),
+                    );
                 }
                 FullPolicy::DropNewest => {
                     self.count_drop(node);
@@ -196,7 +237,7 @@ impl Mailbox {
                 }
             }
         }
-        urgent.push(env);
+        urgent.push(q);
         self.urgent_len.fetch_add(1, Ordering::AcqRel);
         Push::Queued
     }
@@ -207,19 +248,16 @@ impl Mailbox {
         node: &NodeInner,
         env: Envelope,
     ) -> std::result::Result<Result<()>, Envelope> {
-        match self.push_quiet(node, env) {
+        match self.push_quiet(node, Letter::Envelope(env)) {
             Push::Queued => {
                 self.wake();
                 Ok(Ok(()))
             }
-            Push::Full(env) => {
+            Push::Full(letter) => {
                 self.wake();
-                Err(env)
+                Err(letter.into_envelope(&node.entry.id))
             }
-            Push::Refused(e, env) => {
-                drop(env);
-                Ok(Err(e))
-            }
+            Push::Refused(e, _) => Ok(Err(e)),
         }
     }
 
@@ -261,7 +299,7 @@ impl Mailbox {
         self.urgent_len.store(0, Ordering::Release);
     }
 
-    fn pop(&self) -> Option<Envelope> {
+    fn pop(&self) -> Option<Queued> {
         if self.urgent_len.load(Ordering::Acquire) > 0 {
             let mut urgent = lock(&self.urgent);
             if let Some(env) = urgent.pop() {
@@ -284,10 +322,24 @@ impl Mailbox {
                 {
                     self.not_full.notify_waiters();
                 }
-                if sync {
-                    let _ = node.inbox().run_sync(env);
-                } else {
-                    node.inbox().run(env).await;
+                match env {
+                    Queued::Envelope(env) if sync => {
+                        let _ = node.inbox().run_sync(env);
+                    }
+                    Queued::Envelope(env) => node.inbox().run(env).await,
+                    Queued::Boxed(b) => {
+                        if node.inbox().takes_refs() {
+                            node.inbox().run_letter(&b);
+                            self.pool.recycle(b);
+                        } else {
+                            let env = self.pool.take(b).into_envelope(&node.0.entry.id);
+                            if sync {
+                                let _ = node.inbox().run_sync(env);
+                            } else {
+                                node.inbox().run(env).await;
+                            }
+                        }
+                    }
                 }
                 n += 1;
                 if n % BATCH == 0 {

@@ -100,14 +100,22 @@ impl Node {
         self.check_open()?;
         let mut n = 0;
         let mut first = None;
-        for (t, reach) in self.topic_plan()? {
+        let plan = self.topic_plan()?;
+        let mut env = Some(env);
+        for (i, (t, reach)) in plan.iter().enumerate() {
             let ps = pubsub_of(t)?;
-            let r = if count {
-                ps.publish(&self.0.entry, env.clone(), *reach).await
+            // The last transport gets the envelope itself: a transport that marks it as
+            // carried by itself then copies nothing.
+            let env = if i + 1 == plan.len() {
+                env.take()
             } else {
-                ps.emit(&self.0.entry, env.clone(), *reach)
-                    .await
-                    .map(|()| 0)
+                env.clone()
+            };
+            let Some(env) = env else { break };
+            let r = if count {
+                ps.publish(&self.0.entry, env, *reach).await
+            } else {
+                ps.emit(&self.0.entry, env, *reach).await.map(|()| 0)
             };
             match r {
                 Ok(k) => n += k,

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use futures_util::FutureExt;
 
 use crate::address::{Address, MachineId};
-use crate::batch::Outgoing;
+use crate::batch::{OneEvent, Outgoing};
 use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::node::Node;
@@ -50,6 +50,16 @@ impl fmt::Debug for Route {
             .field("transports", &names)
             .finish()
     }
+}
+
+/// What is left of a send after its part that must not wait.
+pub(crate) enum Later {
+    /// Nothing: it was taken.
+    Done,
+    /// The link could only take it by waiting: the rest, from this hop of this route on.
+    Wait(Arc<Route>, usize, Option<crate::Envelope>),
+    /// No usable route (not cached, or its target gone): resolve, then send the rest.
+    Resolve(Option<crate::Envelope>),
 }
 
 /// What a send that must not wait did.
@@ -95,8 +105,10 @@ impl Route {
         self.hops.iter().map(|h| h.transport.name()).collect()
     }
 
-    pub(crate) fn target(&self) -> &Address {
-        &self.target
+    /// Whether the registry said the target left or joined again since the route was made.
+    #[inline]
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
     }
 
     /// Whether the route may still be used: the target has not left or rejoined, and the
@@ -313,60 +325,87 @@ impl Node {
         }
     }
 
-    /// Sends `out` to `to`, resolving the route if it is not cached.
-    pub(crate) async fn send_out(&self, to: &MachineId, out: &mut dyn Outgoing) -> Result<()> {
-        self.check_open()?;
-        self.check_link(to)?;
-        let route = self.route_to(to).await?;
-        self.send_along(to, route, out).await
-    }
-
-    /// The part of a send that must not wait: `Ok(true)` when `out` was fully taken,
-    /// `Ok(false)` when the rest needs the async path.
-    pub(crate) fn try_send_now(
+    /// The part of a send to `to` that must not wait, along its cached route if there is
+    /// one. What is left goes the async way ([`Node::send_rest`]) or to a task
+    /// ([`Node::finish_post`]).
+    #[inline]
+    pub(crate) fn send_now<P: serde::Serialize + Send + Sync + 'static>(
         &self,
+        to: &MachineId,
         route: Option<&Arc<Route>>,
-        out: &mut dyn Outgoing,
-    ) -> Result<bool> {
-        match route {
-            Some(r) => match r.try_send(out) {
-                Tried::Done => Ok(true),
-                Tried::Pending(_) => Ok(false),
-                Tried::Failed(Error::TargetGone(_)) => Ok(false),
-                Tried::Failed(e) => Err(e),
-            },
-            None => Ok(false),
+        address: Option<&Address>,
+        event: crate::name::Name,
+        payload: P,
+        headers: crate::envelope::Headers,
+    ) -> Result<Later> {
+        let id = self.0.session.next_id();
+        let Some(route) = route else {
+            let target = address
+                .cloned()
+                .unwrap_or_else(|| Address::Machine(to.clone()));
+            let mut one = OneEvent::new(id, self.id(), &target, event, payload, headers);
+            return Ok(Later::Resolve(one.pop()));
+        };
+        let target = address.unwrap_or(&route.target);
+        let mut one = OneEvent::new(id, self.id(), target, event, payload, headers);
+        match route.try_send(&mut one) {
+            Tried::Done => Ok(Later::Done),
+            Tried::Pending(hop) => Ok(Later::Wait(route.clone(), hop, one.pop())),
+            Tried::Failed(Error::TargetGone(_)) => Ok(Later::Resolve(one.pop())),
+            Tried::Failed(e) => Err(e),
         }
     }
 
-    /// A post's fallback: finishes `out` (now an owned envelope, in `rest`) on a task, or
-    /// right here if the route can be resolved without waiting (an in-process registry).
-    pub(crate) fn finish_post(
-        &self,
-        to: MachineId,
-        mut rest: Option<crate::Envelope>,
-    ) -> Result<()> {
-        if rest.is_none() {
-            return Ok(());
+    /// Finishes a send the async way.
+    pub(crate) async fn send_rest(&self, to: &MachineId, later: Later) -> Result<()> {
+        match later {
+            Later::Done => Ok(()),
+            Later::Wait(route, hop, mut rest) => match route.send_from(hop, &mut rest).await {
+                Err(Error::TargetGone(_)) if rest.is_some() => {
+                    lock(&self.0.routes).remove(to);
+                    let route = self.resolve(to).await?;
+                    self.send_along(to, route, &mut rest).await
+                }
+                r => r,
+            },
+            Later::Resolve(mut rest) => {
+                lock(&self.0.routes).remove(to);
+                let route = self.resolve(to).await?;
+                self.send_along(to, route, &mut rest).await
+            }
         }
-        // An in-process registry answers at once: resolve here, so an unknown target is
-        // the caller's error, not a log line.
-        let fut = self.send_out(&to, &mut rest);
-        let done = {
-            let mut fut = std::pin::pin!(fut);
-            (&mut fut).now_or_never()
+    }
+
+    /// A post's fallback: finishes the send on a task, or right here if the route can be
+    /// resolved without waiting (an in-process registry), so an unknown target is the
+    /// caller's error, not a log line.
+    pub(crate) fn finish_post(&self, to: MachineId, later: Later) -> Result<()> {
+        let later = match later {
+            Later::Done => return Ok(()),
+            Later::Resolve(mut rest) => {
+                let fut = async {
+                    lock(&self.0.routes).remove(&to);
+                    let route = self.resolve(&to).await?;
+                    self.send_along(&to, route, &mut rest).await
+                };
+                let done = {
+                    let mut fut = std::pin::pin!(fut);
+                    (&mut fut).now_or_never()
+                };
+                match done {
+                    // Finished here: sent, or failed in a way waiting would not mend.
+                    Some(r) => return r,
+                    // Taken by a link that finishes the write itself (an encoding transport).
+                    None if rest.is_none() => return Ok(()),
+                    None => Later::Resolve(rest),
+                }
+            }
+            wait => wait,
         };
-        match done {
-            // Finished here: sent, or failed in a way waiting would not mend.
-            Some(r) => return r,
-            // Taken by a link that finishes the write itself (an encoding transport).
-            None if rest.is_none() => return Ok(()),
-            None => {}
-        }
         let node = self.clone();
         let rt = self.0.session.runtime.clone();
         rt.spawn(async move {
-            if let Err(e) = node.send_out(&to, &mut rest).await {
+            if let Err(e) = node.send_rest(&to, later).await {
                 node.report_failure("posted send", &to, &e);
             }
         });

@@ -1,7 +1,6 @@
 //! Sending to one machine: `Node::send`/`post`, declared [`Sender`]s that resolve once,
 //! the per-message [`Message`] builder, batches, self and delayed sends.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,12 +9,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::address::{Address, MachineId};
-use crate::batch::{OneEvent, Outgoing, ValueBatch};
+use crate::batch::ValueBatch;
 use crate::envelope::{Envelope, Headers, coarse_now_micros};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::name::Name;
 use crate::node::Node;
-use crate::node::route::{Route, Tried};
+use crate::node::route::{Later, Route};
 use crate::session::lock;
 
 /// Headers of a new event: stamped now, everything else unset.
@@ -61,13 +60,26 @@ impl Node {
         payload: P,
         headers: Headers,
     ) -> Result<()> {
+        match self.send_fast(to, address, event, payload, headers)? {
+            Later::Done => Ok(()),
+            later => Box::pin(self.send_rest(to, later)).await,
+        }
+    }
+
+    /// The part of a send that must not wait: checks, the cached route, the link's fast path.
+    #[inline]
+    fn send_fast<P: Serialize + Send + Sync + 'static>(
+        &self,
+        to: &MachineId,
+        address: Option<&Address>,
+        event: Name,
+        payload: P,
+        headers: Headers,
+    ) -> Result<Later> {
         self.check_open()?;
         self.check_link(to)?;
-        let route = self.route_to(to).await?;
-        let id = self.0.session.next_id();
-        let target = address.unwrap_or(route.target());
-        let mut one = OneEvent::new(id, self.id(), target, event, payload, headers);
-        self.send_along(to, route.clone(), &mut one).await
+        let route = self.cached_route(to);
+        self.send_now(to, route.as_ref(), address, event, payload, headers)
     }
 
     /// Sends without awaiting, for synchronous handlers.
@@ -95,24 +107,10 @@ impl Node {
         payload: P,
         headers: Headers,
     ) -> Result<()> {
-        self.check_open()?;
-        self.check_link(&to)?;
-        let id = self.0.session.next_id();
-        let rest = match self.cached_route(&to) {
-            Some(route) => {
-                let mut one = OneEvent::new(id, self.id(), route.target(), event, payload, headers);
-                if self.try_send_now(Some(&route), &mut one)? {
-                    return Ok(());
-                }
-                one.pop()
-            }
-            None => {
-                let target = Address::Machine(to.clone());
-                let mut one = OneEvent::new(id, self.id(), &target, event, payload, headers);
-                one.pop()
-            }
-        };
-        self.finish_post(to, rest)
+        match self.send_fast(&to, None, event, payload, headers)? {
+            Later::Done => Ok(()),
+            later => self.finish_post(to, later),
+        }
     }
 
     /// Starts an event with per-message options (priority, time to live) to one machine.
@@ -145,7 +143,7 @@ impl Node {
     /// Resolves `to` once and returns a sender whose sends skip every lookup.
     ///
     /// The sender follows the target: when it leaves or moves, the next send resolves it
-    /// again (and fails with [`Error::UnknownTarget`] once it is gone).
+    /// again (and fails with [`Error::UnknownTarget`](crate::Error::UnknownTarget) once it is gone).
     pub async fn sender(&self, to: impl Into<MachineId>) -> Result<Sender> {
         let to = to.into();
         self.check_open()?;
@@ -248,7 +246,7 @@ impl Delayed {
 ///
 /// It follows its target: when the target leaves, moves or its link closes, the next
 /// send resolves it again; a send to a target that is gone is
-/// [`Error::UnknownTarget`]. Made by [`Node::sender`].
+/// [`Error::UnknownTarget`](crate::Error::UnknownTarget). Made by [`Node::sender`].
 pub struct Sender {
     node: Node,
     to: MachineId,
@@ -293,26 +291,12 @@ impl Sender {
 
     /// The route in use now.
     pub fn route(&self) -> Arc<Route> {
-        self.current_route().into_owned()
-    }
-
-    fn current_route(&self) -> Cow<'_, Arc<Route>> {
-        if !self.replaced.load(Ordering::Acquire) {
-            return Cow::Borrowed(&self.first);
+        if self.replaced.load(Ordering::Acquire)
+            && let Some(r) = lock(&self.current).clone()
+        {
+            return r;
         }
-        match lock(&self.current).clone() {
-            Some(r) => Cow::Owned(r),
-            None => Cow::Borrowed(&self.first),
-        }
-    }
-
-    async fn refresh(&self) -> Result<Arc<Route>> {
-        let r = match self.node.cached_route(&self.to) {
-            Some(r) => r,
-            None => self.node.resolve(&self.to).await?,
-        };
-        self.adopt(&r);
-        Ok(r)
+        self.first.clone()
     }
 
     fn adopt(&self, r: &Arc<Route>) {
@@ -336,31 +320,52 @@ impl Sender {
         payload: P,
         headers: Headers,
     ) -> Result<()> {
+        match self.send_fast(event, payload, headers)? {
+            Later::Done => Ok(()),
+            later => Box::pin(self.send_slow(later)).await,
+        }
+    }
+
+    /// The part of a send that must not wait, straight on the declared route.
+    #[inline]
+    fn send_fast<P: Serialize + Send + Sync + 'static>(
+        &self,
+        event: Name,
+        payload: P,
+        headers: Headers,
+    ) -> Result<Later> {
         self.node.check_open()?;
         self.node.check_link(&self.to)?;
-        let route = self.current_route();
-        let route = if route.is_valid() {
-            route
-        } else {
-            Cow::Owned(self.refresh().await?)
-        };
-        let id = self.node.0.session.next_id();
-        let mut one = OneEvent::new(id, self.node.id(), route.target(), event, payload, headers);
-        match route.try_send(&mut one) {
-            Tried::Done => return Ok(()),
-            Tried::Failed(Error::TargetGone(_)) | Tried::Pending(_) => {}
-            Tried::Failed(e) => return Err(e),
+        if !self.replaced.load(Ordering::Acquire) && !self.first.is_stale() {
+            return self
+                .node
+                .send_now(&self.to, Some(&self.first), None, event, payload, headers);
         }
-        let r = self
-            .node
-            .send_along(&self.to, route.clone().into_owned(), &mut one)
-            .await;
-        if let Some(now) = self.node.cached_route(&self.to)
-            && !Arc::ptr_eq(&now, &route)
-        {
-            self.adopt(&now);
-        }
+        let current = lock(&self.current).clone();
+        let route = current.filter(|r| !r.is_stale());
+        self.node
+            .send_now(&self.to, route.as_ref(), None, event, payload, headers)
+    }
+
+    /// Finishes a send the async way, and follows the route the node found.
+    async fn send_slow(&self, later: Later) -> Result<()> {
+        let r = self.node.send_rest(&self.to, later).await;
+        self.follow();
         r
+    }
+
+    /// Adopts the node's current route to the target, if it is a new one.
+    fn follow(&self) {
+        if let Some(now) = self.node.cached_route(&self.to) {
+            let current = if self.replaced.load(Ordering::Acquire) {
+                lock(&self.current).clone()
+            } else {
+                Some(self.first.clone())
+            };
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, &now)) {
+                self.adopt(&now);
+            }
+        }
     }
 
     /// Sends without awaiting, for synchronous handlers; see [`Node::post`].
@@ -378,27 +383,11 @@ impl Sender {
         payload: P,
         headers: Headers,
     ) -> Result<()> {
-        self.node.check_open()?;
-        self.node.check_link(&self.to)?;
-        let route = self.current_route();
-        let id = self.node.0.session.next_id();
-        let mut one = OneEvent::new(id, self.node.id(), route.target(), event, payload, headers);
-        if route.is_valid() {
-            match route.try_send(&mut one) {
-                Tried::Done => return Ok(()),
-                Tried::Failed(Error::TargetGone(_)) | Tried::Pending(_) => {}
-                Tried::Failed(e) => return Err(e),
-            }
-        } else {
-            lock(&self.node.0.routes).remove(&self.to);
-        }
-        let rest = one.pop();
-        let r = self.node.finish_post(self.to.clone(), rest);
-        if let Some(now) = self.node.cached_route(&self.to)
-            && !Arc::ptr_eq(&now, &route)
-        {
-            self.adopt(&now);
-        }
+        let r = match self.send_fast(event, payload, headers)? {
+            Later::Done => return Ok(()),
+            later => self.node.finish_post(self.to.clone(), later),
+        };
+        self.follow();
         r
     }
 
@@ -481,7 +470,7 @@ impl<P: Serialize + Send + Sync + 'static> Message<'_, P> {
         }
     }
 
-    /// Sends it as a request and waits for the reply or [`Error::Timeout`]; see
+    /// Sends it as a request and waits for the reply or [`Error::Timeout`](crate::Error::Timeout); see
     /// [`Node::request`].
     pub async fn request(self, timeout: Duration) -> Result<Envelope> {
         let m = self.stamped();

@@ -211,26 +211,25 @@ impl Link for MemoryLink {
         if self.inbox.is_closed() {
             return Err(Error::TargetGone(self.inbox.id().clone()));
         }
-        let mut queued = 0u64;
+        let mut queued = false;
         let r = loop {
-            let Some(env) = out.pop_by(NAME) else {
+            let Some(letter) = out.pop_letter(NAME, self.inbox.mailbox().letters()) else {
                 break Ok(());
             };
-            match self.inbox.offer(env) {
-                Offer::Taken => queued += 1,
-                Offer::Full(env) => {
-                    out.push_front(env);
+            match self.inbox.offer(letter) {
+                Offer::Taken => queued = true,
+                Offer::Full(back) => {
+                    out.push_front(back.into_envelope(self.inbox.id()));
                     break Ok(());
                 }
-                Offer::Refused(e, env) => {
-                    out.push_front(env);
+                Offer::Refused(e, back) => {
+                    out.push_front(back.into_envelope(self.inbox.id()));
                     break Err(e);
                 }
             }
         };
-        if queued > 0 {
+        if queued {
             self.inbox.notify();
-            self.fabric.delivered.fetch_add(queued, Ordering::Relaxed);
         }
         r
     }
@@ -310,6 +309,8 @@ impl Transport for MemoryTransport {
                 read(&self.fabric.subs).len(),
                 if closed { ", closed" } else { "" }
             ),
+            // Sends are counted by the machines that handle them (NodeStats::handled): a
+            // shared counter bumped per send would cost more than the rest of the send.
             delivered: self.fabric.delivered.load(Ordering::Relaxed),
             dropped: self.fabric.dropped.load(Ordering::Relaxed),
         }
@@ -333,8 +334,15 @@ impl PubSub for MemoryTransport {
         match &env.target {
             Address::Topic(topic) => {
                 let receivers = self.fabric.receivers(topic);
+                // Every machine here is in the publisher's process: when the span covers the
+                // whole process there is nothing to check per receiver.
+                let whole =
+                    reach.covers(Location::SameThread) && reach.covers(Location::SameProcess);
                 for r in receivers.iter() {
-                    if !reach.covers(Location::between(from, r.inbox.entry())) || !r.wants(&env) {
+                    if !whole && !reach.covers(Location::between(from, r.inbox.entry())) {
+                        continue;
+                    }
+                    if !r.wants(&env) {
                         continue;
                     }
                     // A receiver that left meanwhile is skipped; the others still get theirs.
