@@ -311,3 +311,96 @@ async fn a_preference_naming_an_unknown_transport_fails_the_build() {
         "the error names the bad name and the configured ones: {err}"
     );
 }
+
+/// A transport that reaches every location and takes every event except those named
+/// `BIG`, which are too large for it (a failure of one event, not of the transport).
+struct Picky {
+    caps: Capabilities,
+    inboxes: std::sync::Mutex<std::collections::HashMap<MachineId, Inbox>>,
+}
+
+struct PickyLink(Inbox);
+
+#[async_trait]
+impl Link for PickyLink {
+    async fn send(&self, out: &mut dyn Outgoing) -> Result<()> {
+        while let Some(ev) = out.front() {
+            if ev.event == "BIG" {
+                return Err(Error::TooLarge {
+                    transport: "picky",
+                    size: 1 << 20,
+                    limit: 1024,
+                });
+            }
+            let env = out.pop_by("picky").expect("an event is there");
+            self.0.deliver(env).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Transport for Picky {
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    async fn bind(&self, e: &MachineEntry, inbox: Inbox) -> Result<()> {
+        self.inboxes.lock().unwrap().insert(e.id.clone(), inbox);
+        Ok(())
+    }
+    async fn unbind(&self, id: &MachineId) -> Result<()> {
+        self.inboxes.lock().unwrap().remove(id);
+        Ok(())
+    }
+    async fn link(&self, to: &MachineEntry) -> Result<Arc<dyn Link>> {
+        let inbox = self.inboxes.lock().unwrap().get(&to.id).cloned();
+        let inbox = inbox.ok_or_else(|| Error::TargetGone(to.id.clone()))?;
+        Ok(Arc::new(PickyLink(inbox)))
+    }
+    fn health(&self) -> TransportHealth {
+        TransportHealth::default()
+    }
+    fn close(&self) {}
+}
+
+/// One rule for single sends and batches: a failure of one event is the caller's (no
+/// fallback, which would let it overtake the events before it), and a batch stops at it.
+#[tokio::test]
+async fn an_event_one_transport_cannot_carry_does_not_fall_back() {
+    let mut caps = Failing::new(false).caps.clone();
+    caps.ordering = MessageOrdering::PerSenderReceiver;
+    let picky = Arc::new(Picky {
+        caps,
+        inboxes: Default::default(),
+    });
+    let s = switchyard::builder()
+        .selector(|sel| {
+            sel.transport(picky.clone())
+                .prefer(Location::SameProcess, ["picky", "memory"])
+        })
+        .build()
+        .unwrap();
+    let mut rb = recorder(&s, "b").await;
+    let a = s.machine("a", "T").build().await.unwrap();
+    let err = a.send("b", "BIG", ()).await.unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    let err = a
+        .send_batch("b", [("S1", 1u8), ("S2", 2), ("BIG", 3), ("S3", 4)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    for name in ["S1", "S2"] {
+        let ev = next(&mut rb).await;
+        assert_eq!((ev.name(), ev.carried_by), (name, Some("picky")));
+    }
+    a.send("b", "AFTER", ()).await.unwrap();
+    let ev = next(&mut rb).await;
+    assert_eq!(
+        ev.name(),
+        "AFTER",
+        "neither BIG nor what came after it went another way"
+    );
+}

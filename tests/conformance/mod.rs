@@ -335,14 +335,18 @@ macro_rules! conformance_suite {
             type_based_ping_pong, list_machine_types, health_turns_unhealthy_without_heartbeats,
             mesh_of_ten_all_to_all, request_reply, request_timeout, delayed_send_not_before_delay, self_send,
             group_delivers_to_exactly_one_member, topic_wildcards_and_content_filter, emit_delivers_like_publish,
-            full_mailbox_policies,
+            semantics_full_mailbox,
             expired_event_is_dropped_and_counted, handler_panic_does_not_kill_machine,
             fifo_per_sender_receiver, send_batch_delivers_in_order, rejoined_id_gets_the_new_events,
             borrowed_handler_sees_every_kind_of_event,
-            reentrant_bounce_runs_to_completion, priority_overtakes_queued_events,
+            reentrant_bounce_runs_to_completion, semantics_priority,
             declared_sender_follows_a_target_that_moved, declared_sender_to_a_target_that_left,
             each_machine_gets_a_publish_once, declared_publisher_publishes,
-            multi_target_sends_try_every_target);
+            multi_target_sends_try_every_target, semantics_ordering, semantics_delivery,
+            semantics_unknown_target, semantics_dead_target, semantics_largest_message,
+            request_from_an_async_handler_gets_its_reply,
+            request_timeout_holds_while_the_target_works, post_failures_reach_the_caller,
+            delayed_send_failure_reaches_the_hook);
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1161,7 +1165,7 @@ pub async fn emit_delivers_like_publish(fx: Fixture) {
     }
 }
 
-pub async fn full_mailbox_policies(fx: Fixture) {
+pub async fn semantics_full_mailbox(fx: Fixture) {
     for policy in [
         FullPolicy::Wait,
         FullPolicy::DropNewest,
@@ -1571,7 +1575,7 @@ pub async fn reentrant_bounce_runs_to_completion(fx: Fixture) {
 /// A gated async handler holds event 0 while normal and urgent events queue behind it:
 /// where the transport honours priority, the most urgent go first, each priority in FIFO
 /// order; elsewhere everything stays in sending order.
-pub async fn priority_overtakes_queued_events(fx: Fixture) {
+pub async fn semantics_priority(fx: Fixture) {
     let w = fx.world();
     let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -1905,4 +1909,320 @@ pub async fn publish_reaches_near_and_far_subscribers_once(p2p: bool) {
             .unwrap();
     }
     assert!(rx.try_recv().is_err(), "no second copy");
+}
+
+/// SEMANTICS.md, "ordering": FIFO per sender → receiver, under load: four senders on a
+/// multi-thread runtime, each sending 25,000 numbered events to one machine at once (in
+/// the direct fixture, all in one single-threaded context).
+pub async fn semantics_ordering(fx: Fixture) {
+    const SENDERS: usize = 4;
+    const N: u32 = 25_000;
+    let w = fx.world();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, u32)>();
+    let _sink = w
+        .machine("sink", "Sink")
+        .handler_ref(move |_, ev| {
+            let _ = tx.send((ev.source.to_string(), ev.data::<u32>().unwrap_or(u32::MAX)));
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for s in 0..SENDERS {
+        let node = w.machine(&format!("s{s}"), "S").build().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let to = node.sender("sink").await.unwrap();
+            for i in 0..N {
+                if i % 2 == 0 {
+                    to.send("SEQ", i).await.unwrap();
+                } else {
+                    node.send("sink", "SEQ", i).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut next: HashMap<String, u32> = HashMap::new();
+    for _ in 0..SENDERS * N as usize {
+        let (from, i) = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let expected = next.entry(from.clone()).or_default();
+        assert_eq!(i, *expected, "events from {from} arrive in order");
+        *expected += 1;
+    }
+    assert_eq!(next.len(), SENDERS);
+    assert!(next.values().all(|n| *n == N));
+}
+
+/// SEMANTICS.md, "delivery": in normal operation each event is delivered exactly once
+/// (the at-most-once promise only gives way to a policy drop, a dead peer or a lost
+/// connection, which the other rows cover); batches and posts included.
+pub async fn semantics_delivery(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (b, mut rb) = w.recorder("b", "T").await;
+    for i in 0..100u32 {
+        a.send("b", "ONE", i).await.unwrap();
+    }
+    a.send_batch("b", (100..200u32).map(|i| ("BATCH", i)))
+        .await
+        .unwrap();
+    let mut ids = HashSet::new();
+    let got = rb.take(200).await;
+    for (i, ev) in got.iter().enumerate() {
+        assert_eq!(ev.data::<u32>().unwrap(), i as u32);
+        assert!(ids.insert(ev.id), "no duplicate");
+    }
+    a.send("b", "END", ()).await.unwrap();
+    assert_eq!(
+        rb.next().await.name(),
+        "END",
+        "nothing more than what was sent"
+    );
+    assert_eq!(b.stats().dropped, 0);
+}
+
+/// SEMANTICS.md, "unknown target": every way of sending to a machine that is not
+/// registered is `UnknownTarget`.
+pub async fn semantics_unknown_target(fx: Fixture) {
+    let w = fx.world();
+    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
+    let a = w
+        .machine("a", "T")
+        .on_error(move |_, e| {
+            let _ = errors_tx.send(e.clone());
+        })
+        .build()
+        .await
+        .unwrap();
+    let unknown =
+        |r: Result<(), Error>| matches!(r, Err(Error::UnknownTarget(id)) if id.as_str() == "ghost");
+    assert!(unknown(a.send("ghost", "X", ()).await));
+    assert!(unknown(a.send_batch("ghost", [("X", 1u8)]).await.map(drop)));
+    assert!(unknown(
+        a.message("ghost", "X", ()).priority(3).send().await
+    ));
+    assert!(unknown(a.sender("ghost").await.map(drop)));
+    assert!(unknown(a.request("ghost", "X", (), WAIT).await.map(drop)));
+    assert!(unknown(
+        a.send_delayed("ghost", "X", (), WAIT).await.map(drop)
+    ));
+    match a.post("ghost", "X", ()) {
+        Err(e) => assert!(matches!(e, Error::UnknownTarget(_)), "{e}"),
+        Ok(()) => {
+            let e = tokio::time::timeout(WAIT, errors.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(e, Error::UnknownTarget(_)), "{e}");
+        }
+    }
+    assert!(matches!(
+        a.send_to_any_of_type("Nobody", "X", ()).await,
+        Err(Error::NoMachineOfType(_))
+    ));
+}
+
+/// SEMANTICS.md, "dead target": a machine that left is `UnknownTarget` to every sender,
+/// including one whose route was cached, and a machine registered but bound to no
+/// transport here is `TargetGone` in process (across processes its connection drops it).
+pub async fn semantics_dead_target(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (b, mut rb) = w.recorder("b", "T").await;
+    a.send("b", "X", ()).await.unwrap();
+    rb.next().await;
+    b.close().await.unwrap();
+    if w.multi_host() {
+        assert!(matches!(
+            a.locate(&MachineId::from("b")).await,
+            Err(Error::UnknownTarget(_))
+        ));
+    }
+    assert!(matches!(
+        a.send("b", "X", ()).await,
+        Err(Error::UnknownTarget(_))
+    ));
+    if w.multi_host() {
+        return;
+    }
+    // Registered by hand, bound to no transport.
+    let mut entry = a.entry().clone();
+    entry.id = "phantom".into();
+    w.session.registry().register(entry).await.unwrap();
+    let r = a.send("phantom", "X", ()).await;
+    if w.caps().serializes {
+        // The daemon routes it to this session's connection, which has no such machine:
+        // the event is dropped there and counted.
+        r.unwrap();
+    } else {
+        assert!(matches!(r, Err(Error::TargetGone(_))), "{r:?}");
+    }
+}
+
+/// SEMANTICS.md, "largest message": where envelopes are encoded, one over the limit is
+/// `TooLarge` at the sender, alone or in a batch (which stops there, in order: the events
+/// before it went, it and those after did not); in process there is no limit.
+pub async fn semantics_largest_message(fx: Fixture) {
+    let w = fx.world();
+    let (a, _) = w.recorder("a", "T").await;
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    match w.caps().max_message_size {
+        Some(limit) => {
+            let big = serde_bytes::ByteBuf::from(vec![7u8; limit + 1]);
+            let r = a.send("b", "BIG", big.clone()).await;
+            assert!(matches!(r, Err(Error::TooLarge { .. })), "{r:?}");
+            let small = serde_bytes::ByteBuf::from(vec![1u8; 1]);
+            let r = a
+                .send_batch(
+                    "b",
+                    [
+                        ("S1", small.clone()),
+                        ("S2", small.clone()),
+                        ("BIG", big),
+                        ("S3", small.clone()),
+                    ],
+                )
+                .await;
+            assert!(matches!(r, Err(Error::TooLarge { .. })), "{r:?}");
+            assert_eq!(rb.next().await.name(), "S1");
+            assert_eq!(rb.next().await.name(), "S2");
+            a.send("b", "AFTER", ()).await.unwrap();
+            assert_eq!(
+                rb.next().await.name(),
+                "AFTER",
+                "nothing after the big one went"
+            );
+        }
+        None => {
+            let big = serde_bytes::ByteBuf::from(vec![7u8; 20 << 20]);
+            a.send("b", "BIG", big).await.unwrap();
+            let ev = rb.next().await;
+            assert_eq!(ev.name(), "BIG");
+            assert_eq!(
+                ev.payload
+                    .get_ref::<serde_bytes::ByteBuf>()
+                    .map(|b| b.len()),
+                Some(20 << 20)
+            );
+        }
+    }
+}
+
+/// An async handler started by an event from `pong` asks `pong` and continues with the
+/// answer: the reply completes its request even though it comes the way the event came.
+pub async fn request_from_an_async_handler_gets_its_reply(fx: Fixture) {
+    let w = fx.world();
+    let (_pong, _) = w.ponger("pong", "Pong").await;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<u32, Error>>();
+    let _asker = w
+        .machine("asker", "Asker")
+        .handler_async(move |n, ev| {
+            let tx = tx.clone();
+            async move {
+                if ev.name() == "GO" {
+                    let r = n
+                        .request("pong", "PING", 7u32, WAIT)
+                        .await
+                        .and_then(|reply| reply.data::<u32>());
+                    let _ = tx.send(r);
+                }
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let (kick, _) = w.recorder("kick", "Kick").await;
+    for _ in 0..3 {
+        kick.send("asker", "GO", ()).await.unwrap();
+        let r = tokio::time::timeout(WAIT + WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap(), 7);
+    }
+}
+
+/// A request's timeout holds while the target is still working on it.
+pub async fn request_timeout_holds_while_the_target_works(fx: Fixture) {
+    let w = fx.world();
+    let _slow = w
+        .machine("slow", "Slow")
+        .handler_async(|n, ev| async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let _ = n.reply(&ev, "LATE", ()).await;
+        })
+        .build()
+        .await
+        .unwrap();
+    let (a, _) = w.recorder("a", "T").await;
+    let r = a
+        .request("slow", "ASK", (), Duration::from_millis(100))
+        .await;
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+}
+
+/// Where a post's failure is knowable it is the caller's `Err`; where the post had to
+/// finish on a task, the failure reaches the machine's `on_error` hook and is counted.
+pub async fn post_failures_reach_the_caller(fx: Fixture) {
+    let w = fx.world();
+    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
+    let a = w
+        .machine("a", "T")
+        .on_error(move |_, e| {
+            let _ = errors_tx.send(e.clone());
+        })
+        .build()
+        .await
+        .unwrap();
+    let (_b, mut rb) = w.recorder("b", "T").await;
+    a.post("b", "OK", ()).unwrap();
+    assert_eq!(rb.next().await.name(), "OK");
+    let mut hooked = 0;
+    for _ in 0..3 {
+        match a.post("nobody", "X", ()) {
+            Err(e) => assert!(matches!(e, Error::UnknownTarget(_)), "{e}"),
+            Ok(()) => {
+                let e = tokio::time::timeout(WAIT, errors.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(matches!(e, Error::UnknownTarget(_)), "{e}");
+                hooked += 1;
+            }
+        }
+    }
+    assert_eq!(a.stats().failed_sends, hooked);
+}
+
+/// A delayed send whose target is gone when its time comes reports it to the hook.
+pub async fn delayed_send_failure_reaches_the_hook(fx: Fixture) {
+    let w = fx.world();
+    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
+    let a = w
+        .machine("a", "T")
+        .on_error(move |_, e| {
+            let _ = errors_tx.send(e.clone());
+        })
+        .build()
+        .await
+        .unwrap();
+    let (b, _) = w.recorder("b", "T").await;
+    a.send_delayed("b", "LATER", (), Duration::from_millis(200))
+        .await
+        .unwrap();
+    b.close().await.unwrap();
+    let e = tokio::time::timeout(WAIT, errors.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(e, Error::UnknownTarget(_) | Error::TargetGone(_)),
+        "{e}"
+    );
+    assert_eq!(a.stats().failed_sends, 1);
 }
