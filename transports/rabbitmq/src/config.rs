@@ -139,12 +139,7 @@ pub(crate) fn redact(url: &str) -> String {
         Some(at) => {
             let userinfo = &authority[..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!(
-                "{}{}:***{}",
-                &url[..scheme_end + 3],
-                user,
-                &rest[at..]
-            )
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
         }
         None => url.to_string(),
     }

@@ -59,7 +59,10 @@ pub(crate) async fn connect(
         let conn = Connection::connect_uri(uri, props)
             .await
             .map_err(|e| connect_error(cfg, &e))?;
-        let publish = conn.create_channel().await.map_err(|e| op_error("open a channel", &e))?;
+        let publish = conn
+            .create_channel()
+            .await
+            .map_err(|e| op_error("open a channel", &e))?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -86,7 +89,11 @@ pub(crate) async fn connect(
     }
 }
 
-async fn declare_exchanges(conn: &Connection, cfg: &RabbitConfig, names: &Names) -> Result<(), Error> {
+async fn declare_exchanges(
+    conn: &Connection,
+    cfg: &RabbitConfig,
+    names: &Names,
+) -> Result<(), Error> {
     let ch = conn
         .create_channel()
         .await
@@ -176,10 +183,7 @@ fn connect_error(cfg: &RabbitConfig, e: &lapin::Error) -> Error {
             ),
             false,
         ),
-        _ => (
-            format!("could not connect to RabbitMQ at {url}: {e}"),
-            true,
-        ),
+        _ => (format!("could not connect to RabbitMQ at {url}: {e}"), true),
     };
     Error::Transport {
         transport: NAME,

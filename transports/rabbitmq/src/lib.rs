@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -191,6 +192,42 @@ impl RabbitTransport {
     }
 }
 
+/// Whether a broker answers at the address of `cfg`'s URL (a TCP connection within
+/// `timeout`; nothing is sent). For tools and tests that run only when a broker is there.
+pub fn broker_answers(cfg: &RabbitConfig, timeout: Duration) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(uri) = conn::parse_url(cfg) else {
+        return false;
+    };
+    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
+    let Ok(addrs) = addr.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| std::net::TcpStream::connect_timeout(&a, timeout).is_ok())
+}
+
+/// For test suites: `true` when the broker of `SWITCHYARD_AMQP_URL` (default: the local one)
+/// answers. When it does not, prints why and returns `false` (the caller skips), except
+/// under `CI=true`, where a missing broker is a failure: it panics.
+pub fn ready_for_tests() -> bool {
+    let cfg = RabbitConfig::from_env();
+    if broker_answers(&cfg, Duration::from_secs(2)) {
+        return true;
+    }
+    let why = format!(
+        "RabbitMQ does not answer at {} (set SWITCHYARD_AMQP_URL, or start it: ./scripts/test \
+         starts a local broker)",
+        cfg.redacted_url()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI needs the broker: {why}");
+    }
+    eprintln!("skipped: {why}");
+    false
+}
+
 impl Shared {
     fn new(cfg: RabbitConfig) -> Result<Arc<Shared>> {
         conn::parse_url(&cfg)?;
@@ -207,11 +244,7 @@ impl Shared {
             mailboxes: true,
             priority: true,
         };
-        let tag = format!(
-            "{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        );
+        let tag = format!("{}-{:016x}", std::process::id(), fastrand::u64(..));
         Ok(Arc::new(Shared {
             cfg,
             names,
@@ -265,7 +298,8 @@ impl Shared {
                             "not connected to RabbitMQ at {} (reconnecting; waited {:?}){}",
                             self.cfg.redacted_url(),
                             self.cfg.outage_wait,
-                            last.map(|e| format!("; last error: {e}")).unwrap_or_default()
+                            last.map(|e| format!("; last error: {e}"))
+                                .unwrap_or_default()
                         ),
                         retryable: true,
                     });
@@ -290,7 +324,10 @@ impl Shared {
         if let Some(dlx) = &self.cfg.dead_letter_exchange
             && let Ok(dlx) = ShortString::try_new(dlx.clone())
         {
-            t.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+            t.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.as_str().into()),
+            );
         }
         if machine_queue && self.cfg.mode == Mode::Fast {
             let ms = self.cfg.queue_expiry.as_millis().clamp(1, u32::MAX as u128) as u32;
@@ -304,7 +341,12 @@ impl Shared {
     }
 
     /// Declares a machine's queue and starts its consumer on a channel of its own.
-    async fn start_machine(self: &Arc<Self>, live: &Live, id: &MachineId, inbox: Inbox) -> Result<(u64, Channel)> {
+    async fn start_machine(
+        self: &Arc<Self>,
+        live: &Live,
+        id: &MachineId,
+        inbox: Inbox,
+    ) -> Result<(u64, Channel)> {
         let queue = self.names.machine_queue(id.as_str())?;
         let ch = live
             .conn
@@ -495,20 +537,25 @@ impl Shared {
                 self.bind_key(&ch, &k).await?;
             }
         }
-        let groups: Vec<(SubscriptionId, Arc<str>, Option<TopicPattern>, Option<Filter>, Inbox)> =
-            lock(&self.subs)
-                .groups
-                .iter()
-                .map(|(id, g)| {
-                    (
-                        *id,
-                        g.group.clone(),
-                        g.topic.clone(),
-                        g.filter.clone(),
-                        g.inbox.clone(),
-                    )
-                })
-                .collect();
+        let groups: Vec<(
+            SubscriptionId,
+            Arc<str>,
+            Option<TopicPattern>,
+            Option<Filter>,
+            Inbox,
+        )> = lock(&self.subs)
+            .groups
+            .iter()
+            .map(|(id, g)| {
+                (
+                    *id,
+                    g.group.clone(),
+                    g.topic.clone(),
+                    g.filter.clone(),
+                    g.inbox.clone(),
+                )
+            })
+            .collect();
         for (id, group, topic, filter, inbox) in groups {
             let ch = self
                 .start_group(live, &group, topic.as_ref(), filter, inbox)
@@ -715,6 +762,9 @@ async fn consume(mut consumer: Consumer, shared: Weak<Shared>, target: Target) {
             None => break,
         };
         let Some(sh) = shared.upgrade() else { break };
+        if sh.closed.load(Ordering::Acquire) {
+            break;
+        }
         let keep = match &target {
             Target::Machine(inbox) => deliver_one(&sh, &d, inbox, None).await,
             Target::Group(inbox, filter) => deliver_one(&sh, &d, inbox, filter.as_ref()).await,
@@ -733,10 +783,7 @@ async fn consume(mut consumer: Consumer, shared: Weak<Shared>, target: Target) {
                 }
             }
             Handled::Reject => {
-                let _ = d
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
+                let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
             }
             Handled::Requeue => {
                 let _ = d
@@ -971,6 +1018,13 @@ impl Transport for RabbitTransport {
             return;
         }
         sh.stop.send_replace(true);
+        // The inboxes hold their machines (and through them the session): let them go.
+        lock(&sh.machines).clear();
+        {
+            let mut subs = lock(&sh.subs);
+            subs.topics.clear();
+            subs.groups.clear();
+        }
         if let Some(live) = sh.state.send_replace(None)
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
@@ -1037,9 +1091,8 @@ impl Link for RabbitLink {
                     break;
                 }
                 let props = self.props(ev.headers);
-                match live
-                    .publish
-                    .basic_publish(
+                let sent = {
+                    let publish = live.publish.basic_publish(
                         sh.names.machines.clone(),
                         self.key.clone(),
                         BasicPublishOptions {
@@ -1048,13 +1101,32 @@ impl Link for RabbitLink {
                         },
                         &body,
                         props,
-                    )
-                    .await
-                {
-                    Ok(c) => {
-                        out.advance();
-                        inflight.push_back((body, c));
+                    );
+                    let mut publish = std::pin::pin!(publish);
+                    // lapin queues the frames on the first poll: from then on the event is on its
+                    // way, so it leaves `out` before anything can cancel this future.
+                    let first =
+                        std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
+                    match first {
+                        Poll::Ready(Err(e)) => Err(e),
+                        Poll::Ready(Ok(c)) => {
+                            out.advance();
+                            Ok(c)
+                        }
+                        Poll::Pending => {
+                            out.advance();
+                            match publish.await {
+                                Ok(c) => Ok(c),
+                                Err(e) => {
+                                    give_back(out, vec![body.clone()]);
+                                    Err(e)
+                                }
+                            }
+                        }
                     }
+                };
+                match sent {
+                    Ok(c) => inflight.push_back((body, c)),
                     Err(e) => {
                         lock(&sh.last_error).replace(e.to_string());
                         lost = true;
@@ -1128,19 +1200,21 @@ impl PubSub for RabbitTransport {
             });
         }
         let (exchange, key, headers) = match &env.target {
-            Address::Topic(t) => {
-                (
-                    &sh.names.topics,
-                    names::topic_key(t)?,
-                    Some(wire::publish_headers(
-                        &from.host_id,
-                        &from.process_id,
-                        reach.nearest as u8,
-                        reach.farthest as u8,
-                    )),
-                )
-            }
-            Address::Group(g) => (&sh.names.groups, names::short(g.to_string(), "group")?, None),
+            Address::Topic(t) => (
+                &sh.names.topics,
+                names::topic_key(t)?,
+                Some(wire::publish_headers(
+                    &from.host_id,
+                    &from.process_id,
+                    reach.nearest as u8,
+                    reach.farthest as u8,
+                )),
+            ),
+            Address::Group(g) => (
+                &sh.names.groups,
+                names::short(g.to_string(), "group")?,
+                None,
+            ),
             other => {
                 return Err(Error::InvalidPattern {
                     pattern: other.to_string(),
@@ -1165,7 +1239,13 @@ impl PubSub for RabbitTransport {
             let live = sh.wait_live(deadline).await?;
             let _topo = sh.topo.lock().await;
             let ch = sh
-                .start_group(&live, &group, sub.topic.as_ref(), sub.filter.clone(), sub.inbox.clone())
+                .start_group(
+                    &live,
+                    &group,
+                    sub.topic.as_ref(),
+                    sub.filter.clone(),
+                    sub.inbox.clone(),
+                )
                 .await?;
             lock(&sh.subs).groups.insert(
                 id,
@@ -1233,7 +1313,10 @@ impl PubSub for RabbitTransport {
                 }
                 None => false,
             };
-            (last.then_some(key), subs.channel.as_ref().map(|(_, c)| c.clone()))
+            (
+                last.then_some(key),
+                subs.channel.as_ref().map(|(_, c)| c.clone()),
+            )
         };
         if let (Some(key), Some(ch)) = (unbind, ch)
             && ch.status().connected()

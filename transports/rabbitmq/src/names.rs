@@ -13,7 +13,6 @@
 use lapin::types::ShortString;
 use switchyard_core::{Error, Result, TopicPattern};
 
-
 /// The names of one namespace.
 #[derive(Clone, Debug)]
 pub(crate) struct Names {
