@@ -6,4 +6,7 @@ mod conformance;
 
 use switchyard::rabbitmq::ready_for_tests;
 
-conformance_suite!(conformance::Fixture::rabbitmq(), skip_unless = ready_for_tests);
+conformance_suite!(
+    conformance::Fixture::rabbitmq(),
+    skip_unless = ready_for_tests
+);

@@ -1179,9 +1179,18 @@ pub async fn topic_wildcards_and_content_filter(fx: Fixture) {
         p.publish("orders.*", "X", ()).await,
         Err(Error::InvalidPattern { .. })
     ));
-    assert_eq!(p.publish("orders", "O0", 1u32).await.unwrap(), w.published(1));
-    assert_eq!(p.publish("orders.new", "O1", 5u32).await.unwrap(), w.published(2));
-    assert_eq!(p.publish("orders.new.eu", "O2", 500u32).await.unwrap(), w.published(2));
+    assert_eq!(
+        p.publish("orders", "O0", 1u32).await.unwrap(),
+        w.published(1)
+    );
+    assert_eq!(
+        p.publish("orders.new", "O1", 5u32).await.unwrap(),
+        w.published(2)
+    );
+    assert_eq!(
+        p.publish("orders.new.eu", "O2", 500u32).await.unwrap(),
+        w.published(2)
+    );
     assert_eq!(p.publish("other.new", "O3", 500u32).await.unwrap(), 0);
     assert_eq!(r_one.next().await.name(), "O1");
     let names: Vec<String> = r_many
@@ -1221,7 +1230,10 @@ pub async fn emit_delivers_like_publish(fx: Fixture) {
     // Nobody listens here: it must not show up among the ticks below.
     p.emit("other", "NOPE", 0u32).await.unwrap();
     // A publish after the emits arrives after them.
-    assert_eq!(p.publish("ticks.b", "LAST", N).await.unwrap(), w.published(1));
+    assert_eq!(
+        p.publish("ticks.b", "LAST", N).await.unwrap(),
+        w.published(1)
+    );
     for (i, ev) in rs.take(N as usize + 1).await.iter().enumerate() {
         assert_eq!(ev.data::<u32>().unwrap(), i as u32, "emit order");
         assert_carried(&w, ev);
@@ -1563,7 +1575,10 @@ pub async fn borrowed_handler_sees_every_kind_of_event(fx: Fixture) {
     // Topic deliveries reach a borrowed handler too.
     if w.caps().topics {
         b.subscribe("ticks.#").await.unwrap();
-        assert_eq!(a.publish("ticks.a", "TICK", 3u32).await.unwrap(), w.published(1));
+        assert_eq!(
+            a.publish("ticks.a", "TICK", 3u32).await.unwrap(),
+            w.published(1)
+        );
         let s = rx.recv().await.expect("b is alive");
         assert_eq!((s.event.as_str(), s.u32_data), ("TICK", Some(3)));
         assert_eq!(s.carried_by, Some(w.fx.transport));
@@ -1828,7 +1843,11 @@ pub async fn each_machine_gets_a_publish_once(fx: Fixture) {
         .await
         .unwrap();
     for i in 0..3u32 {
-        assert_eq!(p.publish("a.b", "E", i).await.unwrap(), w.published(2), "publish {i}");
+        assert_eq!(
+            p.publish("a.b", "E", i).await.unwrap(),
+            w.published(2),
+            "publish {i}"
+        );
     }
     for i in 0..3u32 {
         let e = rt.next().await;

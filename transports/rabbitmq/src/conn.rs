@@ -46,10 +46,13 @@ pub(crate) async fn connect(
     generation: u64,
 ) -> Result<Live, Error> {
     let uri = parse_url(cfg)?;
-    if uri.scheme == lapin::uri::AMQPScheme::AMQPS && !cfg!(feature = "tls") {
+    if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+        // lapin's TLS backends (rustls with ring or aws-lc, native-tls, openssl) all build C
+        // code; this crate stays free of it, so TLS is not compiled in.
         return Err(Error::Config(format!(
-            "`{}` asks for TLS (amqps://) but switchyard-rabbitmq was built without its `tls` \
-             feature: enable it, or use amqp://",
+            "`{}` asks for TLS (amqps://), which this build of switchyard-rabbitmq does not \
+             include: use amqp:// (e.g. through a local TLS tunnel such as stunnel), see \
+             docs/SEMANTICS.md",
             cfg.redacted_url()
         )));
     }

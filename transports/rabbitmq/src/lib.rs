@@ -537,13 +537,7 @@ impl Shared {
                 self.bind_key(&ch, &k).await?;
             }
         }
-        let groups: Vec<(
-            SubscriptionId,
-            Arc<str>,
-            Option<TopicPattern>,
-            Option<Filter>,
-            Inbox,
-        )> = lock(&self.subs)
+        let groups: Vec<GroupSpec> = lock(&self.subs)
             .groups
             .iter()
             .map(|(id, g)| {
@@ -626,6 +620,15 @@ fn nacked() -> Error {
         retryable: false,
     }
 }
+
+/// A group membership to restore: its id, group, topic, filter and inbox.
+type GroupSpec = (
+    SubscriptionId,
+    Arc<str>,
+    Option<TopicPattern>,
+    Option<Filter>,
+    Inbox,
+);
 
 /// Reconnects whenever the connection is lost, until the transport closes.
 async fn supervise(weak: Weak<Shared>, mut stop: watch::Receiver<bool>, first: Option<Arc<Live>>) {

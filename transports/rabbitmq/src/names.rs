@@ -68,7 +68,7 @@ impl Names {
 }
 
 /// The AMQP routing key of a published topic: the topic itself (dot-separated words).
-pub(crate) fn topic_key(topic: &str) -> Result<ShortString> {
+pub fn topic_key(topic: &str) -> Result<ShortString> {
     short(topic.to_string(), "topic")
 }
 
@@ -79,7 +79,7 @@ pub(crate) fn topic_key(topic: &str) -> Result<ShortString> {
 /// `#` only as whole segments (`a*` is rejected by [`TopicPattern::parse`]) and published
 /// topics contain neither, which are the only characters AMQP topic matching treats
 /// specially. What remains is the length limit of a routing key.
-pub(crate) fn binding_key(pattern: &TopicPattern) -> Result<ShortString> {
+pub fn binding_key(pattern: &TopicPattern) -> Result<ShortString> {
     short(pattern.as_str().to_string(), "topic")
 }
 
