@@ -3,7 +3,7 @@
 //! Built on `lapin`. One [`RabbitTransport`] per session holds one connection:
 //!
 //! - **Topology** (declared at start and again after every reconnection; names in
-//!   [`names`](crate::names)): a direct exchange for machine-addressed events with one queue
+//!   [`names`]): a direct exchange for machine-addressed events with one queue
 //!   per machine (routing key: machine id), a topic exchange for publishes with one queue
 //!   per session bound to its subscriptions' patterns, and a direct exchange for consumer
 //!   groups with one queue per group shared by its members. Everything is prefixed by the
