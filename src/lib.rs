@@ -13,6 +13,7 @@
 //! | `direct` (default) | [`direct`] transport | same thread |
 //! | `memory` (default) | [`memory`] transport | same thread, same process |
 //! | `ipc` (default) | [`ipc`] transport | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
+//! | `rabbitmq` | [`rabbitmq`] transport (RabbitMQ broker, at-least-once) | other hosts; added with [`Builder::rabbitmq`] |
 //! | `machine` (default) | [`machine`]: XState-style JSON statecharts bound to a [`Node`] | |
 //!
 //! ```
@@ -52,6 +53,8 @@ pub use switchyard_ipc as ipc;
 pub use switchyard_machine as machine;
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;
+#[cfg(feature = "rabbitmq")]
+pub use switchyard_rabbitmq as rabbitmq;
 pub use switchyard_selector::{Selector, SelectorBuilder};
 
 /// What most programs need: `use switchyard::prelude::*;`.
@@ -126,6 +129,17 @@ impl Builder {
         let registry = bus.registry();
         self.transport(bus.transport())
             .session(|s| s.registry(registry))
+    }
+    /// Adds the RabbitMQ transport: machines on other hosts are reached through the broker
+    /// (after the transports added before it for `Remote`; reorder with
+    /// `selector(|s| s.prefer(Location::Remote, [...]))`), and every machine's registry
+    /// entry names the namespace it consumes in, so senders elsewhere can reach it.
+    /// Each session needs a transport of its own (`RabbitTransport::connect`).
+    #[cfg(feature = "rabbitmq")]
+    pub fn rabbitmq(self, t: &rabbitmq::RabbitTransport) -> Self {
+        let ns = t.namespace().to_string();
+        self.transport(Arc::new(t.clone()))
+            .session(|s| s.entry_metadata(rabbitmq::META_NAMESPACE, ns))
     }
     /// Builds the session; must run inside a tokio runtime. A selector preference naming a
     /// transport that is not configured is [`Error::Config`].

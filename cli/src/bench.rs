@@ -24,6 +24,8 @@ mod measure;
 mod memory;
 mod ours;
 mod provider;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 mod report;
 mod svg;
 
@@ -39,8 +41,15 @@ use provider::{Provider, Side, Workload};
 use report::{Conditions, Row, Stats};
 
 /// Every transport name `--transports` accepts: the ones measured here and the ones planned.
-const KNOWN: [&str; 7] = [
-    "direct", "memory", "ipc", "ipc-p2p", "zeromq", "rabbitmq", "redis",
+const KNOWN: [&str; 8] = [
+    "direct",
+    "memory",
+    "ipc",
+    "ipc-p2p",
+    "zeromq",
+    "rabbitmq",
+    "rabbitmq-durable",
+    "redis",
 ];
 
 /// Largest `--size` accepted: every queue holds up to 1024 messages of it, per consumer.
@@ -148,6 +157,11 @@ fn providers() -> Vec<Box<dyn Provider>> {
         all.push(Box::new(ipc::Ipc { p2p: false }));
         all.push(Box::new(ipc::Ipc { p2p: true }));
     }
+    #[cfg(feature = "rabbitmq")]
+    {
+        all.push(Box::new(rabbitmq::Rabbit { durable: false }));
+        all.push(Box::new(rabbitmq::Rabbit { durable: true }));
+    }
     all
 }
 
@@ -169,12 +183,24 @@ fn select(all: Vec<Box<dyn Provider>>, names: &[String]) -> Selection {
     let mut chosen = Vec::new();
     let mut pool: Vec<Option<Box<dyn Provider>>> = all.into_iter().map(Some).collect();
     for n in wanted {
+        // `rabbitmq` names the transport in both of its modes.
+        let also = if n == "rabbitmq" {
+            Some("rabbitmq-durable")
+        } else {
+            None
+        };
         match pool
             .iter_mut()
             .find(|p| p.as_ref().is_some_and(|p| p.name() == n.as_str()))
         {
             Some(slot) => chosen.extend(slot.take()),
             None => not_built.push(n.clone()),
+        }
+        if let Some(slot) = also.and_then(|a| {
+            pool.iter_mut()
+                .find(|p| p.as_ref().is_some_and(|p| p.name() == a))
+        }) {
+            chosen.extend(slot.take());
         }
     }
     (chosen, not_built)
