@@ -143,6 +143,9 @@ pub struct LetterData {
     pub carried_by: Option<&'static str>,
 }
 
+/// Told when a tracked letter's handler has run; see [`crate::Inbox::deliver_acked`].
+pub struct Done(pub(crate) tokio::sync::oneshot::Sender<()>);
+
 /// An event on its way into a mailbox: an envelope, or the fields of one in a box the
 /// mailbox reuses.
 pub enum Letter {
@@ -150,6 +153,8 @@ pub enum Letter {
     Envelope(Envelope),
     /// The fields, with a small payload in place, in a reused allocation.
     Data(Box<LetterData>),
+    /// An envelope whose sender wants to know when its handler has run.
+    Tracked(Envelope, Done),
 }
 
 impl From<Envelope> for Letter {
@@ -189,7 +194,7 @@ impl Letter {
     /// The headers.
     pub fn headers(&self) -> &Headers {
         match self {
-            Letter::Envelope(e) => &e.headers,
+            Letter::Envelope(e) | Letter::Tracked(e, _) => &e.headers,
             Letter::Data(d) => &d.headers,
         }
     }
@@ -197,7 +202,7 @@ impl Letter {
     /// An envelope addressed to `me` unless the letter says otherwise.
     pub fn into_envelope(self, me: &MachineId) -> Envelope {
         match self {
-            Letter::Envelope(e) => e,
+            Letter::Envelope(e) | Letter::Tracked(e, _) => e,
             Letter::Data(d) => (*d).into_envelope(me),
         }
     }

@@ -29,7 +29,7 @@ pub use address::{Address, MachineId};
 pub use batch::{OneEvent, Outgoing, OutgoingRef};
 pub use envelope::{Envelope, EnvelopeData, EventRef, Headers};
 pub use error::{Error, Result};
-pub use letter::{InlineValue, Letter, LetterData, LetterPayload, LetterPool};
+pub use letter::{Done, InlineValue, Letter, LetterData, LetterPayload, LetterPool};
 pub use location::Location;
 pub use name::Name;
 pub use node::request::ReplyTo;

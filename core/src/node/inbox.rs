@@ -213,6 +213,10 @@ impl Inbox {
                     None => return Offer::Taken,
                 }
             }
+            Letter::Tracked(env, done) => match self.complete_reply(env) {
+                Some(env) => Letter::Tracked(env, done),
+                None => return Offer::Taken,
+            },
             letter => letter,
         };
         let node = self.inner();
@@ -281,6 +285,37 @@ impl Inbox {
                 node.mailbox().push(node, env).await
             }
         }
+    }
+
+    /// Delivers and returns once the handler has run (an async one on the machine's
+    /// mailbox task; waiting for mailbox room first, as [`Inbox::deliver`] does), or once
+    /// the event was dropped (expired, a full-mailbox policy, the machine left). A transport
+    /// that acknowledges messages to a broker acknowledges after this, so a message is
+    /// only acknowledged once its handler returned.
+    pub async fn deliver_acked(&self, env: Envelope) -> Result<()> {
+        let Some(env) = self.complete_reply(env) else {
+            return Ok(());
+        };
+        if self.is_sync() {
+            let _ = self.run_sync(env);
+            return Ok(());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut letter = Letter::Tracked(env, crate::letter::Done(tx));
+        loop {
+            match self.offer(letter) {
+                Offer::Taken => {
+                    self.notify();
+                    break;
+                }
+                Offer::Full(back) => letter = back,
+                Offer::Refused(e, _) => return Err(e),
+            }
+            self.room().await;
+        }
+        // A dropped sender means the event was dropped (policy, or the machine left).
+        let _ = rx.await;
+        Ok(())
     }
 
     /// Whether `env` should reach the handler: drops (and counts) an expired event.

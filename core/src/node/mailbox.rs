@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::envelope::{Envelope, Headers};
 use crate::error::{Error, Result};
-use crate::letter::{Letter, LetterData, LetterPool};
+use crate::letter::{Done, Letter, LetterData, LetterPool};
 use crate::node::inbox::{FullPolicy, MailboxConfig};
 use crate::node::{Node, NodeInner};
 use crate::session::lock;
@@ -39,12 +39,13 @@ pub(crate) enum Push {
 pub(crate) enum Queued {
     Envelope(Envelope),
     Boxed(Box<LetterData>),
+    Tracked(Envelope, Done),
 }
 
 impl Queued {
     fn headers(&self) -> &Headers {
         match self {
-            Queued::Envelope(e) => &e.headers,
+            Queued::Envelope(e) | Queued::Tracked(e, _) => &e.headers,
             Queued::Boxed(d) => &d.headers,
         }
     }
@@ -171,6 +172,7 @@ impl Mailbox {
         match letter {
             Letter::Envelope(e) => Queued::Envelope(e),
             Letter::Data(d) => Queued::Boxed(d),
+            Letter::Tracked(e, done) => Queued::Tracked(e, done),
         }
     }
 
@@ -178,6 +180,7 @@ impl Mailbox {
         match q {
             Queued::Envelope(e) => Letter::Envelope(e),
             Queued::Boxed(b) => Letter::Data(b),
+            Queued::Tracked(e, done) => Letter::Tracked(e, done),
         }
     }
 
@@ -327,6 +330,10 @@ impl Mailbox {
                         let _ = node.inbox().run_sync(env);
                     }
                     Queued::Envelope(env) => node.inbox().run(env).await,
+                    Queued::Tracked(env, done) => {
+                        node.inbox().run(env).await;
+                        let _ = done.0.send(());
+                    }
                     Queued::Boxed(b) => {
                         if node.inbox().takes_refs() {
                             node.inbox().run_letter(&b);
