@@ -1,4 +1,4 @@
-//! What every transport can rely on when it delivers: `Inbox::deliver_acked` returns only
+//! What every transport can rely on when it delivers: `Inbox::deliver_tracked` completes only
 //! once the handler has run, so a broker transport acknowledges after the handler returned.
 
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,7 @@ impl Transport for Keeper {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deliver_acked_returns_once_an_async_handler_has_run() {
+async fn deliver_tracked_completes_once_an_async_handler_has_run() {
     let keeper = Arc::new(Keeper {
         caps: Capabilities {
             locations: vec![Location::Remote],
@@ -95,7 +95,7 @@ async fn deliver_acked_returns_once_an_async_handler_has_run() {
             switchyard::Payload::new(i),
         )
     };
-    let mut acked = Box::pin(inbox.deliver_acked(env(1)));
+    let mut acked = Box::pin(inbox.deliver_tracked(env(1)).await.unwrap());
     assert!(
         tokio::time::timeout(Duration::from_millis(100), &mut acked)
             .await
@@ -105,7 +105,6 @@ async fn deliver_acked_returns_once_an_async_handler_has_run() {
     gate.add_permits(1);
     tokio::time::timeout(Duration::from_secs(10), acked)
         .await
-        .expect("acknowledged once the handler ran")
-        .unwrap();
+        .expect("acknowledged once the handler ran");
     assert_eq!(ran.recv().await, Some(1));
 }

@@ -34,7 +34,7 @@ pub use location::Location;
 pub use name::Name;
 pub use node::request::ReplyTo;
 pub use node::{
-    Balance, Delayed, ErrorHook, FullPolicy, Handler, Inbox, MachineBuilder, Mailbox,
+    Balance, Delayed, ErrorHook, FullPolicy, Handled, Handler, Inbox, MachineBuilder, Mailbox,
     MailboxConfig, Message, Node, NodeStats, Offer, Publisher, Route, Sender, SubscribeOptions,
     SubscriptionHandle,
 };

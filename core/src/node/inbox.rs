@@ -93,6 +93,24 @@ impl Handler {
     }
 }
 
+/// Completes once a delivered event's handler has run or the event was dropped; see
+/// [`Inbox::deliver_tracked`].
+pub struct Handled(Option<tokio::sync::oneshot::Receiver<()>>);
+
+impl std::future::Future for Handled {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match &mut self.0 {
+            None => std::task::Poll::Ready(()),
+            // A dropped sender means the event was dropped (policy, or the machine left).
+            Some(rx) => std::pin::Pin::new(rx).poll(cx).map(|_| ()),
+        }
+    }
+}
+
 /// What [`Inbox::offer`] did with an event.
 pub enum Offer {
     /// Taken: queued, completed a request, or dropped by the full policy (and counted).
@@ -287,18 +305,22 @@ impl Inbox {
         }
     }
 
-    /// Delivers and returns once the handler has run (an async one on the machine's
-    /// mailbox task; waiting for mailbox room first, as [`Inbox::deliver`] does), or once
-    /// the event was dropped (expired, a full-mailbox policy, the machine left). A transport
-    /// that acknowledges messages to a broker acknowledges after this, so a message is
-    /// only acknowledged once its handler returned.
-    pub async fn deliver_acked(&self, env: Envelope) -> Result<()> {
+    /// Delivers (waiting for mailbox room as [`Inbox::deliver`] does) and returns a
+    /// [`Handled`] future that completes once the handler has run (an async one on the
+    /// machine's mailbox task) or the event was dropped (expired, a full-mailbox policy,
+    /// the machine left).
+    ///
+    /// A transport that acknowledges messages to a broker acknowledges when it completes.
+    /// It must keep reading meanwhile (await the futures elsewhere): a handler may be
+    /// waiting for a reply that comes the same way, and replies complete their request
+    /// only once read.
+    pub async fn deliver_tracked(&self, env: Envelope) -> Result<Handled> {
         let Some(env) = self.complete_reply(env) else {
-            return Ok(());
+            return Ok(Handled(None));
         };
         if self.is_sync() {
             let _ = self.run_sync(env);
-            return Ok(());
+            return Ok(Handled(None));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut letter = Letter::Tracked(env, crate::letter::Done(tx));
@@ -306,16 +328,13 @@ impl Inbox {
             match self.offer(letter) {
                 Offer::Taken => {
                     self.notify();
-                    break;
+                    return Ok(Handled(Some(rx)));
                 }
                 Offer::Full(back) => letter = back,
                 Offer::Refused(e, _) => return Err(e),
             }
             self.room().await;
         }
-        // A dropped sender means the event was dropped (policy, or the machine left).
-        let _ = rx.await;
-        Ok(())
     }
 
     /// Whether `env` should reach the handler: drops (and counts) an expired event.

@@ -35,7 +35,7 @@ pub mod route;
 pub mod sender;
 
 pub use builder::MachineBuilder;
-pub use inbox::{FullPolicy, Handler, Inbox, MailboxConfig, Offer};
+pub use inbox::{FullPolicy, Handled, Handler, Inbox, MailboxConfig, Offer};
 pub use mailbox::Mailbox;
 pub use multi::Balance;
 pub use pubsub::{Publisher, SubscribeOptions, SubscriptionHandle};

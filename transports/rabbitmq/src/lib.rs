@@ -25,6 +25,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -775,6 +776,20 @@ async fn consume(mut consumer: Consumer, shared: Weak<Shared>, target: Target) {
         };
         drop(sh);
         match keep {
+            Handled::AckWhen(done) => {
+                // An async handler runs on its machine's task: acknowledge this one alone once
+                // it has run, and keep reading (it may wait for a reply that comes this way).
+                // Earlier deliveries are acknowledged first, so a later batch never covers it.
+                if let Some(d) = last.take() {
+                    ack_upto(&d).await;
+                    unacked = 0;
+                }
+                tokio::spawn(async move {
+                    done.await;
+                    let _ = d.acker.ack(BasicAckOptions { multiple: false }).await;
+                });
+                continue;
+            }
             Handled::Ack => {
                 last = Some(d);
                 unacked += 1;
@@ -812,6 +827,8 @@ async fn ack_upto(d: &Delivery) {
 enum Handled {
     /// Delivered (or dropped on purpose, counted): acknowledge.
     Ack,
+    /// Queued for async handlers: acknowledge once they have run.
+    AckWhen(BoxFuture<'static, ()>),
     /// Malformed: reject without requeue (dead-lettered when a DLX is configured).
     Reject,
     /// The machine is gone: give it back to the queue and stop consuming.
@@ -844,10 +861,14 @@ async fn deliver_one(sh: &Shared, d: &Delivery, inbox: &Inbox, filter: Option<&F
     {
         return Handled::Ack;
     }
-    match inbox.deliver(env).await {
-        Ok(()) => {
+    match inbox.deliver_tracked(env).await {
+        Ok(done) => {
             sh.delivered.fetch_add(1, Ordering::Relaxed);
-            Handled::Ack
+            if inbox.is_sync() {
+                Handled::Ack
+            } else {
+                Handled::AckWhen(Box::pin(done))
+            }
         }
         Err(Error::TargetGone(_)) | Err(Error::SessionClosed) => Handled::Requeue,
         Err(e) => {
@@ -892,6 +913,7 @@ async fn deliver_topic(sh: &Shared, d: &Delivery) -> Handled {
     let subs: Vec<Arc<TopicSub>> = lock(&sh.subs).topics.values().cloned().collect();
     let parts: Vec<&str> = topic.split('.').collect();
     let mut done: HashSet<MachineId> = HashSet::new();
+    let mut waiting: Vec<switchyard_core::Handled> = Vec::new();
     for s in subs {
         if done.contains(s.inbox.id())
             || !s.pattern.matches_segments(&parts)
@@ -905,13 +927,25 @@ async fn deliver_topic(sh: &Shared, d: &Delivery) -> Handled {
             continue;
         }
         done.insert(s.inbox.id().clone());
-        if s.inbox.deliver(env.clone()).await.is_ok() {
-            sh.delivered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            s.inbox.count_dropped();
+        match s.inbox.deliver_tracked(env.clone()).await {
+            Ok(h) => {
+                sh.delivered.fetch_add(1, Ordering::Relaxed);
+                if !s.inbox.is_sync() {
+                    waiting.push(h);
+                }
+            }
+            Err(_) => s.inbox.count_dropped(),
         }
     }
-    Handled::Ack
+    if waiting.is_empty() {
+        Handled::Ack
+    } else {
+        Handled::AckWhen(Box::pin(async move {
+            for h in waiting {
+                h.await;
+            }
+        }))
+    }
 }
 
 #[async_trait]
