@@ -22,6 +22,8 @@ fn raw_hello(socket: &std::path::Path, protocol: u32) -> (u8, Vec<u8>) {
             client_id: "raw".into(),
             token: None,
             watch: false,
+            max_frame: None,
+            acks: false,
         },
     )
     .unwrap();
@@ -47,11 +49,44 @@ fn raw_client(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
         client_id: "raw".into(),
         token: None,
         watch: false,
+        max_frame: None,
+        acks: false,
     };
     s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
         .unwrap();
     assert_eq!(read_frame(&mut s).0, kind::WELCOME);
     s
+}
+
+/// Registers machine `id` on a raw connection (the daemon only routes events whose source the
+/// connection registered) and returns the reply's `ok`.
+fn raw_register(s: &mut std::os::unix::net::UnixStream, req: u64, id: &str) -> bool {
+    let entry = switchyard::MachineEntry {
+        id: id.into(),
+        machine_type: "Raw".into(),
+        host_id: "h".into(),
+        process_id: "p".into(),
+        context: None,
+        version: None,
+        accepts: Vec::new(),
+        metadata: Default::default(),
+    };
+    let msg = frame::RequestMsg {
+        req,
+        op: "register".into(),
+        entry: Some(entry),
+        ..frame::RequestMsg::default()
+    };
+    s.write_all(&frame::msg_frame(kind::REQUEST, &msg).unwrap())
+        .unwrap();
+    loop {
+        let (k, body) = read_frame(s);
+        if k == kind::REPLY {
+            let r: frame::ReplyMsg = frame::decode_msg(&body).unwrap();
+            assert_eq!(r.req, req);
+            return r.ok;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +170,7 @@ async fn a_publish_with_request_id_zero_gets_no_reply() {
     let sock = socket.clone();
     let (first_reply, ok) = tokio::task::spawn_blocking(move || {
         let mut s = raw_client(&sock);
+        assert!(raw_register(&mut s, 1, "raw"));
         let env = switchyard::Envelope::new(
             1,
             "raw".into(),
@@ -197,6 +233,7 @@ async fn runs_of_sends_are_forwarded_in_order_and_unknown_targets_nacked() {
         .collect();
     let nacked = tokio::task::spawn_blocking(move || {
         let mut s = raw_client(&sock);
+        assert!(raw_register(&mut s, 1, "raw"));
         let mut out = Vec::new();
         for (to, id) in &plan {
             let env = switchyard::Envelope::new(

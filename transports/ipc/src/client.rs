@@ -19,7 +19,7 @@ use switchyard_core::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::conn::{FrameReader, Outbox, read_one, write_now};
+use crate::conn::{FrameReader, Outbox, Unsent, read_one, write_now};
 use crate::error::{IpcError, transport_err};
 use crate::frame::{
     self, Body, ErrorMsg, EventMsg, HEADER_LEN, Hello, NackMsg, PROTOCOL_VERSION, ReplyMsg,
@@ -57,6 +57,42 @@ type Bound = (Target, Option<tokio::task::JoinHandle<()>>);
 
 /// Called with the id of every machine that left.
 pub(crate) type LeftHook = Box<dyn Fn(&MachineId) + Send + Sync>;
+
+/// Logs the first of a kind of event, then at most one summary a second (a flood stays one line a second).
+#[derive(Default)]
+pub(crate) struct Throttle {
+    last: Mutex<Option<std::time::Instant>>,
+    quiet: AtomicU64,
+}
+
+impl Throttle {
+    /// Whether to log now; `Some(n)`: log, `n` more happened since the last line.
+    pub(crate) fn tick(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut last = lock(&self.last);
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.quiet.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.quiet.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// What this client's connection to the daemon lost, refused or sent again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IpcStats {
+    /// Events the daemon answered with a `NACK` (unknown target, full queue, refused envelope, …).
+    pub nacked: u64,
+    /// Events written to a daemon that died (or whose connection broke) before it settled
+    /// them: lost with the daemon. Counts sends, publishes and group messages.
+    pub lost: u64,
+    /// Events not yet written when the connection was lost, sent again after reconnecting.
+    pub replayed: u64,
+    /// Frames received that could not be decoded and were dropped (the connection stayed up).
+    pub undecodable: u64,
+}
 
 /// The machines and subscriptions of this process bound to the ipc transport.
 pub(crate) struct Local {
@@ -361,6 +397,16 @@ pub(crate) struct Client {
     pub(crate) closed: AtomicBool,
     stop: watch::Sender<bool>,
     pub(crate) nacks: AtomicU64,
+    /// Events lost with the daemon, replayed after reconnecting, dropped as undecodable.
+    pub(crate) lost: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) undecodable: AtomicU64,
+    /// Data frames of the current connection the daemon has settled (`ACK`s).
+    acked: AtomicU64,
+    /// What the last lost connection had not written, to send first on the next one.
+    replay: Mutex<Option<Unsent>>,
+    nack_log: Throttle,
+    bad_log: Throttle,
     /// Called with the id of every machine that left (the p2p route cache listens).
     pub(crate) on_left: RwLock<Vec<LeftHook>>,
 }
@@ -380,6 +426,13 @@ impl Client {
             closed: AtomicBool::new(false),
             stop: watch::channel(false).0,
             nacks: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            undecodable: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            replay: Mutex::new(None),
+            nack_log: Throttle::default(),
+            bad_log: Throttle::default(),
             on_left: RwLock::new(Vec::new()),
         });
         tokio::spawn(client.clone().supervise());
@@ -388,6 +441,15 @@ impl Client {
 
     pub(crate) fn is_connected(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    pub(crate) fn stats(&self) -> IpcStats {
+        IpcStats {
+            nacked: self.nacks.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            undecodable: self.undecodable.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) async fn wait_connected(&self, timeout: Duration) -> bool {
@@ -505,7 +567,8 @@ impl Client {
                 frame::write_str(b, name)?;
                 frame::write_envelope(b, env)
             })
-            .await?;
+            .await
+            .map_err(|e| payload_sized(e, env))?;
         if !r.ok {
             return Err(r.into_error(Some(name)));
         }
@@ -525,6 +588,7 @@ impl Client {
                 })
             })
             .await
+            .map_err(|e| payload_sized(e, env))
     }
 
     pub(crate) fn remember(&self, entry: &MachineEntry, ttl_ms: Option<u64>) {
@@ -546,10 +610,10 @@ impl Client {
                 break;
             }
             match self.connect_once().await {
-                Ok((stream, rd)) => {
+                Ok((stream, rd, welcome)) => {
                     backoff = self.cfg.backoff_min;
                     warned = false;
-                    self.run_connection(stream, rd, &mut stop).await;
+                    self.run_connection(stream, rd, &welcome, &mut stop).await;
                     if self.closed.load(Ordering::Acquire) {
                         break;
                     }
@@ -570,38 +634,70 @@ impl Client {
         }
     }
 
-    async fn connect_once(&self) -> std::result::Result<(Arc<Stream>, FrameReader), IpcError> {
+    async fn connect_once(
+        &self,
+    ) -> std::result::Result<(Arc<Stream>, FrameReader, Welcome), IpcError> {
         let stream = crate::daemon::connect(&self.cfg.socket)
             .await
             .map_err(|e| IpcError::io(self.cfg.socket.display().to_string(), e))?;
         let mut rd = FrameReader::new(self.cfg.max_frame);
-        handshake_client(&stream, &mut rd, &self.cfg, true).await?;
-        Ok((Arc::new(stream), rd))
+        let w = handshake_client(&stream, &mut rd, &self.cfg, true, true).await?;
+        Ok((Arc::new(stream), rd, w))
     }
 
     async fn run_connection(
         self: &Arc<Self>,
         stream: Arc<Stream>,
         mut rd: FrameReader,
+        welcome: &Welcome,
         stop: &mut watch::Receiver<bool>,
     ) {
+        // Frames are bounded by the smaller of the two limits: too large is refused here, at the sender.
+        let max_frame = usize::try_from(welcome.max_frame)
+            .unwrap_or(usize::MAX)
+            .min(self.cfg.max_frame);
         let outbox = Outbox::start(
             stream.clone(),
             self.cfg.outbox_limit,
-            self.cfg.max_frame,
+            max_frame,
             format!("bus daemon {}", self.cfg.socket.display()),
         );
+        self.acked.store(0, Ordering::Release);
         // Snapshot before publishing the connection, so registrations made on it are not repeated.
         let entries: Vec<(MachineEntry, Option<u64>)> = lock(&self.registered).clone();
         let subs = self.local.sub_requests();
+        // Registrations first, then what the lost connection never wrote (the daemon handles a
+        // connection's frames in order, so the replayed sends find their sources registered),
+        // then new traffic.
+        let waiting = self.queue_restore(&outbox, entries, subs);
+        if let Some(u) = lock(&self.replay).take()
+            && !u.replay.is_empty()
+        {
+            if outbox.push_force(&u.replay).is_ok() {
+                self.replayed.fetch_add(u.replay_frames, Ordering::Relaxed);
+                tracing::info!(
+                    events = u.replay_frames,
+                    "sending the events the lost connection had not written"
+                );
+            } else {
+                self.count_lost(
+                    u.replay_frames,
+                    "they could not be queued on the new connection",
+                );
+            }
+        }
         *write(&self.conn) = Some(outbox.clone());
         self.bump();
         let _ = self.connected.send_replace(true);
-        if !entries.is_empty() || !subs.is_empty() {
+        if !waiting.is_empty() {
             let me = self.clone();
-            tokio::spawn(async move { me.restore(entries, subs).await });
+            tokio::spawn(async move { me.restored(waiting).await });
         }
-        let result = self.read_loop(&stream, &mut rd, stop).await;
+        let ping = welcome
+            .idle_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms / 3).max(Duration::from_millis(10)));
+        let result = self.read_loop(&stream, &mut rd, stop, &outbox, ping).await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "bus daemon connection failed");
         }
@@ -609,29 +705,86 @@ impl Client {
         let _ = self.connected.send_replace(false);
         outbox.close("connection lost");
         lock(&self.pending).clear();
+        outbox.stopped(Duration::from_secs(1)).await;
+        let unsent = outbox.take_unsent();
+        // Written but never settled by the daemon: lost with it (or possibly delivered just
+        // before it died: see docs/SEMANTICS.md). Never fewer than were really lost.
+        let written = unsent
+            .data_pushed
+            .saturating_sub(unsent.replay_frames + unsent.dropped);
+        let lost = written.saturating_sub(self.acked.load(Ordering::Acquire));
+        if lost > 0 && !self.closed.load(Ordering::Acquire) {
+            self.count_lost(
+                lost,
+                "the bus daemon connection was lost before it settled them",
+            );
+        }
+        if unsent.replay_frames > 0 && !self.closed.load(Ordering::Acquire) {
+            *lock(&self.replay) = Some(unsent);
+        }
         // No generation bump here: cached peer-to-peer routes keep working while the
         // daemon is away; the reconnect bumps it, since anything may have changed.
     }
 
-    async fn restore(&self, entries: Vec<(MachineEntry, Option<u64>)>, subs: Vec<RequestMsg>) {
-        for (entry, ttl_ms) in entries {
-            let id = entry.id.clone();
-            let msg = RequestMsg {
-                op: "register".into(),
-                entry: Some(entry),
-                ttl_ms,
-                ..RequestMsg::default()
+    fn count_lost(&self, n: u64, why: &str) {
+        let total = self.lost.fetch_add(n, Ordering::Relaxed) + n;
+        tracing::warn!(
+            events = n,
+            total_lost = total,
+            "{n} events were lost with the bus daemon: {why}"
+        );
+    }
+
+    /// Queues the requests that restore this client's machines and subscriptions on a new connection.
+    fn queue_restore(
+        &self,
+        outbox: &Outbox,
+        entries: Vec<(MachineEntry, Option<u64>)>,
+        subs: Vec<RequestMsg>,
+    ) -> Vec<(String, oneshot::Receiver<ReplyMsg>)> {
+        let reqs = entries
+            .into_iter()
+            .map(|(entry, ttl_ms)| {
+                let what = format!("re-register {}", entry.id);
+                let msg = RequestMsg {
+                    op: "register".into(),
+                    entry: Some(entry),
+                    ttl_ms,
+                    ..RequestMsg::default()
+                };
+                (what, msg)
+            })
+            .chain(subs.into_iter().map(|m| ("re-subscribe".to_string(), m)));
+        let mut waiting = Vec::new();
+        for (what, mut msg) in reqs {
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            msg.req = req;
+            let Ok(bytes) = frame::msg_frame(kind::REQUEST, &msg) else {
+                continue;
             };
-            match self.request(msg, Some(id.as_str())).await {
-                Ok(_) => tracing::info!(machine = %id, "re-registered after reconnecting"),
-                Err(e) => {
-                    tracing::error!(machine = %id, error = %e, "could not re-register after reconnecting")
-                }
+            let (tx, rx) = oneshot::channel();
+            lock(&self.pending).insert(req, tx);
+            if outbox.push_force(&bytes).is_ok() {
+                waiting.push((what, rx));
+            } else {
+                lock(&self.pending).remove(&req);
             }
         }
-        for s in subs {
-            if let Err(e) = self.request(s, None).await {
-                tracing::error!(error = %e, "could not re-subscribe after reconnecting");
+        waiting
+    }
+
+    /// Logs how the restoring requests went.
+    async fn restored(&self, waiting: Vec<(String, oneshot::Receiver<ReplyMsg>)>) {
+        for (what, rx) in waiting {
+            match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+                Ok(Ok(r)) if r.ok => tracing::info!("{what}: done after reconnecting"),
+                Ok(Ok(r)) => {
+                    tracing::error!(
+                        "could not {what} after reconnecting: {}",
+                        r.into_error(None)
+                    )
+                }
+                _ => tracing::error!("could not {what} after reconnecting: no answer"),
             }
         }
         self.bump();
@@ -642,21 +795,54 @@ impl Client {
         stream: &Stream,
         rd: &mut FrameReader,
         stop: &mut watch::Receiver<bool>,
+        outbox: &Outbox,
+        ping: Option<Duration>,
     ) -> std::result::Result<(), IpcError> {
         let mut inbound = Inbound::default();
+        let mut next_ping = ping.map(|p| tokio::time::Instant::now() + p);
         loop {
             loop {
                 rd.take_sends(|body| inbound.try_deliver_view(&self.local, body));
                 inbound.flush_counts(&self.local);
                 let Some(f) = rd.next_frame()? else { break };
                 let body = &rd.bytes(&f)[HEADER_LEN..];
-                self.handle(&mut inbound, f.kind, body).await?;
+                if let Err(e) = self.handle(&mut inbound, f.kind, body).await {
+                    match e {
+                        // A frame whose body cannot be read hurts only itself: the frame
+                        // boundary is intact, so drop it and read on.
+                        IpcError::Malformed(why) if is_event(f.kind) => {
+                            self.undecodable(f.kind, &why)
+                        }
+                        e => return Err(e),
+                    }
+                }
                 rd.consume(&f);
             }
             tokio::select! {
                 r = rd.fill(stream) => if !r? { return Ok(()) },
                 _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = sleep_until_opt(next_ping) => {
+                    // Keeps a quiet connection alive past the daemon's idle timeout.
+                    let req = RequestMsg { req: frame::NO_REPLY, op: "ping".into(), ..RequestMsg::default() };
+                    if let Ok(f) = frame::msg_frame(kind::REQUEST, &req) {
+                        let _ = outbox.push_force(&f);
+                    }
+                    next_ping = ping.map(|p| tokio::time::Instant::now() + p);
+                }
             }
+        }
+    }
+
+    /// Drops an event frame that could not be decoded, with a (throttled) error line.
+    fn undecodable(&self, k: u8, why: &str) {
+        self.undecodable.fetch_add(1, Ordering::Relaxed);
+        self.local.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.bad_log.tick() {
+            tracing::error!(
+                kind = k,
+                more_since_last_line = more,
+                "dropped an event frame from the bus daemon that could not be decoded ({why}); the connection stays up"
+            );
         }
     }
 
@@ -702,7 +888,13 @@ impl Client {
             kind::NACK => {
                 let n: NackMsg = frame::decode_msg(body)?;
                 self.nacks.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(to = %n.to, envelope = n.id, code = %n.code, "the bus daemon could not deliver an event: {}", n.message);
+                if let Some(more) = self.nack_log.tick() {
+                    tracing::warn!(to = %n.to, envelope = n.id, code = %n.code, more_since_last_line = more, "the bus daemon could not deliver an event: {}", n.message);
+                }
+            }
+            kind::ACK => {
+                let a: frame::AckMsg = frame::decode_msg(body)?;
+                self.acked.fetch_add(a.settled, Ordering::AcqRel);
             }
             kind::ERROR => {
                 let e: ErrorMsg = frame::decode_msg(body)?;
@@ -747,12 +939,38 @@ impl Client {
     }
 }
 
+/// Whether a frame kind carries an event to deliver (a bad one is dropped, not fatal).
+fn is_event(k: u8) -> bool {
+    matches!(k, kind::SEND | kind::TOPIC | kind::GROUP_DELIVER)
+}
+
+/// A `TooLarge` from encoding `env` restated with its payload's size.
+pub(crate) fn payload_sized(e: Error, env: &Envelope) -> Error {
+    match e {
+        Error::TooLarge { size, limit, .. } => {
+            let payload = env.payload.to_msgpack().map_or(0, |p| p.len());
+            // `size` and `limit` are the frame's here: the rest of the frame is overhead.
+            frame::too_large(size, limit, payload)
+        }
+        e => e,
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+pub(crate) async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Client half of the handshake: `HELLO`, then `WELCOME` (or a typed `ERROR`).
 pub(crate) async fn handshake_client(
     stream: &Stream,
     rd: &mut FrameReader,
     cfg: &IpcConfig,
     watch: bool,
+    acks: bool,
 ) -> std::result::Result<Welcome, IpcError> {
     let hello = frame::msg_frame(
         kind::HELLO,
@@ -761,6 +979,8 @@ pub(crate) async fn handshake_client(
             client_id: cfg.client_id.clone(),
             token: cfg.token.clone(),
             watch,
+            max_frame: Some(cfg.max_frame as u64),
+            acks,
         },
     )
     .map_err(|e| IpcError::Malformed(e.to_string()))?;

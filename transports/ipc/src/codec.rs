@@ -207,23 +207,31 @@ impl SendEncoder {
         buf.extend_from_slice(&self.head);
         put_uint(buf, ev.id);
         buf.extend_from_slice(&self.mid);
+        let at = buf.len();
         if let Err(e) = write_payload(buf, &ev.payload) {
             buf.truncate(start);
             return Err(e);
         }
+        let payload = payload_len(&buf[at..]);
         buf.extend_from_slice(&self.tail);
         let len = buf.len() - start - 4;
         if len > max {
             buf.truncate(start);
-            return Err(Error::TooLarge {
-                transport: crate::NAME,
-                size: len,
-                limit: max,
-            });
+            return Err(crate::frame::too_large(len, max, payload));
         }
         buf[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
         Ok(())
     }
+}
+
+/// The length of the payload inside a `bin` written by [`write_payload`].
+fn payload_len(bin: &[u8]) -> usize {
+    let header = match bin.first() {
+        Some(0xc4) => 2,
+        Some(0xc5) => 3,
+        _ => 5,
+    };
+    bin.len().saturating_sub(header)
 }
 
 /// Room for the frame header, the id and the payload's own header.
@@ -576,8 +584,24 @@ impl Rd<'_> {
             });
         }
         let mut headers = Headers::default();
+        let mut seen = 0u8;
         for _ in 0..self.map()? {
-            match self.raw_str()? {
+            let key = self.raw_str()?;
+            // serde refuses a repeated field: decline, so the two paths agree.
+            let bit = match key {
+                b"correlation_id" => 1,
+                b"reply_to" => 2,
+                b"is_reply" => 4,
+                b"sent_at_us" => 8,
+                b"priority" => 16,
+                b"expires_at_us" => 32,
+                _ => return None,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            match key {
                 b"correlation_id" => headers.correlation_id = self.opt_uint()?,
                 b"reply_to" => headers.reply_to = self.opt_str()?.map(MachineId::from),
                 b"is_reply" => {
@@ -627,9 +651,16 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
     let mut r = Rd(bytes);
     let n = r.map()?;
     let (mut id, mut source, mut target, mut event, mut payload) = (None, None, None, None, None);
-    let mut headers = Headers::default();
+    let mut headers = None;
     for _ in 0..n {
         match r.raw_str()? {
+            // serde refuses a repeated field: decline, so the two paths agree.
+            b"id" if id.is_some() => return None,
+            b"source" if source.is_some() => return None,
+            b"target" if target.is_some() => return None,
+            b"event" if event.is_some() => return None,
+            b"payload" if payload.is_some() => return None,
+            b"headers" if headers.is_some() => return None,
             b"id" => id = Some(r.uint()?),
             b"source" => source = Some(MachineId::new(intern(&mut names.source, r.raw_str()?)?)),
             b"target" => {
@@ -649,7 +680,7 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
             }
             b"event" => event = Some(intern(&mut names.event, r.raw_str()?)?),
             b"payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
-            b"headers" => headers = r.headers()?,
+            b"headers" => headers = Some(r.headers()?),
             _ => return None,
         }
     }
@@ -659,8 +690,145 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
         target?,
         event?,
         Payload::Encoded(payload?),
-        headers,
+        // serde requires the headers map (its fields have defaults, the map does not).
+        headers?,
     ))
+}
+
+/// The address kind of a checked envelope's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    /// `{"Machine": id}`.
+    Machine,
+    /// `{"AnyOfType": type}`.
+    AnyOfType,
+    /// `{"AllOfType": type}`.
+    AllOfType,
+    /// `{"Topic": topic}`.
+    Topic,
+    /// `{"Group": group}`.
+    Group,
+}
+
+/// What a router needs from an envelope it checked with [`check_envelope`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked<'a> {
+    /// The envelope id.
+    pub id: u64,
+    /// The sending machine.
+    pub source: &'a str,
+    /// The target's address kind.
+    pub kind: TargetKind,
+    /// The target's id, type, topic or group.
+    pub target: &'a str,
+}
+
+/// Checks that `bytes` is exactly one envelope map of docs/PROTOCOL.md §2, without looking
+/// inside the payload; the error says what is wrong.
+///
+/// The rules are a subset of what [`decode_envelope`] accepts (so whatever passes
+/// decodes everywhere): a map of exactly the six keys, each once, in any order; `id` and
+/// the header times unsigned integers; strings valid UTF-8; the payload a `bin`; the
+/// headers only the documented keys, each once; nothing after the map. It does not
+/// recurse, so nesting cannot exhaust the stack.
+pub fn check_envelope(bytes: &[u8]) -> std::result::Result<Checked<'_>, &'static str> {
+    let mut r = Rd(bytes);
+    let n = r.map().ok_or("the envelope is not a MessagePack map")?;
+    if n != 6 {
+        return Err(
+            "the envelope map must have exactly the keys id, source, target, event, payload and headers",
+        );
+    }
+    let (mut id, mut source, mut target, mut event, mut payload, mut headers) =
+        (None, None, None, None, false, false);
+    for _ in 0..n {
+        let key = r.raw_str().ok_or("an envelope key is not a string")?;
+        let dup = match key {
+            b"id" => id
+                .replace(r.uint().ok_or("`id` is not an unsigned integer")?)
+                .is_some(),
+            b"source" => source
+                .replace(r.str().ok_or("`source` is not a UTF-8 string")?)
+                .is_some(),
+            b"target" => {
+                if r.map() != Some(1) {
+                    return Err("`target` is not a map with one entry");
+                }
+                let kind = match r.raw_str().ok_or("the `target` key is not a string")? {
+                    b"Machine" => TargetKind::Machine,
+                    b"AnyOfType" => TargetKind::AnyOfType,
+                    b"AllOfType" => TargetKind::AllOfType,
+                    b"Topic" => TargetKind::Topic,
+                    b"Group" => TargetKind::Group,
+                    _ => {
+                        return Err(
+                            "unknown `target` kind (Machine, AnyOfType, AllOfType, Topic, Group)",
+                        );
+                    }
+                };
+                let name = r.str().ok_or("the `target` value is not a UTF-8 string")?;
+                target.replace((kind, name)).is_some()
+            }
+            b"event" => event
+                .replace(r.str().ok_or("`event` is not a UTF-8 string")?)
+                .is_some(),
+            b"payload" => {
+                r.bin().ok_or("`payload` is not a MessagePack bin")?;
+                std::mem::replace(&mut payload, true)
+            }
+            b"headers" => {
+                check_headers(&mut r)?;
+                std::mem::replace(&mut headers, true)
+            }
+            _ => {
+                return Err(
+                    "unknown envelope key (the six keys are id, source, target, event, payload, headers)",
+                );
+            }
+        };
+        if dup {
+            return Err("an envelope key appears twice");
+        }
+    }
+    if !r.0.is_empty() {
+        return Err("bytes after the envelope map");
+    }
+    let (Some(id), Some(source), Some((kind, target)), Some(_), true, true) =
+        (id, source, target, event, payload, headers)
+    else {
+        return Err("an envelope key is missing");
+    };
+    Ok(Checked {
+        id,
+        source,
+        kind,
+        target,
+    })
+}
+
+fn check_headers(r: &mut Rd<'_>) -> std::result::Result<(), &'static str> {
+    let n = r.map().ok_or("`headers` is not a map")?;
+    let mut seen = 0u8;
+    for _ in 0..n {
+        let key = r.raw_str().ok_or("a header key is not a string")?;
+        let (bit, ok) = match key {
+            b"correlation_id" => (1, r.opt_uint().is_some()),
+            b"reply_to" => (2, r.opt_str().is_some()),
+            b"is_reply" => (4, matches!(r.marker(), Some(Marker::True | Marker::False))),
+            b"sent_at_us" => (8, r.uint().is_some()),
+            b"priority" => (16, r.uint().is_some_and(|p| p <= 255)),
+            b"expires_at_us" => (32, r.opt_uint().is_some()),
+            _ => return Err("unknown header key (see docs/PROTOCOL.md §2)"),
+        };
+        if !ok {
+            return Err("a header value has the wrong type");
+        }
+        if seen & bit != 0 {
+            return Err("a header key appears twice");
+        }
+        seen |= bit;
+    }
+    Ok(())
 }
 
 /// Decodes an envelope map: the fast path for this crate's own shape, serde for anything else.

@@ -47,6 +47,57 @@ pub mod kind {
     pub const GROUP_DELIVER: u8 = 0x14;
     /// Daemon/peer → sender: a `SEND` could not be delivered.
     pub const NACK: u8 = 0x15;
+    /// Daemon → client that asked for it in `HELLO`: `{settled: n}`, n more of its data frames are settled.
+    pub const ACK: u8 = 0x16;
+}
+
+/// `NACK` codes: why one event was not delivered (docs/PROTOCOL.md §7).
+pub mod nack {
+    /// No machine of that id is registered.
+    pub const UNKNOWN_TARGET: &str = "unknown_target";
+    /// The target's queue in the daemon is full (its policy is `nack`).
+    pub const FULL: &str = "full";
+    /// The envelope's `source` is not a machine this connection registered.
+    pub const NOT_OWNER: &str = "not_owner";
+    /// The envelope is not what docs/PROTOCOL.md §2 describes.
+    pub const MALFORMED: &str = "malformed";
+    /// `to` (or the topic, or the group) disagrees with the envelope's `target`.
+    pub const WRONG_TARGET: &str = "wrong_target";
+    /// The frame is bigger than the receiver accepts.
+    pub const TOO_LARGE: &str = "too_large";
+    /// The daemon's memory budget had no room for this large frame.
+    pub const OVER_BUDGET: &str = "over_budget";
+    /// The published topic is not a valid topic (empty segment, wildcard).
+    pub const INVALID_TOPIC: &str = "invalid_topic";
+}
+
+/// An `ACK` frame settling `n` data frames.
+pub fn ack_frame(n: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&[0, 0, 0, 0, kind::ACK, 0x81, 0xa7]);
+    v.extend_from_slice(b"settled");
+    // Writing to a Vec cannot fail.
+    let _ = rmp::encode::write_uint(&mut v, n);
+    let len = (v.len() - 4) as u32;
+    v[..4].copy_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// Body of an `ACK` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AckMsg {
+    /// How many more of the client's data frames (`SEND`, `PUBLISH`, `GROUP`) the daemon settled.
+    pub settled: u64,
+}
+
+/// A `TooLarge` error that names the payload: its size and the largest payload this event could carry.
+pub fn too_large(frame_len: usize, max: usize, payload_len: usize) -> Error {
+    let overhead = frame_len.saturating_sub(payload_len);
+    Error::TooLarge {
+        transport: crate::NAME,
+        size: payload_len,
+        limit: max.saturating_sub(overhead),
+    }
 }
 
 /// First frame of a connection.
@@ -62,6 +113,12 @@ pub struct Hello {
     /// Whether the daemon should push registry `EVENT`s to this connection.
     #[serde(default)]
     pub watch: bool,
+    /// The largest frame this client accepts (absent: the server's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame: Option<u64>,
+    /// Whether the daemon should send `ACK` frames for this client's data frames.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acks: bool,
 }
 
 /// Answer to `HELLO`.
@@ -73,6 +130,12 @@ pub struct Welcome {
     pub server_id: String,
     /// The largest frame (length field) the server accepts.
     pub max_frame: u64,
+    /// A connection that sends nothing for this long is closed (0 or absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// A frame must arrive whole within this long of its first byte (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_timeout_ms: Option<u64>,
 }
 
 /// Body of an `ERROR` frame.
@@ -112,6 +175,10 @@ pub struct RequestMsg {
     /// Consumer group (subscribe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// What happens to a send when the machine's queue in the daemon is full (register):
+    /// `"nack"` (the sender gets `NACK full`) or `"drop_oldest"`; absent: the daemon's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_full: Option<String>,
 }
 
 /// The daemon's health report.
@@ -129,6 +196,30 @@ pub struct DaemonHealth {
     pub rejected: u64,
     /// Last frame received, microseconds since the Unix epoch (0: none yet).
     pub last_activity_us: u64,
+    /// Sends refused with `NACK full` (the target's queue was full).
+    #[serde(default)]
+    pub nacked_full: u64,
+    /// Events dropped oldest-first from full queues (machines registered with `drop_oldest`).
+    #[serde(default)]
+    pub dropped_oldest: u64,
+    /// Topic and group deliveries dropped because the subscriber's queue was full.
+    #[serde(default)]
+    pub dropped_slow: u64,
+    /// Subscribers disconnected for staying too slow.
+    #[serde(default)]
+    pub slow_disconnects: u64,
+    /// Frames refused because the memory budget was spent.
+    #[serde(default)]
+    pub over_budget: u64,
+    /// Bytes of the memory budget in use, and its size.
+    #[serde(default)]
+    pub budget_used: u64,
+    /// The memory budget (bytes).
+    #[serde(default)]
+    pub budget_limit: u64,
+    /// Connections refused or closed because the process was out of file descriptors.
+    #[serde(default)]
+    pub fd_exhausted: u64,
 }
 
 /// Body of a `REPLY` frame.
@@ -325,6 +416,18 @@ pub fn write_send_event(
         crate::codec::put_str(b, to)?;
         crate::codec::write_event(b, ev)
     })
+    .map_err(|e| match e {
+        // Say it in payload bytes, which the caller controls.
+        Error::TooLarge { size, limit, .. } => {
+            let mut p = Vec::new();
+            let payload = match &ev.payload {
+                switchyard_core::PayloadRef::Encoded(b) => b.len(),
+                other => other.write_msgpack(&mut p).map_or(0, |_| p.len()),
+            };
+            too_large(size, limit, payload)
+        }
+        e => e,
+    })
 }
 
 /// A cursor over a frame body that reads the leading array elements of the hot frames.
@@ -401,6 +504,8 @@ pub struct FrameRef {
     pub kind: u8,
     /// Total bytes of the frame including the header.
     pub total: usize,
+    /// The daemon read this frame without keeping it (over its memory budget); only its head is left.
+    pub refused: bool,
 }
 
 /// Looks at the start of `buf`: a complete frame, `None` when more bytes are needed, or a typed error.
@@ -426,6 +531,7 @@ pub fn peek_frame(buf: &[u8], max: usize) -> std::result::Result<Option<FrameRef
     Ok(Some(FrameRef {
         kind: buf[4],
         total: 4 + len,
+        refused: false,
     }))
 }
 
