@@ -844,6 +844,95 @@ pub fn decode_envelope_with(bytes: &[u8], names: &mut Interner) -> Result<Envelo
     }
 }
 
+/// Checks the decoders against each other on one `SEND` body (after the kind byte), for the
+/// fuzz targets and property tests: the in-place view reader (cold, and warm after `prev`),
+/// the fast envelope decoders and [`check_envelope`] must each agree with serde
+/// (`Envelope::decode`) or decline. `Err` describes a disagreement.
+#[doc(hidden)]
+pub fn check_decoders_agree(prev: &[u8], body: &[u8]) -> std::result::Result<(), String> {
+    let mut b = body;
+    let Ok(n) = rmp::decode::read_array_len(&mut b) else {
+        return Ok(());
+    };
+    let Ok((to, env)) = rmp::decode::read_str_from_slice(b) else {
+        return Ok(());
+    };
+    if n != 2 {
+        return Ok(());
+    }
+    let serde = Envelope::decode(env);
+    let same_fields = |e: &Envelope, what: &str| -> std::result::Result<(), String> {
+        let Ok(s) = &serde else {
+            return Err(format!(
+                "{what} accepted what serde refuses: {:?}",
+                serde.as_ref().err()
+            ));
+        };
+        if (e.id, &e.source, &e.target, &e.event, &e.headers)
+            != (s.id, &s.source, &s.target, &s.event, &s.headers)
+            || e.payload.to_msgpack().ok() != s.payload.to_msgpack().ok()
+        {
+            return Err(format!("{what} read other fields than serde"));
+        }
+        Ok(())
+    };
+    if let Ok(e) = decode_envelope(env) {
+        same_fields(&e, "decode_envelope")?;
+    } else if serde.is_ok() {
+        return Err("decode_envelope refused what serde accepts".into());
+    }
+    if let Some(e) = canonical_decode(env, &mut Interner::default()) {
+        same_fields(&e, "canonical_decode")?;
+    }
+    if let Some(e) = fast_decode(env, &mut Interner::default()) {
+        same_fields(&e, "fast_decode")?;
+    }
+    if let Ok(c) = check_envelope(env) {
+        let e = serde
+            .as_ref()
+            .map_err(|e| format!("check_envelope passed what serde refuses: {e}"))?;
+        let (kind, target) = match &e.target {
+            Address::Machine(m) => (TargetKind::Machine, m.as_str()),
+            Address::AnyOfType(t) => (TargetKind::AnyOfType, &**t),
+            Address::AllOfType(t) => (TargetKind::AllOfType, &**t),
+            Address::Topic(t) => (TargetKind::Topic, &**t),
+            Address::Group(g) => (TargetKind::Group, &**g),
+        };
+        if (c.id, c.source, c.kind, c.target) != (e.id, e.source.as_str(), kind, target) {
+            return Err("check_envelope read other fields than serde".into());
+        }
+    }
+    let mut view = ViewReader::default();
+    for warm in [false, true] {
+        if warm {
+            let _ = view.read(prev);
+        }
+        if let Some(v) = view.read(body) {
+            let Ok(s) = &serde else {
+                return Err(format!(
+                    "the view reader (warm: {warm}) accepted what serde refuses"
+                ));
+            };
+            let plain = Headers {
+                sent_at_us: s.headers.sent_at_us,
+                ..Headers::default()
+            };
+            if v.to != to.as_bytes()
+                || (v.id, v.source, v.event, v.headers)
+                    != (s.id, s.source.as_str(), &*s.event, &plain)
+                || s.headers != plain
+                || s.target != Address::Machine(to.into())
+                || s.payload.to_msgpack().ok().as_deref() != Some(v.payload)
+            {
+                return Err(format!(
+                    "the view reader (warm: {warm}) read other fields than serde"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1133,5 +1222,130 @@ mod tests {
         bytes.truncate(bytes.len() - 3);
         assert!(decode_envelope(&bytes).is_err());
         assert!(decode_envelope(&[0xc1, 0xc1]).is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z]{1,3}",
+                "[a-zA-Z0-9_.-]{0,40}",
+                any::<String>().prop_map(|s| s.chars().take(40).collect()),
+            ]
+        }
+
+        fn address() -> impl Strategy<Value = Address> {
+            (0..5u8, name()).prop_map(|(k, n)| match k {
+                0 => Address::Machine(n.into()),
+                1 => Address::AnyOfType(n.into()),
+                2 => Address::AllOfType(n.into()),
+                3 => Address::Topic(n.into()),
+                _ => Address::Group(n.into()),
+            })
+        }
+
+        fn headers() -> impl Strategy<Value = Headers> {
+            (
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(name()),
+                any::<bool>(),
+                any::<u64>(),
+                prop_oneof![Just(0u8), any::<u8>()],
+                proptest::option::of(any::<u64>()),
+            )
+                .prop_map(|(c, r, is_reply, t, priority, x)| Headers {
+                    correlation_id: c,
+                    reply_to: r.map(MachineId::from),
+                    is_reply,
+                    sent_at_us: t,
+                    priority,
+                    expires_at_us: x,
+                })
+        }
+
+        fn envelope() -> impl Strategy<Value = Envelope> {
+            (
+                any::<u64>(),
+                name(),
+                address(),
+                name(),
+                proptest::collection::vec(any::<u8>(), 0..400),
+                prop_oneof![3 => Just(None), 1 => headers().prop_map(Some)],
+            )
+                .prop_map(|(id, src, target, ev, payload, h)| {
+                    let mut e = Envelope::new(
+                        id,
+                        src.into(),
+                        target,
+                        ev.into(),
+                        Payload::Encoded(Bytes::from(payload)),
+                    );
+                    if let Some(h) = h {
+                        e.headers = h;
+                    }
+                    e
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn envelopes_round_trip_through_every_decoder(e in envelope(), prev in envelope()) {
+                let mut mine = Vec::new();
+                write_envelope(&mut mine, &e).unwrap();
+                prop_assert_eq!(&mine, &e.encode().unwrap());
+                let d = decode_envelope(&mine).unwrap();
+                prop_assert_eq!(
+                    (d.id, &d.source, &d.target, &d.event, &d.headers),
+                    (e.id, &e.source, &e.target, &e.event, &e.headers)
+                );
+                prop_assert_eq!(d.payload.to_msgpack().unwrap(), e.payload.to_msgpack().unwrap());
+                let c = check_envelope(&mine).unwrap();
+                prop_assert_eq!((c.id, c.source), (e.id, e.source.as_str()));
+                // A SEND to the envelope's own target (or to another name): the view reader
+                // and the fast decoders agree with serde, cold and warm.
+                let to = match &e.target { Address::Machine(m) => m.to_string(), _ => "x".into() };
+                let body = send_body(&to, &e);
+                let prev_body = send_body(&to, &prev);
+                prop_assert_eq!(check_decoders_agree(&prev_body, &body), Ok(()));
+                prop_assert_eq!(check_decoders_agree(&body, &body), Ok(()));
+            }
+
+            #[test]
+            fn the_batch_encoder_writes_what_write_send_writes(es in proptest::collection::vec(envelope(), 1..12)) {
+                let mut enc = SendEncoder::default();
+                let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+                for e in &es {
+                    let to = e.target.to_string();
+                    enc.write(&mut mine, usize::MAX, &to, &OutgoingRef::of(e)).unwrap();
+                    crate::frame::write_send(&mut theirs, usize::MAX, &to, e).unwrap();
+                    prop_assert_eq!(&mine, &theirs);
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_make_the_decoders_disagree(
+                prev in proptest::collection::vec(any::<u8>(), 0..80),
+                body in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                prop_assert_eq!(check_decoders_agree(&prev, &body), Ok(()));
+                let mut framed = vec![0x92, 0xa1, b'b'];
+                framed.extend_from_slice(&body);
+                prop_assert_eq!(check_decoders_agree(&prev, &framed), Ok(()));
+            }
+
+            #[test]
+            fn mutated_envelopes_never_make_the_decoders_disagree(
+                e in envelope(),
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+            ) {
+                let mut body = send_body("b", &e);
+                let i = at.index(body.len());
+                body[i] = byte;
+                prop_assert_eq!(check_decoders_agree(&[], &body), Ok(()));
+            }
+        }
     }
 }
