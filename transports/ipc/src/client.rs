@@ -92,7 +92,44 @@ pub struct IpcStats {
     pub replayed: u64,
     /// Frames received that could not be decoded and were dropped (the connection stayed up).
     pub undecodable: u64,
+    /// Sends written to a daemon that died, whose receivers have not yet reported how many of
+    /// them they got; each settles into `lost` (or not) when its receiver reports, or after
+    /// three request timeouts (then counted lost).
+    pub in_doubt: u64,
 }
+
+/// Sends written through one lost daemon, not yet accounted for.
+struct Settling {
+    epoch: Arc<str>,
+    /// Sends per (source, target) written and not refused.
+    expect: crate::conn::Pairs,
+    lost: u64,
+}
+
+/// One loss report owed: `received` sends from `source` reached `target` through daemon `epoch`.
+#[derive(Clone)]
+struct Report {
+    epoch: Arc<str>,
+    source: Box<str>,
+    target: Box<str>,
+    received: u64,
+    /// Envelope id of the last attempt (to match its `NACK`).
+    id: u64,
+    first: std::time::Instant,
+}
+
+#[derive(Default)]
+struct Reports {
+    /// Sent, not refused (yet).
+    sent: Vec<Report>,
+    /// Refused (the source was not registered again yet): send again.
+    retry: Vec<Report>,
+    next_id: u64,
+}
+
+/// Report envelope ids count down from the top, far from the ids sessions use (a random
+/// 24-bit base shifted left by 40, counting up).
+const REPORT_ID: u64 = u64::MAX;
 
 /// The machines and subscriptions of this process bound to the ipc transport.
 pub(crate) struct Local {
@@ -115,6 +152,62 @@ pub(crate) struct Inbound {
     view: crate::codec::ViewReader,
     /// Delivered through borrowed views and not yet added to `Local::delivered`.
     delivered: u64,
+    /// `SEND`s received per (source, target), for the loss reports after a daemon restart.
+    pub(crate) received: Received,
+}
+
+/// `SEND`s received on one connection per (source, target): a run of one pair costs two comparisons.
+#[derive(Default)]
+pub(crate) struct Received {
+    source: Vec<u8>,
+    target: Vec<u8>,
+    run: u64,
+    all: crate::conn::Pairs,
+}
+
+impl Received {
+    /// Counts one `SEND` from `source` to `target`.
+    #[inline]
+    pub(crate) fn count(&mut self, source: &[u8], target: &[u8]) {
+        if self.run > 0
+            && crate::codec::same(&self.source, source)
+            && crate::codec::same(&self.target, target)
+        {
+            self.run += 1;
+            return;
+        }
+        self.flush();
+        self.source.clear();
+        self.source.extend_from_slice(source);
+        self.target.clear();
+        self.target.extend_from_slice(target);
+        self.run = 1;
+    }
+
+    fn flush(&mut self) {
+        if self.run == 0 {
+            return;
+        }
+        let (Ok(s), Ok(t)) = (
+            std::str::from_utf8(&self.source),
+            std::str::from_utf8(&self.target),
+        ) else {
+            self.run = 0;
+            return;
+        };
+        *self
+            .all
+            .entry(s.into())
+            .or_default()
+            .entry(t.into())
+            .or_insert(0) += std::mem::take(&mut self.run);
+    }
+
+    /// Everything counted, per source then target.
+    pub(crate) fn take(&mut self) -> crate::conn::Pairs {
+        self.flush();
+        std::mem::take(&mut self.all)
+    }
 }
 
 impl Inbound {
@@ -149,6 +242,10 @@ impl Inbound {
         let Some(v) = self.view.read(body) else {
             return false;
         };
+        // The transport's own events take the general path.
+        if v.event.starts_with(frame::RESERVED_PREFIX) {
+            return false;
+        }
         if Self::refresh_last(&mut self.last, local, v.to).is_err() {
             return false;
         }
@@ -168,6 +265,7 @@ impl Inbound {
         };
         if t.inbox.deliver_ref(ev) {
             self.delivered += 1;
+            self.received.count(v.source.as_bytes(), v.to);
             return true;
         }
         false
@@ -405,6 +503,15 @@ pub(crate) struct Client {
     acked: AtomicU64,
     /// What the last lost connection had not written, to send first on the next one.
     replay: Mutex<Option<Unsent>>,
+    /// The `server_id` of the daemon this client is (or was last) connected to.
+    epoch: Mutex<Arc<str>>,
+    /// `SEND`s refused by `NACK` on the current connection, per (source, target).
+    pair_nacks: Mutex<crate::conn::Pairs>,
+    /// Sends written to a lost daemon, per lost daemon, waiting for their receivers' reports.
+    settling: Mutex<Vec<Settling>>,
+    pub(crate) in_doubt: AtomicU64,
+    /// Loss reports this client owes other machines (what it received through a lost daemon).
+    reports: Mutex<Reports>,
     nack_log: Throttle,
     bad_log: Throttle,
     /// Called with the id of every machine that left (the p2p route cache listens).
@@ -431,6 +538,11 @@ impl Client {
             undecodable: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             replay: Mutex::new(None),
+            epoch: Mutex::new(Arc::from("")),
+            pair_nacks: Mutex::new(crate::conn::Pairs::default()),
+            settling: Mutex::new(Vec::new()),
+            in_doubt: AtomicU64::new(0),
+            reports: Mutex::new(Reports::default()),
             nack_log: Throttle::default(),
             bad_log: Throttle::default(),
             on_left: RwLock::new(Vec::new()),
@@ -449,6 +561,7 @@ impl Client {
             lost: self.lost.load(Ordering::Relaxed),
             replayed: self.replayed.load(Ordering::Relaxed),
             undecodable: self.undecodable.load(Ordering::Relaxed),
+            in_doubt: self.in_doubt.load(Ordering::Relaxed),
         }
     }
 
@@ -663,6 +776,9 @@ impl Client {
             format!("bus daemon {}", self.cfg.socket.display()),
         );
         self.acked.store(0, Ordering::Release);
+        *lock(&self.epoch) = Arc::from(welcome.server_id.as_str());
+        lock(&self.pair_nacks).clear();
+        outbox.start_tracking();
         // Snapshot before publishing the connection, so registrations made on it are not repeated.
         let entries: Vec<(MachineEntry, Option<u64>)> = lock(&self.registered).clone();
         let subs = self.local.sub_requests();
@@ -686,6 +802,8 @@ impl Client {
                 );
             }
         }
+        // What this client received through a lost daemon, told to each sender.
+        self.send_reports(&outbox, true);
         *write(&self.conn) = Some(outbox.clone());
         self.bump();
         let _ = self.connected.send_replace(true);
@@ -697,33 +815,217 @@ impl Client {
             .idle_timeout_ms
             .filter(|ms| *ms > 0)
             .map(|ms| Duration::from_millis(ms / 3).max(Duration::from_millis(10)));
-        let result = self.read_loop(&stream, &mut rd, stop, &outbox, ping).await;
+        let mut inbound = Inbound::default();
+        let result = self
+            .read_loop(&stream, &mut rd, stop, &outbox, ping, &mut inbound)
+            .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "bus daemon connection failed");
         }
+        let epoch = lock(&self.epoch).clone();
+        self.owe_reports(&epoch, inbound.received.take());
         *write(&self.conn) = None;
         let _ = self.connected.send_replace(false);
         outbox.close("connection lost");
         lock(&self.pending).clear();
         outbox.stopped(Duration::from_secs(1)).await;
-        let unsent = outbox.take_unsent();
-        // Written but never settled by the daemon: lost with it (or possibly delivered just
-        // before it died: see docs/SEMANTICS.md). Never fewer than were really lost.
-        let written = unsent
-            .data_pushed
-            .saturating_sub(unsent.replay_frames + unsent.dropped);
-        let lost = written.saturating_sub(self.acked.load(Ordering::Acquire));
-        if lost > 0 && !self.closed.load(Ordering::Acquire) {
-            self.count_lost(
-                lost,
-                "the bus daemon connection was lost before it settled them",
-            );
-        }
-        if unsent.replay_frames > 0 && !self.closed.load(Ordering::Acquire) {
-            *lock(&self.replay) = Some(unsent);
+        let mut unsent = outbox.take_unsent();
+        if !self.closed.load(Ordering::Acquire) {
+            // Publishes and group messages written but not settled by an `ACK`: lost with the
+            // daemon (it settles them as it handles them, so at most the last few were in fact
+            // handled before it died).
+            let written = unsent.data_pushed.saturating_sub(unsent.data_unsent);
+            let lost = written.saturating_sub(self.acked.load(Ordering::Acquire));
+            if lost > 0 {
+                self.count_lost(
+                    lost,
+                    "publishes and group messages the bus daemon had not handled when the connection was lost",
+                );
+            }
+            // Sends: their receivers say how many they got (reports after reconnecting).
+            let mut expect = std::mem::take(&mut unsent.sent);
+            for (s, per) in lock(&self.pair_nacks).drain() {
+                if let Some(e) = expect.get_mut(&s) {
+                    for (t, n) in per {
+                        if let Some(x) = e.get_mut(&t) {
+                            *x = x.saturating_sub(n);
+                        }
+                    }
+                }
+            }
+            expect.retain(|_, per| {
+                per.retain(|_, n| *n > 0);
+                !per.is_empty()
+            });
+            let total: u64 = expect.values().flat_map(|p| p.values()).sum();
+            if total > 0 {
+                self.in_doubt.fetch_add(total, Ordering::Relaxed);
+                tracing::info!(
+                    sends = total,
+                    "the bus daemon connection was lost: waiting for the receivers to report how many of the sends written to it they got"
+                );
+                lock(&self.settling).push(Settling {
+                    epoch: epoch.clone(),
+                    expect,
+                    lost: 0,
+                });
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(me.cfg.request_timeout * 3).await;
+                    me.settle_epoch(&epoch, true);
+                });
+            }
+            if unsent.replay_frames > 0 {
+                *lock(&self.replay) = Some(unsent);
+            }
         }
         // No generation bump here: cached peer-to-peer routes keep working while the
         // daemon is away; the reconnect bumps it, since anything may have changed.
+    }
+
+    /// Remembers the reports owed for what was received through daemon `epoch`.
+    fn owe_reports(&self, epoch: &Arc<str>, received: crate::conn::Pairs) {
+        if received.is_empty() || epoch.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut r = lock(&self.reports);
+        for (source, per) in received {
+            for (target, n) in per {
+                r.retry.push(Report {
+                    epoch: epoch.clone(),
+                    source: source.clone(),
+                    target,
+                    received: n,
+                    id: 0,
+                    first: now,
+                });
+            }
+        }
+    }
+
+    /// Sends the reports due (all of them, or only those refused since), as `SEND`s from the
+    /// receiving machine to the sending one; gives up on a report after three request timeouts.
+    fn send_reports(&self, outbox: &Outbox, all: bool) {
+        let give_up = self.cfg.request_timeout * 3;
+        let due: Vec<Report> = {
+            let mut r = lock(&self.reports);
+            r.sent.retain(|x| x.first.elapsed() <= give_up);
+            let mut due = std::mem::take(&mut r.retry);
+            if all {
+                due.append(&mut r.sent);
+            }
+            due
+        };
+        for mut rep in due {
+            if rep.first.elapsed() > give_up {
+                tracing::warn!(to = %rep.source, epoch = %rep.epoch, "gave up reporting received sends after a daemon restart: the sender counts them as lost");
+                continue;
+            }
+            let id = {
+                let mut r = lock(&self.reports);
+                r.next_id += 1;
+                REPORT_ID - r.next_id
+            };
+            rep.id = id;
+            let env = Envelope::new(
+                id,
+                MachineId::from(&*rep.target),
+                switchyard_core::Address::Machine(MachineId::from(&*rep.source)),
+                frame::DELIVERED_EVENT.into(),
+                switchyard_core::Payload::new(frame::Delivered {
+                    epoch: rep.epoch.to_string(),
+                    received: rep.received,
+                }),
+            );
+            let mut f = Vec::new();
+            if frame::write_send(&mut f, usize::MAX, &rep.source, &env).is_ok()
+                && outbox.push_untracked(&f).is_ok()
+            {
+                lock(&self.reports).sent.push(rep);
+            } else {
+                lock(&self.reports).retry.push(rep);
+            }
+        }
+    }
+
+    /// A report was refused: send it again shortly. `true` when the NACK was for a report.
+    fn report_refused(&self, to: &str, id: u64) -> bool {
+        let mut r = lock(&self.reports);
+        let Some(i) = r.sent.iter().position(|x| x.id == id && *x.source == *to) else {
+            return false;
+        };
+        let rep = r.sent.swap_remove(i);
+        r.retry.push(rep);
+        true
+    }
+
+    /// A receiver reported what it got from one of our machines through a lost daemon.
+    fn on_report(&self, env: &Envelope, to: &[u8]) {
+        let Ok(d) = env.payload.read::<frame::Delivered>() else {
+            tracing::debug!("ignoring an unreadable loss report");
+            return;
+        };
+        let source = String::from_utf8_lossy(to);
+        let target = env.source.as_str();
+        let mut settled = None;
+        {
+            let mut st = lock(&self.settling);
+            if let Some(s) = st.iter_mut().find(|s| *s.epoch == *d.epoch)
+                && let Some(per) = s.expect.get_mut(&*source)
+                && let Some(sent) = per.remove(target)
+            {
+                let lost = sent.saturating_sub(d.received);
+                s.lost += lost;
+                self.in_doubt.fetch_sub(sent, Ordering::Relaxed);
+                self.lost.fetch_add(lost, Ordering::Relaxed);
+                if per.is_empty() {
+                    s.expect.remove(&*source);
+                }
+                if s.expect.is_empty() {
+                    settled = Some(s.epoch.clone());
+                }
+            }
+        }
+        if let Some(epoch) = settled {
+            self.settle_epoch(&epoch, false);
+        }
+    }
+
+    /// Closes the books on a lost daemon: what is still unreported counts as lost when `timeout`.
+    fn settle_epoch(&self, epoch: &str, timeout: bool) {
+        let s = {
+            let mut st = lock(&self.settling);
+            let Some(i) = st.iter().position(|s| &*s.epoch == epoch) else {
+                return;
+            };
+            if !timeout && !st[i].expect.is_empty() {
+                return;
+            }
+            st.swap_remove(i)
+        };
+        let unreported: u64 = s.expect.values().flat_map(|p| p.values()).sum();
+        if unreported > 0 {
+            self.in_doubt.fetch_sub(unreported, Ordering::Relaxed);
+            self.lost.fetch_add(unreported, Ordering::Relaxed);
+        }
+        let lost = s.lost + unreported;
+        let total = self.lost.load(Ordering::Relaxed);
+        if lost > 0 {
+            tracing::warn!(
+                events = lost,
+                unreported,
+                total_lost = total,
+                "{lost} sends were lost with the bus daemon {epoch} (counted from their receivers' reports{})",
+                if unreported > 0 {
+                    "; receivers that did not report count as having got none"
+                } else {
+                    ""
+                }
+            );
+        } else {
+            tracing::info!("nothing sent was lost with the bus daemon {epoch}");
+        }
     }
 
     fn count_lost(&self, n: u64, why: &str) {
@@ -797,16 +1099,17 @@ impl Client {
         stop: &mut watch::Receiver<bool>,
         outbox: &Outbox,
         ping: Option<Duration>,
+        inbound: &mut Inbound,
     ) -> std::result::Result<(), IpcError> {
-        let mut inbound = Inbound::default();
         let mut next_ping = ping.map(|p| tokio::time::Instant::now() + p);
+        let mut retry_at = None;
         loop {
             loop {
                 rd.take_sends(|body| inbound.try_deliver_view(&self.local, body));
                 inbound.flush_counts(&self.local);
                 let Some(f) = rd.next_frame()? else { break };
                 let body = &rd.bytes(&f)[HEADER_LEN..];
-                if let Err(e) = self.handle(&mut inbound, f.kind, body).await {
+                if let Err(e) = self.handle(inbound, f.kind, body).await {
                     match e {
                         // A frame whose body cannot be read hurts only itself: the frame
                         // boundary is intact, so drop it and read on.
@@ -818,9 +1121,17 @@ impl Client {
                 }
                 rd.consume(&f);
             }
+            // A fixed deadline, so that steady traffic cannot keep postponing it.
+            if retry_at.is_none() && !lock(&self.reports).retry.is_empty() {
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+            }
             tokio::select! {
                 r = rd.fill(stream) => if !r? { return Ok(()) },
                 _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = sleep_until_opt(retry_at) => {
+                    retry_at = None;
+                    self.send_reports(outbox, false);
+                }
                 _ = sleep_until_opt(next_ping) => {
                     // Keeps a quiet connection alive past the daemon's idle timeout.
                     let req = RequestMsg { req: frame::NO_REPLY, op: "ping".into(), ..RequestMsg::default() };
@@ -856,7 +1167,16 @@ impl Client {
             kind::SEND => {
                 let mut b = Body::array(body, 2)?;
                 let to = b.raw_str()?;
-                if !inbound.deliver_bytes(&self.local, to, b.rest()).await? {
+                let env = crate::codec::decode_envelope_with(b.rest(), &mut inbound.names)
+                    .map_err(|e| IpcError::Malformed(format!("envelope: {e}")))?;
+                if env.event.starts_with(frame::RESERVED_PREFIX) {
+                    if &*env.event == frame::DELIVERED_EVENT {
+                        self.on_report(&env, to);
+                    }
+                    return Ok(());
+                }
+                inbound.received.count(env.source.as_str().as_bytes(), to);
+                if !inbound.deliver_to(&self.local, to, env).await? {
                     tracing::debug!(
                         machine = %String::from_utf8_lossy(to),
                         "event for a machine no longer bound here; dropped"
@@ -887,7 +1207,17 @@ impl Client {
             }
             kind::NACK => {
                 let n: NackMsg = frame::decode_msg(body)?;
+                if self.report_refused(&n.to, n.id) {
+                    return Ok(());
+                }
                 self.nacks.fetch_add(1, Ordering::Relaxed);
+                if let Some(src) = &n.source {
+                    *lock(&self.pair_nacks)
+                        .entry(src.as_str().into())
+                        .or_default()
+                        .entry(n.to.as_str().into())
+                        .or_insert(0) += 1;
+                }
                 if let Some(more) = self.nack_log.tick() {
                     tracing::warn!(to = %n.to, envelope = n.id, code = %n.code, more_since_last_line = more, "the bus daemon could not deliver an event: {}", n.message);
                 }

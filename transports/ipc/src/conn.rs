@@ -130,6 +130,9 @@ struct Ledger {
     budget: Arc<Budget>,
     /// Bytes taken from the budget: queued plus in flight.
     held: usize,
+    /// Of those, bytes of data pushes not yet written (what the queue bound applies to;
+    /// control frames such as replies and `NACK`s never make the queue full).
+    data: usize,
     /// Absolute stream positions: bytes pushed, bytes written.
     pushed: u64,
     written: u64,
@@ -150,13 +153,14 @@ impl Ledger {
             if s.end > self.written {
                 break;
             }
-            if let Some(s) = self.segs.pop_front()
-                && let Some(k) = s.sink
-            {
-                due.push((k, s.frames));
+            if let Some(s) = self.segs.pop_front() {
+                self.data = self.data.saturating_sub(s.len);
+                if let Some(k) = s.sink {
+                    due.push((k, s.frames));
+                }
             }
         }
-        if self.held < limit / 2 {
+        if self.data < limit / 2 && self.held.saturating_sub(self.data) < (2 * limit).max(1 << 20) {
             self.full_since = None;
         }
     }
@@ -169,6 +173,7 @@ impl Ledger {
             }
         }
         self.budget.give(std::mem::take(&mut self.held));
+        self.data = 0;
     }
 }
 
@@ -183,6 +188,34 @@ pub(crate) enum Offer {
     Closed,
 }
 
+/// `SEND` frames per source machine, then per target machine.
+pub(crate) type Pairs = rustc_hash::FxHashMap<Box<str>, rustc_hash::FxHashMap<Box<str>, u64>>;
+
+/// Counts the `SEND` frames of `buf` per (source, target) into `pairs`: adds them, or takes them away.
+fn count_sends(buf: &[u8], pairs: &mut Pairs, add: bool) {
+    walk(buf, 0, |at, k, total| {
+        if k == frame::kind::SEND
+            && let Some(f) = buf.get(at + frame::HEADER_LEN..at + total)
+            && let Some((to, source)) = crate::codec::send_pair(f)
+        {
+            let per = match pairs.get_mut(source) {
+                Some(p) => p,
+                None if add => pairs.entry(source.into()).or_default(),
+                None => return true,
+            };
+            match per.get_mut(to) {
+                Some(n) if add => *n += 1,
+                Some(n) => *n = n.saturating_sub(1),
+                None if add => {
+                    per.insert(to.into(), 1);
+                }
+                None => {}
+            }
+        }
+        true
+    });
+}
+
 /// Data frames kept when a connection was lost before they were written: sent again after a reconnect.
 #[derive(Default)]
 pub(crate) struct Unsent {
@@ -190,10 +223,14 @@ pub(crate) struct Unsent {
     pub(crate) replay: Vec<u8>,
     /// How many frames `replay` holds.
     pub(crate) replay_frames: u64,
-    /// Data frames pushed on this connection in all.
+    /// `PUBLISH` and `GROUP` frames pushed on this connection in all.
     pub(crate) data_pushed: u64,
+    /// Of those, how many were never written (replayed or dropped).
+    pub(crate) data_unsent: u64,
     /// Data frames never written that are not replayed (their callers got an error).
     pub(crate) dropped: u64,
+    /// `SEND` frames written to the socket, per (source, target).
+    pub(crate) sent: Pairs,
 }
 
 fn credit_all(due: &mut Vec<(Arc<AckSink>, u64)>) {
@@ -202,12 +239,17 @@ fn credit_all(due: &mut Vec<(Arc<AckSink>, u64)>) {
     }
 }
 
-/// Whether a client → server frame kind carries an event (counted, acknowledged, replayed).
+/// Whether a client → server frame kind carries an event (replayed after a reconnect).
 fn is_data(k: u8) -> bool {
     matches!(
         k,
         frame::kind::SEND | frame::kind::PUBLISH | frame::kind::GROUP
     )
+}
+
+/// Whether a frame is settled by the daemon's `ACK`s (publishes and group messages).
+fn is_acked(k: u8) -> bool {
+    matches!(k, frame::kind::PUBLISH | frame::kind::GROUP)
 }
 
 /// Walks whole frames in `buf` from `at`: calls `f(start, kind, total)` for each; returns where it stopped.
@@ -223,11 +265,11 @@ fn walk(buf: &[u8], mut at: usize, mut f: impl FnMut(usize, u8, usize) -> bool) 
     at
 }
 
-/// Data frames among the whole frames of `buf`.
-fn count_data(buf: &[u8]) -> u64 {
+/// Publish and group frames among the whole frames of `buf`.
+fn count_acked(buf: &[u8]) -> u64 {
     let mut n = 0;
     walk(buf, 0, |_, k, _| {
-        n += u64::from(is_data(k));
+        n += u64::from(is_acked(k));
         true
     });
     n
@@ -253,8 +295,9 @@ struct OutState {
     last_direct: Option<Instant>,
     /// Daemon outboxes only.
     ledger: Option<Ledger>,
-    /// Data frames pushed (client connections count them to know what a lost daemon took).
-    data_pushed: u64,
+    /// Client connections to the daemon count what they push, to know what a lost daemon took:
+    /// publishes and group messages, and sends per (source, target).
+    track: Option<(u64, Pairs)>,
     /// What the writer had not written when its write failed, and where its first whole frame starts.
     failed: Option<(Vec<u8>, usize)>,
 }
@@ -301,6 +344,7 @@ impl Outbox {
         let ledger = Ledger {
             budget,
             held: 0,
+            data: 0,
             pushed: 0,
             written: 0,
             segs: VecDeque::new(),
@@ -327,7 +371,7 @@ impl Outbox {
                 draining: false,
                 last_direct: None,
                 ledger,
-                data_pushed: 0,
+                track: None,
                 failed: None,
             }),
             wake: Notify::new(),
@@ -386,9 +430,24 @@ impl Outbox {
             let OutState { buf, enc, .. } = &mut *st;
             f(buf, enc, self.max_frame)?;
         }
-        st.data_pushed += count_data(&st.buf[start..]);
+        Self::track(&mut st, start);
         self.after_push(st, start == 0)?;
         Ok(true)
+    }
+
+    /// Counts the frames appended from `start`, on a tracked connection.
+    fn track(st: &mut OutState, start: usize) {
+        let OutState { buf, track, .. } = st;
+        if let Some((acked, pairs)) = track {
+            let new = &buf[start..];
+            *acked += count_acked(new);
+            count_sends(new, pairs, true);
+        }
+    }
+
+    /// Starts counting what is pushed (a client's connection to the daemon).
+    pub(crate) fn start_tracking(&self) {
+        lock(&self.st).track = Some((0, Pairs::default()));
     }
 
     /// After bytes were appended: writes them now if the connection is quiet, else wakes the writer.
@@ -451,11 +510,18 @@ impl Outbox {
         let mut w: &Stream = &self.stream;
         let mut off = 0;
         let buf = &st.buf;
+        let mut failed = None;
         while off < buf.len() {
             match Pin::new(&mut w).poll_write(&mut cx, &buf[off..]) {
-                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(0)) => {
+                    failed = Some(std::io::ErrorKind::WriteZero.into());
+                    break;
+                }
                 Poll::Ready(Ok(n)) => off += n,
-                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
                 Poll::Pending => break,
             }
         }
@@ -473,7 +539,9 @@ impl Outbox {
         {
             l.wrote(off, self.limit, due);
         }
-        Ok(())
+        // What was written is gone from the buffer even when the write then failed: a replay
+        // must not send it twice.
+        failed.map_or(Ok(()), Err)
     }
 
     /// Queues frames for a client of the daemon without waiting (daemon outboxes only).
@@ -496,22 +564,23 @@ impl Outbox {
         let Some(l) = &st.ledger else {
             return Offer::Closed;
         };
-        if l.held > 0 && l.held + n > self.limit {
+        if l.data > 0 && l.data + n > self.limit {
             if !drop_oldest {
                 return Offer::Full;
             }
-            let need = l.held + n - self.limit;
+            let need = l.data + n - self.limit;
             self.drop_oldest(&mut st, need, &mut due);
         }
         let Some(l) = &mut st.ledger else {
             return Offer::Closed;
         };
-        if (l.held > 0 && l.held + n > self.limit) || !l.budget.try_take(n) {
+        if (l.data > 0 && l.data + n > self.limit) || !l.budget.try_take(n) {
             drop(st);
             credit_all(&mut due);
             return Offer::Full;
         }
         l.held += n;
+        l.data += n;
         l.pushed += n as u64;
         l.segs.push_back(Seg {
             end: l.pushed,
@@ -581,6 +650,7 @@ impl Outbox {
         }
         l.pushed -= freed as u64;
         l.held -= freed;
+        l.data = l.data.saturating_sub(freed);
         l.budget.give(freed);
         l.dropped += frames;
     }
@@ -697,13 +767,25 @@ impl Outbox {
             l.held += frame.len();
             l.pushed += frame.len() as u64;
             // A client that sends requests and never reads the replies is a slow consumer too.
-            if l.held > 2 * self.limit {
+            if l.held.saturating_sub(l.data) > (2 * self.limit).max(1 << 20) {
                 l.full_since.get_or_insert_with(Instant::now);
             }
         }
         let was_empty = st.buf.is_empty();
+        let start = st.buf.len();
         st.buf.extend_from_slice(frame);
-        st.data_pushed += count_data(frame);
+        Self::track(&mut st, start);
+        self.after_push(st, was_empty)
+    }
+
+    /// [`Outbox::push_force`] without counting the frame (the client's own loss reports).
+    pub(crate) fn push_untracked(&self, frame: &[u8]) -> Result<()> {
+        let mut st = lock(&self.st);
+        if let Some(why) = &st.closed {
+            return Err(self.closed_err(why));
+        }
+        let was_empty = st.buf.is_empty();
+        st.buf.extend_from_slice(frame);
         self.after_push(st, was_empty)
     }
 
@@ -768,8 +850,17 @@ impl Outbox {
         let skew = std::mem::take(&mut st.skew);
         let buf = std::mem::take(&mut st.buf);
         bytes.extend_from_slice(buf.get(skew..).unwrap_or_default());
+        let (pushed, mut sent) = st.track.take().unwrap_or_default();
+        drop(st);
+        count_sends(&bytes, &mut sent, false);
+        sent.retain(|_, per| {
+            per.retain(|_, n| *n > 0);
+            !per.is_empty()
+        });
         let mut out = Unsent {
-            data_pushed: st.data_pushed,
+            data_pushed: pushed,
+            data_unsent: count_acked(&bytes),
+            sent,
             ..Unsent::default()
         };
         walk(&bytes, 0, |at, k, total| {

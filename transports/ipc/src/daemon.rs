@@ -365,7 +365,12 @@ impl Daemon {
             owner_uid(&cfg.socket)
         };
         let shared = Arc::new(Shared {
-            server_id: format!("switchyard-bus-{}", std::process::id()),
+            // Unique per start: clients tell a restarted daemon from the one they lost.
+            server_id: format!(
+                "switchyard-bus-{}-{:08x}",
+                std::process::id(),
+                RandomState::new().hash_one(now_micros()) as u32
+            ),
             st: Mutex::new(State::default()),
             generation: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
@@ -1325,10 +1330,7 @@ impl Link<'_> {
             }
             at += total;
         }
-        route
-            .outbox
-            .offer(run, n, self.sink.as_ref(), route.drop_oldest)
-            == Offer::Queued
+        route.outbox.offer(run, n, None, route.drop_oldest) == Offer::Queued
     }
 
     /// Answers a frame that was read past the memory budget and thrown away.
@@ -1345,7 +1347,6 @@ impl Link<'_> {
                 let to = b.as_mut().and_then(|b| b.str().ok()).unwrap_or_default();
                 let id = b.map_or(0, |b| peek_envelope_id(b.rest()));
                 self.nack(to, id, nack::OVER_BUDGET, why);
-                self.settle();
             }
             kind::PUBLISH | kind::GROUP => {
                 let mut b = Body::array(body, 3).ok();
@@ -1369,6 +1370,18 @@ impl Link<'_> {
     }
 
     fn nack(&self, to: &str, id: u64, code: &'static str, message: String) {
+        self.nack_from(to, id, None, code, message);
+    }
+
+    /// A `NACK` that names the envelope's source (so a sender can count per source and target).
+    fn nack_from(
+        &self,
+        to: &str,
+        id: u64,
+        source: Option<&str>,
+        code: &'static str,
+        message: String,
+    ) {
         if let Ok(f) = frame::msg_frame(
             kind::NACK,
             &NackMsg {
@@ -1376,6 +1389,7 @@ impl Link<'_> {
                 id,
                 code: code.into(),
                 message,
+                source: source.map(str::to_string),
             },
         ) {
             let _ = self.me.push_force(&f);
@@ -1467,24 +1481,25 @@ impl Link<'_> {
                                 _ => name == &*r.machine_type,
                             },
                         )
-                        .map(|c| c.id),
+                        .map(|c| (c.id, c.source)),
                 };
-                let id = match verdict {
-                    Ok(id) => id,
+                let (id, source) = match verdict {
+                    Ok(c) => c,
                     Err((code, message)) => {
                         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                        let id = peek_envelope_id(env);
-                        self.nack(to, id, code, message);
-                        self.settle();
+                        let c = check_envelope(env).ok();
+                        let id = c.map_or_else(|| peek_envelope_id(env), |c| c.id);
+                        self.nack_from(to, id, c.map(|c| c.source), code, message);
                         return Ok(());
                     }
                 };
                 let Some(route) = route else { return Ok(()) };
                 if bytes.len() > route.max_frame {
                     self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    self.nack(
+                    self.nack_from(
                         to,
                         id,
+                        Some(source),
                         nack::TOO_LARGE,
                         format!(
                             "a frame of {} bytes is over the {}-byte limit `{to}`'s process accepts: send less",
@@ -1492,37 +1507,33 @@ impl Link<'_> {
                             route.max_frame
                         ),
                     );
-                    self.settle();
                     return Ok(());
                 }
-                match route
-                    .outbox
-                    .offer(bytes, 1, self.sink.as_ref(), route.drop_oldest)
-                {
+                match route.outbox.offer(bytes, 1, None, route.drop_oldest) {
                     Offer::Queued => {
                         self.shared.routed.fetch_add(1, Ordering::Relaxed);
                     }
                     Offer::Full => {
                         self.shared.nacked_full.fetch_add(1, Ordering::Relaxed);
-                        self.nack(
+                        self.nack_from(
                             to,
                             id,
+                            Some(source),
                             nack::FULL,
                             format!(
                                 "the queue of `{to}` in the bus daemon is full: its process is not reading fast enough; slow down or retry"
                             ),
                         );
-                        self.settle();
                     }
                     Offer::Closed => {
                         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                        self.nack(
+                        self.nack_from(
                             to,
                             id,
+                            Some(source),
                             nack::UNKNOWN_TARGET,
                             Error::UnknownTarget(to.into()).to_string(),
                         );
-                        self.settle();
                     }
                 }
                 Ok(())
@@ -1748,7 +1759,18 @@ fn peek_req(body: &[u8]) -> u64 {
 }
 
 /// The `id` field of an envelope map, for NACKs; 0 when it cannot be read.
+///
+/// Reads the first key directly (where every encoder puts `id`), so a truncated or
+/// otherwise broken envelope still names its event when it can.
 pub(crate) fn peek_envelope_id(env: &[u8]) -> u64 {
+    let mut rd = env;
+    if rmp::decode::read_map_len(&mut rd).is_ok()
+        && let Ok((b"id", mut rest)) =
+            rmp::decode::read_str_from_slice(rd).map(|(k, r)| (k.as_bytes(), r))
+        && let Ok(id) = rmp::decode::read_int::<u64, _>(&mut rest)
+    {
+        return id;
+    }
     #[derive(serde::Deserialize)]
     struct IdOnly {
         #[serde(default)]

@@ -329,10 +329,29 @@ pub struct NackMsg {
     pub to: String,
     /// The envelope id.
     pub id: u64,
-    /// Error code (`unknown_target`).
+    /// Error code (see [`nack`]).
     pub code: String,
     /// Human-readable message.
     pub message: String,
+    /// The envelope's source, when the daemon could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// The event a receiving client sends each sending machine after the bus daemon it shared
+/// with them restarted: how many of that machine's sends it received through the lost one.
+pub const DELIVERED_EVENT: &str = "switchyard.ipc.delivered";
+
+/// Event names starting with this are the ipc transport's own and never reach handlers.
+pub const RESERVED_PREFIX: &str = "switchyard.ipc.";
+
+/// Payload of a [`DELIVERED_EVENT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// The lost daemon's `server_id` (from its `WELCOME`).
+    pub epoch: String,
+    /// `SEND`s from the event's target machine to its source machine received through it.
+    pub received: u64,
 }
 
 /// Appends a frame whose body `body` writes; fails (leaving `buf` as it was) on encode errors or when over `max`.

@@ -291,6 +291,7 @@ async fn serve_peer(
                             to: String::from_utf8_lossy(to).into_owned(),
                             id: crate::daemon::peek_envelope_id(b.rest()),
                             code: code.into(),
+                            source: None,
                         },
                     )
                     .map_err(|e| IpcError::Malformed(e.to_string()))?;
