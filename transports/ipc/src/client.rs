@@ -778,7 +778,13 @@ impl Client {
         self.acked.store(0, Ordering::Release);
         *lock(&self.epoch) = Arc::from(welcome.server_id.as_str());
         lock(&self.pair_nacks).clear();
-        outbox.start_tracking();
+        // At most half the daemon's per-connection queue in flight to any one target: a fast
+        // sender waits for its receiver instead of filling that queue and losing events.
+        outbox.start_tracking(
+            welcome
+                .queue_limit
+                .map(|q| usize::try_from(q / 2).unwrap_or(usize::MAX).max(1)),
+        );
         // Snapshot before publishing the connection, so registrations made on it are not repeated.
         let entries: Vec<(MachineEntry, Option<u64>)> = lock(&self.registered).clone();
         let subs = self.local.sub_requests();
@@ -1225,6 +1231,11 @@ impl Client {
             kind::ACK => {
                 let a: frame::AckMsg = frame::decode_msg(body)?;
                 self.acked.fetch_add(a.settled, Ordering::AcqRel);
+                if !a.sends.is_empty()
+                    && let Some(o) = read(&self.conn).as_ref()
+                {
+                    o.settle_window(&a.sends);
+                }
             }
             kind::ERROR => {
                 let e: ErrorMsg = frame::decode_msg(body)?;

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -86,32 +86,57 @@ impl Budget {
     }
 }
 
-/// Where the daemon reports a sending connection's data frames as settled (`ACK` frames).
+/// Where the daemon reports what happened to a sending connection's frames (`ACK` frames):
+/// publishes and group messages handled, and bytes of sends per target written or refused
+/// (the sender's per-target window).
 pub(crate) struct AckSink {
-    pending: AtomicU64,
+    pending: Mutex<(u64, Vec<(Arc<str>, u64)>)>,
     to: Weak<Outbox>,
 }
+
+/// A send credit owed to a sender: its sink, the target, the bytes.
+pub(crate) type Due = (Arc<AckSink>, Arc<str>, u64);
 
 impl AckSink {
     /// A sink that acknowledges on `to`.
     pub(crate) fn new(to: &Arc<Outbox>) -> Arc<AckSink> {
         Arc::new(AckSink {
-            pending: AtomicU64::new(0),
+            pending: Mutex::new((0, Vec::new())),
             to: Arc::downgrade(to),
         })
     }
 
-    /// Settles `n` frames. The first credit after an `ACK` went out writes the next one, with
-    /// everything credited until then; later credits ride along, so none is acknowledged twice.
+    /// Settles `n` publishes or group messages now.
     pub(crate) fn credit(&self, n: u64) {
-        if n == 0 || self.pending.fetch_add(n, Ordering::AcqRel) != 0 {
-            return;
+        lock(&self.pending).0 += n;
+        self.flush();
+    }
+
+    /// Settles `bytes` of sends to `target` (written to it, dropped or refused) now.
+    pub(crate) fn credit_send(&self, target: &Arc<str>, bytes: u64) {
+        self.add_send(target, bytes);
+        self.flush();
+    }
+
+    fn add_send(&self, target: &Arc<str>, bytes: u64) {
+        let mut p = lock(&self.pending);
+        match p
+            .1
+            .iter_mut()
+            .find(|(t, _)| Arc::ptr_eq(t, target) || **t == **target)
+        {
+            Some((_, b)) => *b += bytes,
+            None => p.1.push((target.clone(), bytes)),
         }
-        let n = self.pending.swap(0, Ordering::AcqRel);
-        if n > 0
+    }
+
+    /// Writes one `ACK` with everything credited since the last one.
+    fn flush(&self) {
+        let (n, sends) = std::mem::take(&mut *lock(&self.pending));
+        if (n > 0 || !sends.is_empty())
             && let Some(o) = self.to.upgrade()
         {
-            let _ = o.push_force(&frame::ack_frame(n));
+            let _ = o.push_force(&frame::ack_frame(n, &sends));
         }
     }
 }
@@ -122,7 +147,8 @@ struct Seg {
     end: u64,
     len: usize,
     frames: u64,
-    sink: Option<Arc<AckSink>>,
+    /// The sender to credit, and the target, for sends from a client that wants `ACK`s.
+    sink: Option<(Arc<AckSink>, Arc<str>)>,
 }
 
 /// What a daemon outbox keeps beside the bytes: budget, credits, drops, how long it has been full.
@@ -140,11 +166,16 @@ struct Ledger {
     /// Data frames dropped (oldest first) to make room.
     dropped: u64,
     full_since: Option<Instant>,
+    /// The last write that made progress, or when the queue went from empty to not empty.
+    last_write: Instant,
 }
 
 impl Ledger {
     /// Records `n` bytes written; moves the credits now due to `due`.
-    fn wrote(&mut self, n: usize, limit: usize, due: &mut Vec<(Arc<AckSink>, u64)>) {
+    fn wrote(&mut self, n: usize, limit: usize, due: &mut Vec<Due>) {
+        if n > 0 {
+            self.last_write = Instant::now();
+        }
         self.written += n as u64;
         let give = n.min(self.held);
         self.held -= give;
@@ -155,8 +186,8 @@ impl Ledger {
             }
             if let Some(s) = self.segs.pop_front() {
                 self.data = self.data.saturating_sub(s.len);
-                if let Some(k) = s.sink {
-                    due.push((k, s.frames));
+                if let Some((k, t)) = s.sink {
+                    due.push((k, t, s.len as u64));
                 }
             }
         }
@@ -166,10 +197,10 @@ impl Ledger {
     }
 
     /// Everything still queued is settled (the connection is gone); the budget is given back.
-    fn settle_all(&mut self, due: &mut Vec<(Arc<AckSink>, u64)>) {
+    fn settle_all(&mut self, due: &mut Vec<Due>) {
         for s in self.segs.drain(..) {
-            if let Some(k) = s.sink {
-                due.push((k, s.frames));
+            if let Some((k, t)) = s.sink {
+                due.push((k, t, s.len as u64));
             }
         }
         self.budget.give(std::mem::take(&mut self.held));
@@ -233,9 +264,20 @@ pub(crate) struct Unsent {
     pub(crate) sent: Pairs,
 }
 
-fn credit_all(due: &mut Vec<(Arc<AckSink>, u64)>) {
-    for (k, n) in due.drain(..) {
-        k.credit(n);
+/// Credits what is due, one `ACK` per sender.
+fn credit_all(due: &mut Vec<Due>) {
+    if due.is_empty() {
+        return;
+    }
+    let mut sinks: Vec<Arc<AckSink>> = Vec::new();
+    for (k, t, b) in due.drain(..) {
+        k.add_send(&t, b);
+        if !sinks.iter().any(|x| Arc::ptr_eq(x, &k)) {
+            sinks.push(k);
+        }
+    }
+    for k in sinks {
+        k.flush();
     }
 }
 
@@ -300,6 +342,9 @@ struct OutState {
     track: Option<(u64, Pairs)>,
     /// What the writer had not written when its write failed, and where its first whole frame starts.
     failed: Option<(Vec<u8>, usize)>,
+    /// Per-target flow control: the window, and bytes of sends in flight per target (until the
+    /// daemon's `ACK` says they were written to the target or refused).
+    window: Option<(usize, rustc_hash::FxHashMap<Box<str>, usize>)>,
 }
 
 /// The sending side of a connection: a bounded byte buffer and its writer task.
@@ -350,6 +395,7 @@ impl Outbox {
             segs: VecDeque::new(),
             dropped: 0,
             full_since: None,
+            last_write: Instant::now(),
         };
         Self::start_with(stream, limit, max_frame, label, Some(ledger))
     }
@@ -373,6 +419,7 @@ impl Outbox {
                 ledger,
                 track: None,
                 failed: None,
+                window: None,
             }),
             wake: Notify::new(),
             space: Notify::new(),
@@ -402,17 +449,19 @@ impl Outbox {
         &self,
         f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<bool> {
-        self.try_push_enc(|b, _, max| f(b, max))
+        self.try_push_enc(true, |b, _, max| f(b, max))
     }
 
     /// Appends a `SEND` frame for a borrowed event, through the connection's segment cache.
     pub(crate) fn try_push_event(&self, to: &str, ev: &OutgoingRef<'_>) -> Result<bool> {
-        self.try_push_enc(|b, enc, max| enc.write(b, max, to, ev))
+        self.try_push_enc(true, |b, enc, max| enc.write(b, max, to, ev))
     }
 
-    /// [`Outbox::try_push`] with the connection's `SEND` encoder at hand.
+    /// [`Outbox::try_push`] with the connection's `SEND` encoder at hand; `Ok(false)` also when
+    /// a target's window is spent (`window`: check it; the frames are taken back then).
     fn try_push_enc(
         &self,
+        window: bool,
         f: impl FnOnce(&mut Vec<u8>, &mut crate::codec::SendEncoder, usize) -> Result<()>,
     ) -> Result<bool> {
         let mut st = lock(&self.st);
@@ -430,24 +479,101 @@ impl Outbox {
             let OutState { buf, enc, .. } = &mut *st;
             f(buf, enc, self.max_frame)?;
         }
+        if window && !Self::window_ok(&mut st, start) {
+            st.buf.truncate(start);
+            return Ok(false);
+        }
         Self::track(&mut st, start);
         self.after_push(st, start == 0)?;
         Ok(true)
     }
 
+    /// Whether the `SEND`s appended from `start` fit their targets' windows (always when a
+    /// target has nothing in flight, so a big event still goes).
+    fn window_ok(st: &mut OutState, start: usize) -> bool {
+        let OutState { buf, window, .. } = st;
+        let Some((limit, inflight)) = window else {
+            return true;
+        };
+        let mut ok = true;
+        walk(&buf[start..], 0, |at, k, total| {
+            if k == frame::kind::SEND
+                && let Some(f) = buf[start..].get(at + frame::HEADER_LEN..at + total)
+                && let Some((to, _)) = crate::codec::send_pair(f)
+                && let Some(n) = inflight.get(to)
+                && *n > 0
+                && n + total > *limit
+            {
+                ok = false;
+                return false;
+            }
+            true
+        });
+        ok
+    }
+
+    /// Room left in the window of target `to`: `None` without windows, unbounded when nothing is in flight.
+    fn window_room(&self, to: &str) -> Option<usize> {
+        let st = lock(&self.st);
+        let (limit, inflight) = st.window.as_ref()?;
+        Some(match inflight.get(to) {
+            Some(n) if *n > 0 => limit.saturating_sub(*n),
+            _ => usize::MAX,
+        })
+    }
+
+    /// The daemon settled `bytes` of sends to each target: room in their windows again.
+    pub(crate) fn settle_window(&self, sends: &[(String, u64)]) {
+        {
+            let mut st = lock(&self.st);
+            let Some((_, inflight)) = &mut st.window else {
+                return;
+            };
+            for (t, b) in sends {
+                if let Some(n) = inflight.get_mut(t.as_str()) {
+                    *n = n.saturating_sub(usize::try_from(*b).unwrap_or(usize::MAX));
+                }
+            }
+            inflight.retain(|_, n| *n > 0);
+        }
+        self.space.notify_waiters();
+    }
+
     /// Counts the frames appended from `start`, on a tracked connection.
     fn track(st: &mut OutState, start: usize) {
-        let OutState { buf, track, .. } = st;
+        let OutState {
+            buf, track, window, ..
+        } = st;
         if let Some((acked, pairs)) = track {
             let new = &buf[start..];
             *acked += count_acked(new);
             count_sends(new, pairs, true);
         }
+        if let Some((_, inflight)) = window {
+            let new = &buf[start..];
+            walk(new, 0, |at, k, total| {
+                if k == frame::kind::SEND
+                    && let Some(f) = new.get(at + frame::HEADER_LEN..at + total)
+                    && let Some((to, _)) = crate::codec::send_pair(f)
+                {
+                    match inflight.get_mut(to) {
+                        Some(n) => *n += total,
+                        None => {
+                            inflight.insert(to.into(), total);
+                        }
+                    }
+                }
+                true
+            });
+        }
     }
 
-    /// Starts counting what is pushed (a client's connection to the daemon).
-    pub(crate) fn start_tracking(&self) {
-        lock(&self.st).track = Some((0, Pairs::default()));
+    /// Starts counting what is pushed (a client's connection to the daemon), and keeps at
+    /// most `window` bytes of sends in flight per target when the daemon acknowledges them.
+    pub(crate) fn start_tracking(&self, window: Option<usize>) {
+        let mut st = lock(&self.st);
+        st.track = Some((0, Pairs::default()));
+        st.window = window.map(|w| (w, rustc_hash::FxHashMap::default()));
     }
 
     /// After bytes were appended: writes them now if the connection is quiet, else wakes the writer.
@@ -501,11 +627,7 @@ impl Outbox {
     }
 
     /// Writes what the socket takes now without blocking; leaves the rest in the buffer.
-    fn write_direct(
-        &self,
-        st: &mut OutState,
-        due: &mut Vec<(Arc<AckSink>, u64)>,
-    ) -> std::io::Result<()> {
+    fn write_direct(&self, st: &mut OutState, due: &mut Vec<Due>) -> std::io::Result<()> {
         let mut cx = Context::from_waker(Waker::noop());
         let mut w: &Stream = &self.stream;
         let mut off = 0;
@@ -552,7 +674,7 @@ impl Outbox {
         &self,
         bytes: &[u8],
         frames: u64,
-        sink: Option<&Arc<AckSink>>,
+        sink: Option<(&Arc<AckSink>, &Arc<str>)>,
         drop_oldest: bool,
     ) -> Offer {
         let mut st = lock(&self.st);
@@ -579,6 +701,9 @@ impl Outbox {
             credit_all(&mut due);
             return Offer::Full;
         }
+        if l.held == 0 {
+            l.last_write = Instant::now();
+        }
         l.held += n;
         l.data += n;
         l.pushed += n as u64;
@@ -586,7 +711,7 @@ impl Outbox {
             end: l.pushed,
             len: n,
             frames,
-            sink: sink.cloned(),
+            sink: sink.map(|(k, t)| (k.clone(), t.clone())),
         });
         let was_empty = st.buf.is_empty();
         st.buf.extend_from_slice(bytes);
@@ -600,7 +725,7 @@ impl Outbox {
     }
 
     /// Drops the oldest data frames not yet handed to the socket until `need` bytes are free.
-    fn drop_oldest(&self, st: &mut OutState, need: usize, due: &mut Vec<(Arc<AckSink>, u64)>) {
+    fn drop_oldest(&self, st: &mut OutState, need: usize, due: &mut Vec<Due>) {
         let OutState {
             buf, skew, ledger, ..
         } = st;
@@ -619,8 +744,8 @@ impl Outbox {
             cut.push((at, s.len));
             freed += s.len;
             frames += s.frames;
-            if let Some(k) = &s.sink {
-                due.push((k.clone(), s.frames));
+            if let Some((k, t)) = &s.sink {
+                due.push((k.clone(), t.clone(), s.len as u64));
             }
             false
         });
@@ -662,13 +787,14 @@ impl Outbox {
         }
     }
 
-    /// How long deliveries have been refused without the queue draining below half, if they are.
+    /// How long the client has been too slow, if it is: deliveries refused without the queue
+    /// draining below half, or events queued and not one byte written.
     pub(crate) fn full_for(&self) -> Option<Duration> {
-        lock(&self.st)
-            .ledger
-            .as_ref()
-            .and_then(|l| l.full_since)
-            .map(|t| t.elapsed())
+        let st = lock(&self.st);
+        let l = st.ledger.as_ref()?;
+        let full = l.full_since.map(|t| t.elapsed());
+        let stalled = (l.data > 0).then(|| l.last_write.elapsed());
+        full.max(stalled)
     }
 
     /// Data frames dropped oldest-first to make room (daemon outboxes).
@@ -735,8 +861,14 @@ impl Outbox {
             notified.as_mut().enable();
             let mut failed = None;
             let limit = self.limit;
-            let took = self.try_push_enc(|b, enc, max| {
-                while b.len() < limit {
+            let room = self.window_room(to).unwrap_or(usize::MAX);
+            if room == 0 {
+                notified.await;
+                continue;
+            }
+            let took = self.try_push_enc(false, |b, enc, max| {
+                let start = b.len();
+                while b.len() < limit && b.len() - start < room {
                     let Some(ev) = envs.front() else { break };
                     if let Err(e) = enc.write(b, max, to, &ev) {
                         failed = Some(e);
@@ -763,6 +895,9 @@ impl Outbox {
             return Err(self.closed_err(why));
         }
         if let Some(l) = &mut st.ledger {
+            if l.held == 0 {
+                l.last_write = Instant::now();
+            }
             l.budget.force(frame.len());
             l.held += frame.len();
             l.pushed += frame.len() as u64;

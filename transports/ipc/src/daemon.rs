@@ -1068,6 +1068,7 @@ async fn handshake(
         max_frame: shared.cfg.max_frame as u64,
         idle_timeout_ms: shared.cfg.idle_timeout.map(|d| d.as_millis() as u64),
         frame_timeout_ms: Some(shared.cfg.frame_timeout.as_millis() as u64),
+        queue_limit: Some(shared.cfg.outbox_limit as u64),
     };
     handshake_server(
         stream,
@@ -1139,6 +1140,8 @@ pub(crate) fn error_frame_for(e: &IpcError) -> Vec<u8> {
 /// A cached route to a machine: its connection and what sends to it must agree with.
 #[derive(Clone)]
 struct Route {
+    /// The machine id (credited back to senders per target).
+    id: Arc<str>,
     outbox: Arc<Outbox>,
     machine_type: Arc<str>,
     drop_oldest: bool,
@@ -1172,6 +1175,7 @@ impl RouteCache {
         let st = lock(&shared.st);
         let r = st.machines.get(to).and_then(|m| {
             st.conns.get(&m.conn).map(|c| Route {
+                id: Arc::from(m.entry.id.as_str()),
                 outbox: c.outbox.clone(),
                 machine_type: m.entry.machine_type.clone(),
                 drop_oldest: m.when_full == WhenFull::DropOldest,
@@ -1271,7 +1275,7 @@ impl Link<'_> {
                 }
                 _ = stop.wait_for(|s| *s) => return Ok(()),
                 _ = kick.notified() => return Err(IpcError::SlowConsumer(format!(
-                    "this connection's queue in the daemon stayed full for {:?}: read faster, or subscribe to less",
+                    "this connection's queue in the daemon stayed full (or was not read) for {:?}: read faster, or subscribe to less",
                     cfg.slow_timeout
                 ))),
                 _ = sleep_until_opt(deadline) => {
@@ -1291,10 +1295,17 @@ impl Link<'_> {
         }
     }
 
-    /// Settles one data frame of this client at once (refused, or handed on without a write to wait for).
+    /// Settles one publish or group message of this client at once.
     fn settle(&self) {
         if let Some(k) = &self.sink {
             k.credit(1);
+        }
+    }
+
+    /// Gives the bytes of a refused send back to this client's window for `to`.
+    fn settle_send(&self, to: &str, bytes: usize) {
+        if let Some(k) = &self.sink {
+            k.credit_send(&Arc::from(to), bytes as u64);
         }
     }
 
@@ -1330,7 +1341,8 @@ impl Link<'_> {
             }
             at += total;
         }
-        route.outbox.offer(run, n, None, route.drop_oldest) == Offer::Queued
+        let sink = self.sink.as_ref().map(|k| (k, &route.id));
+        route.outbox.offer(run, n, sink, route.drop_oldest) == Offer::Queued
     }
 
     /// Answers a frame that was read past the memory budget and thrown away.
@@ -1347,6 +1359,10 @@ impl Link<'_> {
                 let to = b.as_mut().and_then(|b| b.str().ok()).unwrap_or_default();
                 let id = b.map_or(0, |b| peek_envelope_id(b.rest()));
                 self.nack(to, id, nack::OVER_BUDGET, why);
+                let announced = head
+                    .get(..4)
+                    .map_or(0, |l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+                self.settle_send(to, announced + 4);
             }
             kind::PUBLISH | kind::GROUP => {
                 let mut b = Body::array(body, 3).ok();
@@ -1490,6 +1506,7 @@ impl Link<'_> {
                         let c = check_envelope(env).ok();
                         let id = c.map_or_else(|| peek_envelope_id(env), |c| c.id);
                         self.nack_from(to, id, c.map(|c| c.source), code, message);
+                        self.settle_send(to, bytes.len());
                         return Ok(());
                     }
                 };
@@ -1507,9 +1524,11 @@ impl Link<'_> {
                             route.max_frame
                         ),
                     );
+                    self.settle_send(to, bytes.len());
                     return Ok(());
                 }
-                match route.outbox.offer(bytes, 1, None, route.drop_oldest) {
+                let sink = self.sink.as_ref().map(|k| (k, &route.id));
+                match route.outbox.offer(bytes, 1, sink, route.drop_oldest) {
                     Offer::Queued => {
                         self.shared.routed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1524,6 +1543,7 @@ impl Link<'_> {
                                 "the queue of `{to}` in the bus daemon is full: its process is not reading fast enough; slow down or retry"
                             ),
                         );
+                        self.settle_send(to, bytes.len());
                     }
                     Offer::Closed => {
                         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
@@ -1534,6 +1554,7 @@ impl Link<'_> {
                             nack::UNKNOWN_TARGET,
                             Error::UnknownTarget(to.into()).to_string(),
                         );
+                        self.settle_send(to, bytes.len());
                     }
                 }
                 Ok(())

@@ -71,23 +71,25 @@ pub mod nack {
     pub const INVALID_TOPIC: &str = "invalid_topic";
 }
 
-/// An `ACK` frame settling `n` data frames.
-pub fn ack_frame(n: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(24);
-    v.extend_from_slice(&[0, 0, 0, 0, kind::ACK, 0x81, 0xa7]);
-    v.extend_from_slice(b"settled");
-    // Writing to a Vec cannot fail.
-    let _ = rmp::encode::write_uint(&mut v, n);
-    let len = (v.len() - 4) as u32;
-    v[..4].copy_from_slice(&len.to_be_bytes());
-    v
+/// An `ACK` frame: `n` publishes or group messages handled, and bytes of sends per target settled.
+pub fn ack_frame(n: u64, sends: &[(std::sync::Arc<str>, u64)]) -> Vec<u8> {
+    let msg = AckMsg {
+        settled: n,
+        sends: sends.iter().map(|(t, b)| (t.to_string(), *b)).collect(),
+    };
+    // Plain integers and strings: encoding cannot fail.
+    msg_frame(kind::ACK, &msg).unwrap_or_default()
 }
 
 /// Body of an `ACK` frame.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AckMsg {
-    /// How many more of the client's data frames (`SEND`, `PUBLISH`, `GROUP`) the daemon settled.
+    /// How many more of the client's `PUBLISH` and `GROUP` frames the daemon handled.
+    #[serde(default)]
     pub settled: u64,
+    /// Per target machine, bytes of the client's `SEND` frames the daemon wrote to it, dropped or refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sends: Vec<(String, u64)>,
 }
 
 /// A `TooLarge` error that names the payload: its size and the largest payload this event could carry.
@@ -136,6 +138,10 @@ pub struct Welcome {
     /// A frame must arrive whole within this long of its first byte (absent: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame_timeout_ms: Option<u64>,
+    /// Bytes of events the daemon queues per receiving connection (a sender that wants `ACK`s
+    /// keeps at most half of it in flight per target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_limit: Option<u64>,
 }
 
 /// Body of an `ERROR` frame.

@@ -235,6 +235,7 @@ async fn serve_peer(
             max_frame: cfg.max_frame as u64,
             idle_timeout_ms: None,
             frame_timeout_ms: None,
+            queue_limit: None,
         };
         handshake_server(
             &stream,
