@@ -400,8 +400,24 @@ async fn a_client_drops_an_undecodable_event_and_keeps_its_connection() {
         .unwrap();
         frame::write_send(&mut bad, usize::MAX, "m", &good).unwrap();
         s.write_all(&bad).unwrap();
-        // Keep the connection open until the test is done with it.
-        let _ = read_frame(&mut s);
+        // Keep the connection open (answering heartbeats and the like) until the client closes it.
+        loop {
+            let mut head = [0u8; 5];
+            if s.read_exact(&mut head).is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let mut body = vec![0u8; len - 1];
+            if s.read_exact(&mut body).is_err() {
+                break;
+            }
+            if head[4] == kind::REQUEST
+                && let Ok(req) = frame::decode_msg::<frame::RequestMsg>(&body)
+            {
+                let reply = frame::ReplyMsg::ok(req.req);
+                let _ = s.write_all(&frame::msg_frame(kind::REPLY, &reply).unwrap());
+            }
+        }
     });
     let session = switchyard::builder().ipc(&bus).build().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();

@@ -92,46 +92,56 @@ impl Budget {
 pub(crate) struct AckSink {
     pending: Mutex<(u64, Vec<(Arc<str>, u64)>)>,
     to: Weak<Outbox>,
+    /// Send credits are written once this many bytes are due (or the queue closes, or the
+    /// sender's own reader has handled a batch): a quarter of a sender's window.
+    threshold: u64,
 }
 
 /// A send credit owed to a sender: its sink, the target, the bytes.
 pub(crate) type Due = (Arc<AckSink>, Arc<str>, u64);
 
 impl AckSink {
-    /// A sink that acknowledges on `to`.
-    pub(crate) fn new(to: &Arc<Outbox>) -> Arc<AckSink> {
+    /// A sink that acknowledges on `to`, writing send credits in steps of `threshold` bytes.
+    pub(crate) fn new(to: &Arc<Outbox>, threshold: usize) -> Arc<AckSink> {
         Arc::new(AckSink {
             pending: Mutex::new((0, Vec::new())),
             to: Arc::downgrade(to),
+            threshold: threshold.max(1) as u64,
         })
     }
 
-    /// Settles `n` publishes or group messages now.
+    /// Settles `n` publishes or group messages (written with the next `ACK`).
     pub(crate) fn credit(&self, n: u64) {
         lock(&self.pending).0 += n;
-        self.flush();
     }
 
-    /// Settles `bytes` of sends to `target` (written to it, dropped or refused) now.
+    /// Settles `bytes` of sends to `target` (written to it, dropped or refused).
     pub(crate) fn credit_send(&self, target: &Arc<str>, bytes: u64) {
         self.add_send(target, bytes);
-        self.flush();
     }
 
-    fn add_send(&self, target: &Arc<str>, bytes: u64) {
+    /// Adds a send credit; whether enough is due to write an `ACK` now.
+    fn add_send(&self, target: &Arc<str>, bytes: u64) -> bool {
         let mut p = lock(&self.pending);
-        match p
+        let due = match p
             .1
             .iter_mut()
             .find(|(t, _)| Arc::ptr_eq(t, target) || **t == **target)
         {
-            Some((_, b)) => *b += bytes,
-            None => p.1.push((target.clone(), bytes)),
-        }
+            Some((_, b)) => {
+                *b += bytes;
+                *b
+            }
+            None => {
+                p.1.push((target.clone(), bytes));
+                bytes
+            }
+        };
+        due >= self.threshold
     }
 
-    /// Writes one `ACK` with everything credited since the last one.
-    fn flush(&self) {
+    /// Writes one `ACK` with everything credited since the last one (nothing when nothing is due).
+    pub(crate) fn flush(&self) {
         let (n, sends) = std::mem::take(&mut *lock(&self.pending));
         if (n > 0 || !sends.is_empty())
             && let Some(o) = self.to.upgrade()
@@ -222,29 +232,144 @@ pub(crate) enum Offer {
 /// `SEND` frames per source machine, then per target machine.
 pub(crate) type Pairs = rustc_hash::FxHashMap<Box<str>, rustc_hash::FxHashMap<Box<str>, u64>>;
 
-/// Counts the `SEND` frames of `buf` per (source, target) into `pairs`: adds them, or takes them away.
-fn count_sends(buf: &[u8], pairs: &mut Pairs, add: bool) {
-    walk(buf, 0, |at, k, total| {
-        if k == frame::kind::SEND
-            && let Some(f) = buf.get(at + frame::HEADER_LEN..at + total)
-            && let Some((to, source)) = crate::codec::send_pair(f)
-        {
-            let per = match pairs.get_mut(source) {
-                Some(p) => p,
-                None if add => pairs.entry(source.into()).or_default(),
-                None => return true,
-            };
-            match per.get_mut(to) {
-                Some(n) if add => *n += 1,
-                Some(n) => *n = n.saturating_sub(1),
-                None if add => {
-                    per.insert(to.into(), 1);
+/// What a client's connection to the daemon counts as frames are pushed: publishes and group
+/// messages, sends per (source, target), and sends in flight per target (the window).
+///
+/// A stream repeats its last pair and target, so lookups start there: a push costs one parse
+/// of its frame's head and two short comparisons.
+#[derive(Default)]
+struct Tracker {
+    acked: u64,
+    pairs: Vec<(Box<str>, Box<str>, u64)>,
+    pair_at: rustc_hash::FxHashMap<Box<str>, rustc_hash::FxHashMap<Box<str>, usize>>,
+    last_pair: usize,
+    window: Option<usize>,
+    inflight: Vec<(Box<str>, usize)>,
+    target_at: rustc_hash::FxHashMap<Box<str>, usize>,
+    last_target: usize,
+}
+
+impl Tracker {
+    fn pair(&mut self, source: &str, to: &str) -> &mut u64 {
+        let i = match self.pairs.get(self.last_pair) {
+            Some((s, t, _))
+                if crate::codec::same(s.as_bytes(), source.as_bytes())
+                    && crate::codec::same(t.as_bytes(), to.as_bytes()) =>
+            {
+                self.last_pair
+            }
+            _ => match self.pair_at.get(source).and_then(|m| m.get(to)) {
+                Some(i) => *i,
+                None => {
+                    self.pairs.push((source.into(), to.into(), 0));
+                    let i = self.pairs.len() - 1;
+                    self.pair_at
+                        .entry(source.into())
+                        .or_default()
+                        .insert(to.into(), i);
+                    i
                 }
-                None => {}
+            },
+        };
+        self.last_pair = i;
+        &mut self.pairs[i].2
+    }
+
+    fn target(&mut self, to: &str) -> &mut usize {
+        let i = match self.inflight.get(self.last_target) {
+            Some((t, _)) if crate::codec::same(t.as_bytes(), to.as_bytes()) => self.last_target,
+            _ => match self.target_at.get(to) {
+                Some(i) => *i,
+                None => {
+                    self.inflight.push((to.into(), 0));
+                    let i = self.inflight.len() - 1;
+                    self.target_at.insert(to.into(), i);
+                    i
+                }
+            },
+        };
+        self.last_target = i;
+        &mut self.inflight[i].1
+    }
+
+    /// Counts the frames of `new`; with `check`, first refuses (counting nothing) when a
+    /// target's window is spent (always letting one push through when nothing is in flight).
+    fn push(&mut self, new: &[u8], check: bool) -> bool {
+        let window = self.window.filter(|_| check);
+        let mut ok = true;
+        if let Some(limit) = window {
+            // Bytes per target in this push (one target, almost always).
+            let mut per: Vec<(&str, usize)> = Vec::new();
+            walk(new, 0, |at, k, total| {
+                if k == frame::kind::SEND
+                    && let Some((to, _)) = new
+                        .get(at + frame::HEADER_LEN..at + total)
+                        .and_then(crate::codec::send_pair)
+                {
+                    match per.iter_mut().find(|(t, _)| *t == to) {
+                        Some((_, b)) => *b += total,
+                        None => per.push((to, total)),
+                    }
+                }
+                true
+            });
+            // Only past half the window: the daemon acknowledges in steps of a quarter, so a
+            // sender that waits always gets the credits that free it.
+            for (to, b) in per {
+                let n = *self.target(to);
+                if n > limit / 2 && n + b > limit {
+                    ok = false;
+                    break;
+                }
             }
         }
+        if !ok {
+            return false;
+        }
+        let windowed = self.window.is_some();
+        walk(new, 0, |at, k, total| {
+            self.acked += u64::from(is_acked(k));
+            if k == frame::kind::SEND
+                && let Some((to, source)) = new
+                    .get(at + frame::HEADER_LEN..at + total)
+                    .and_then(crate::codec::send_pair)
+            {
+                *self.pair(source, to) += 1;
+                if windowed {
+                    *self.target(to) += total;
+                }
+            }
+            true
+        });
         true
-    });
+    }
+
+    /// Takes back the sends among whole frames of `buf` that were never written.
+    fn unsend(&mut self, buf: &[u8]) {
+        walk(buf, 0, |at, k, total| {
+            if k == frame::kind::SEND
+                && let Some((to, source)) = buf
+                    .get(at + frame::HEADER_LEN..at + total)
+                    .and_then(crate::codec::send_pair)
+                && let Some(i) = self.pair_at.get(source).and_then(|m| m.get(to))
+            {
+                let n = &mut self.pairs[*i].2;
+                *n = n.saturating_sub(1);
+            }
+            true
+        });
+    }
+
+    /// Sends counted, per source then target.
+    fn sent(&self) -> Pairs {
+        let mut out = Pairs::default();
+        for (s, t, n) in &self.pairs {
+            if *n > 0 {
+                out.entry(s.clone()).or_default().insert(t.clone(), *n);
+            }
+        }
+        out
+    }
 }
 
 /// Data frames kept when a connection was lost before they were written: sent again after a reconnect.
@@ -264,15 +389,14 @@ pub(crate) struct Unsent {
     pub(crate) sent: Pairs,
 }
 
-/// Credits what is due, one `ACK` per sender.
-fn credit_all(due: &mut Vec<Due>) {
+/// Credits what is due; writes an `ACK` to each sender with enough due (all of them with `force`).
+fn credit_all(due: &mut Vec<Due>, force: bool) {
     if due.is_empty() {
         return;
     }
     let mut sinks: Vec<Arc<AckSink>> = Vec::new();
     for (k, t, b) in due.drain(..) {
-        k.add_send(&t, b);
-        if !sinks.iter().any(|x| Arc::ptr_eq(x, &k)) {
+        if (k.add_send(&t, b) || force) && !sinks.iter().any(|x| Arc::ptr_eq(x, &k)) {
             sinks.push(k);
         }
     }
@@ -337,14 +461,11 @@ struct OutState {
     last_direct: Option<Instant>,
     /// Daemon outboxes only.
     ledger: Option<Ledger>,
-    /// Client connections to the daemon count what they push, to know what a lost daemon took:
-    /// publishes and group messages, and sends per (source, target).
-    track: Option<(u64, Pairs)>,
+    /// Client connections to the daemon count what they push, to know what a lost daemon took,
+    /// and keep their per-target windows.
+    track: Option<Tracker>,
     /// What the writer had not written when its write failed, and where its first whole frame starts.
     failed: Option<(Vec<u8>, usize)>,
-    /// Per-target flow control: the window, and bytes of sends in flight per target (until the
-    /// daemon's `ACK` says they were written to the target or refused).
-    window: Option<(usize, rustc_hash::FxHashMap<Box<str>, usize>)>,
 }
 
 /// The sending side of a connection: a bounded byte buffer and its writer task.
@@ -419,7 +540,6 @@ impl Outbox {
                 ledger,
                 track: None,
                 failed: None,
-                window: None,
             }),
             wake: Notify::new(),
             space: Notify::new(),
@@ -479,46 +599,22 @@ impl Outbox {
             let OutState { buf, enc, .. } = &mut *st;
             f(buf, enc, self.max_frame)?;
         }
-        if window && !Self::window_ok(&mut st, start) {
+        if !Self::track(&mut st, start, window) {
             st.buf.truncate(start);
             return Ok(false);
         }
-        Self::track(&mut st, start);
         self.after_push(st, start == 0)?;
         Ok(true)
     }
 
-    /// Whether the `SEND`s appended from `start` fit their targets' windows (always when a
-    /// target has nothing in flight, so a big event still goes).
-    fn window_ok(st: &mut OutState, start: usize) -> bool {
-        let OutState { buf, window, .. } = st;
-        let Some((limit, inflight)) = window else {
-            return true;
-        };
-        let mut ok = true;
-        walk(&buf[start..], 0, |at, k, total| {
-            if k == frame::kind::SEND
-                && let Some(f) = buf[start..].get(at + frame::HEADER_LEN..at + total)
-                && let Some((to, _)) = crate::codec::send_pair(f)
-                && let Some(n) = inflight.get(to)
-                && *n > 0
-                && n + total > *limit
-            {
-                ok = false;
-                return false;
-            }
-            true
-        });
-        ok
-    }
-
     /// Room left in the window of target `to`: `None` without windows, unbounded when nothing is in flight.
     fn window_room(&self, to: &str) -> Option<usize> {
-        let st = lock(&self.st);
-        let (limit, inflight) = st.window.as_ref()?;
-        Some(match inflight.get(to) {
-            Some(n) if *n > 0 => limit.saturating_sub(*n),
-            _ => usize::MAX,
+        let mut st = lock(&self.st);
+        let t = st.track.as_mut()?;
+        let limit = t.window?;
+        Some(match *t.target(to) {
+            n if n <= limit / 2 => usize::MAX.min(limit - n).max(1),
+            n => limit.saturating_sub(n),
         })
     }
 
@@ -526,54 +622,34 @@ impl Outbox {
     pub(crate) fn settle_window(&self, sends: &[(String, u64)]) {
         {
             let mut st = lock(&self.st);
-            let Some((_, inflight)) = &mut st.window else {
+            let Some(tr) = st.track.as_mut().filter(|t| t.window.is_some()) else {
                 return;
             };
             for (t, b) in sends {
-                if let Some(n) = inflight.get_mut(t.as_str()) {
-                    *n = n.saturating_sub(usize::try_from(*b).unwrap_or(usize::MAX));
-                }
+                let n = tr.target(t);
+                *n = n.saturating_sub(usize::try_from(*b).unwrap_or(usize::MAX));
             }
-            inflight.retain(|_, n| *n > 0);
         }
         self.space.notify_waiters();
     }
 
-    /// Counts the frames appended from `start`, on a tracked connection.
-    fn track(st: &mut OutState, start: usize) {
-        let OutState {
-            buf, track, window, ..
-        } = st;
-        if let Some((acked, pairs)) = track {
-            let new = &buf[start..];
-            *acked += count_acked(new);
-            count_sends(new, pairs, true);
-        }
-        if let Some((_, inflight)) = window {
-            let new = &buf[start..];
-            walk(new, 0, |at, k, total| {
-                if k == frame::kind::SEND
-                    && let Some(f) = new.get(at + frame::HEADER_LEN..at + total)
-                    && let Some((to, _)) = crate::codec::send_pair(f)
-                {
-                    match inflight.get_mut(to) {
-                        Some(n) => *n += total,
-                        None => {
-                            inflight.insert(to.into(), total);
-                        }
-                    }
-                }
-                true
-            });
+    /// Counts the frames appended from `start`, on a tracked connection; `false` (nothing
+    /// counted) when `window` is asked for and a target's window is spent.
+    fn track(st: &mut OutState, start: usize, window: bool) -> bool {
+        let OutState { buf, track, .. } = st;
+        match track {
+            Some(t) => t.push(&buf[start..], window),
+            None => true,
         }
     }
 
     /// Starts counting what is pushed (a client's connection to the daemon), and keeps at
     /// most `window` bytes of sends in flight per target when the daemon acknowledges them.
     pub(crate) fn start_tracking(&self, window: Option<usize>) {
-        let mut st = lock(&self.st);
-        st.track = Some((0, Pairs::default()));
-        st.window = window.map(|w| (w, rustc_hash::FxHashMap::default()));
+        lock(&self.st).track = Some(Tracker {
+            window,
+            ..Tracker::default()
+        });
     }
 
     /// After bytes were appended: writes them now if the connection is quiet, else wakes the writer.
@@ -602,21 +678,21 @@ impl Outbox {
                     st.closed = Some(why.clone());
                     self.shut.store(true, Ordering::Release);
                     drop(st);
-                    credit_all(&mut due);
+                    credit_all(&mut due, false);
                     self.wake.notify_one();
                     self.space.notify_waiters();
                     return Err(self.closed_err(&why));
                 }
                 Ok(()) if st.buf.is_empty() => {
                     drop(st);
-                    credit_all(&mut due);
+                    credit_all(&mut due, false);
                     return Ok(());
                 }
                 Ok(()) => {}
             }
             st.idle = false;
             drop(st);
-            credit_all(&mut due);
+            credit_all(&mut due, false);
             self.wake.notify_one();
             return Ok(());
         }
@@ -698,7 +774,7 @@ impl Outbox {
         };
         if (l.data > 0 && l.data + n > self.limit) || !l.budget.try_take(n) {
             drop(st);
-            credit_all(&mut due);
+            credit_all(&mut due, false);
             return Offer::Full;
         }
         if l.held == 0 {
@@ -716,7 +792,7 @@ impl Outbox {
         let was_empty = st.buf.is_empty();
         st.buf.extend_from_slice(bytes);
         let r = self.after_push(st, was_empty);
-        credit_all(&mut due);
+        credit_all(&mut due, false);
         match r {
             Ok(()) => Offer::Queued,
             // The bytes were queued; the writer reports the failure by closing.
@@ -909,7 +985,7 @@ impl Outbox {
         let was_empty = st.buf.is_empty();
         let start = st.buf.len();
         st.buf.extend_from_slice(frame);
-        Self::track(&mut st, start);
+        Self::track(&mut st, start, false);
         self.after_push(st, was_empty)
     }
 
@@ -937,7 +1013,7 @@ impl Outbox {
             }
             self.shut.store(true, Ordering::Release);
         }
-        credit_all(&mut due);
+        credit_all(&mut due, true);
         self.wake.notify_one();
         self.space.notify_waiters();
     }
@@ -985,17 +1061,13 @@ impl Outbox {
         let skew = std::mem::take(&mut st.skew);
         let buf = std::mem::take(&mut st.buf);
         bytes.extend_from_slice(buf.get(skew..).unwrap_or_default());
-        let (pushed, mut sent) = st.track.take().unwrap_or_default();
+        let mut tracker = st.track.take().unwrap_or_default();
         drop(st);
-        count_sends(&bytes, &mut sent, false);
-        sent.retain(|_, per| {
-            per.retain(|_, n| *n > 0);
-            !per.is_empty()
-        });
+        tracker.unsend(&bytes);
         let mut out = Unsent {
-            data_pushed: pushed,
+            data_pushed: tracker.acked,
             data_unsent: count_acked(&bytes),
-            sent,
+            sent: tracker.sent(),
             ..Unsent::default()
         };
         walk(&bytes, 0, |at, k, total| {
@@ -1080,7 +1152,7 @@ impl Outbox {
                     st.failed = Some((std::mem::take(&mut spare), first.max(off)));
                 }
             }
-            credit_all(&mut due);
+            credit_all(&mut due, false);
             if let Some(e) = failed {
                 tracing::debug!(peer = %self.label, error = %e, "write failed; closing the connection");
                 self.close(&e.to_string());

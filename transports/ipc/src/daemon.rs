@@ -1011,7 +1011,9 @@ async fn serve(shared: Arc<Shared>, stream: Stream, conn: u64, stop: watch::Rece
         format!("client {} (#{conn})", hello.client_id),
         shared.budget.clone(),
     );
-    let sink = hello.acks.then(|| AckSink::new(&outbox));
+    let sink = hello
+        .acks
+        .then(|| AckSink::new(&outbox, shared.cfg.outbox_limit / 8));
     let kick = Arc::new(Notify::new());
     lock(&shared.st).conns.insert(
         conn,
@@ -1256,6 +1258,10 @@ impl Link<'_> {
                     self.handle_frame(f.kind, bytes)?;
                 }
                 rd.consume(&f);
+            }
+            // One ACK per batch of this client's frames, with what was settled meanwhile.
+            if let Some(k) = &self.sink {
+                k.flush();
             }
             self.shared
                 .last_activity
