@@ -698,14 +698,20 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
 /// The target and source of a `SEND` body (after the kind byte), read without decoding the
 /// rest: `[to, {"id": …, "source": …` as every encoder of this crate writes it, else the
 /// source found by [`check_envelope`]. `None` when it cannot be read.
+#[inline]
 pub(crate) fn send_pair(body: &[u8]) -> Option<(&str, &str)> {
     let mut r = Rd(body);
     r.lit(&[0x92])?;
-    let to = r.str()?;
+    let to = r.raw_str()?;
     let at = r.0;
     if r.lit(b"\x86\xa2id").is_some() && r.uint().is_some() && r.lit(b"\xa6source").is_some() {
-        return Some((to, r.str()?));
+        let source = r.raw_str()?;
+        return Some((
+            std::str::from_utf8(to).ok()?,
+            std::str::from_utf8(source).ok()?,
+        ));
     }
+    let to = std::str::from_utf8(to).ok()?;
     check_envelope(at).ok().map(|c| (to, c.source))
 }
 

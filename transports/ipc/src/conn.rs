@@ -140,6 +140,14 @@ impl AckSink {
         due >= self.threshold
     }
 
+    /// Writes an `ACK` if publishes or group messages were settled since the last one (the
+    /// sender's reader calls this after each batch; send credits wait for their threshold).
+    pub(crate) fn flush_publishes(&self) {
+        if lock(&self.pending).0 > 0 {
+            self.flush();
+        }
+    }
+
     /// Writes one `ACK` with everything credited since the last one (nothing when nothing is due).
     pub(crate) fn flush(&self) {
         let (n, sends) = std::mem::take(&mut *lock(&self.pending));
@@ -218,6 +226,16 @@ impl Ledger {
     }
 }
 
+/// What a push closure did about counting (see [`Outbox::try_push_enc`]).
+enum Pushed {
+    /// Nothing: count by reading the frames back.
+    Untracked,
+    /// Counted them itself.
+    Tracked,
+    /// A window was spent: it took its frames back.
+    Refused,
+}
+
 /// How [`Outbox::offer`] answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Offer {
@@ -292,9 +310,38 @@ impl Tracker {
         &mut self.inflight[i].1
     }
 
+    /// Counts one `SEND` of `total` bytes from `source` to `to`; with `check`, refuses it
+    /// (counting nothing) when the target's window is spent.
+    #[inline]
+    fn one(&mut self, to: &str, source: &str, total: usize, check: bool) -> bool {
+        if let Some(limit) = self.window {
+            let n = self.target(to);
+            if check && *n > limit / 2 && *n + total > limit {
+                return false;
+            }
+            *n += total;
+        }
+        *self.pair(source, to) += 1;
+        true
+    }
+
     /// Counts the frames of `new`; with `check`, first refuses (counting nothing) when a
     /// target's window is spent (always letting one push through when nothing is in flight).
     fn push(&mut self, new: &[u8], check: bool) -> bool {
+        // One frame (nearly every push): one parse, no allocation.
+        if new.len() >= frame::HEADER_LEN
+            && 4 + u32::from_be_bytes([new[0], new[1], new[2], new[3]]) as usize == new.len()
+        {
+            let k = new[4];
+            self.acked += u64::from(is_acked(k));
+            if k != frame::kind::SEND {
+                return true;
+            }
+            let Some((to, source)) = crate::codec::send_pair(&new[frame::HEADER_LEN..]) else {
+                return true;
+            };
+            return self.one(to, source, new.len(), check);
+        }
         let window = self.window.filter(|_| check);
         let mut ok = true;
         if let Some(limit) = window {
@@ -569,12 +616,23 @@ impl Outbox {
         &self,
         f: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<bool> {
-        self.try_push_enc(true, |b, _, max| f(b, max))
+        self.try_push_enc(true, |b, _, max, _| f(b, max).map(|()| Pushed::Untracked))
     }
 
     /// Appends a `SEND` frame for a borrowed event, through the connection's segment cache.
     pub(crate) fn try_push_event(&self, to: &str, ev: &OutgoingRef<'_>) -> Result<bool> {
-        self.try_push_enc(true, |b, enc, max| enc.write(b, max, to, ev))
+        self.try_push_enc(true, |b, enc, max, tr| {
+            let start = b.len();
+            enc.write(b, max, to, ev)?;
+            // Counted from what the caller passed: no need to read the frame back.
+            if let Some(t) = tr
+                && !t.one(to, ev.source.as_str(), b.len() - start, true)
+            {
+                b.truncate(start);
+                return Ok(Pushed::Refused);
+            }
+            Ok(Pushed::Tracked)
+        })
     }
 
     /// [`Outbox::try_push`] with the connection's `SEND` encoder at hand; `Ok(false)` also when
@@ -582,7 +640,12 @@ impl Outbox {
     fn try_push_enc(
         &self,
         window: bool,
-        f: impl FnOnce(&mut Vec<u8>, &mut crate::codec::SendEncoder, usize) -> Result<()>,
+        f: impl FnOnce(
+            &mut Vec<u8>,
+            &mut crate::codec::SendEncoder,
+            usize,
+            Option<&mut Tracker>,
+        ) -> Result<Pushed>,
     ) -> Result<bool> {
         let mut st = lock(&self.st);
         if let Some(why) = &st.closed {
@@ -595,13 +658,21 @@ impl Outbox {
             return Ok(false);
         }
         let start = st.buf.len();
-        {
-            let OutState { buf, enc, .. } = &mut *st;
-            f(buf, enc, self.max_frame)?;
-        }
-        if !Self::track(&mut st, start, window) {
-            st.buf.truncate(start);
-            return Ok(false);
+        let pushed = {
+            let OutState {
+                buf, enc, track, ..
+            } = &mut *st;
+            f(buf, enc, self.max_frame, track.as_mut())?
+        };
+        match pushed {
+            Pushed::Refused => return Ok(false),
+            Pushed::Tracked => {}
+            Pushed::Untracked => {
+                if !Self::track(&mut st, start, window) {
+                    st.buf.truncate(start);
+                    return Ok(false);
+                }
+            }
         }
         self.after_push(st, start == 0)?;
         Ok(true)
@@ -942,17 +1013,21 @@ impl Outbox {
                 notified.await;
                 continue;
             }
-            let took = self.try_push_enc(false, |b, enc, max| {
+            let took = self.try_push_enc(false, |b, enc, max, mut tr| {
                 let start = b.len();
                 while b.len() < limit && b.len() - start < room {
                     let Some(ev) = envs.front() else { break };
+                    let at = b.len();
                     if let Err(e) = enc.write(b, max, to, &ev) {
                         failed = Some(e);
                         break;
                     }
+                    if let Some(t) = tr.as_deref_mut() {
+                        t.one(to, ev.source.as_str(), b.len() - at, false);
+                    }
                     envs.advance();
                 }
-                Ok(())
+                Ok(Pushed::Tracked)
             })?;
             if let Some(e) = failed {
                 return Err(e);

@@ -135,9 +135,20 @@ struct ConnInfo {
     watch: bool,
     /// The largest frame the client accepts.
     max_frame: usize,
-    /// Wakes the connection's reader to drop it (slow consumer).
-    kick: Arc<Notify>,
+    /// What the sweeper watches, and how it stops the connection's reader.
+    watchdog: Arc<Watchdog>,
     kicked: bool,
+}
+
+/// One connection as the sweeper sees it: timers without a timer per read (a timer set and
+/// cancelled on every read costs the hot path), checked every 100 ms instead.
+struct Watchdog {
+    /// Milliseconds on the daemon's clock (see `Shared::ms`): when the incomplete frame at
+    /// the front began (0: none), and when bytes last arrived.
+    partial_since: AtomicU64,
+    last_read: AtomicU64,
+    kick: Notify,
+    why: Mutex<Option<IpcError>>,
 }
 
 struct MRec {
@@ -183,6 +194,8 @@ struct Shared {
     over_budget: AtomicU64,
     fd_exhausted: AtomicU64,
     budget: Arc<Budget>,
+    /// The daemon's clock for the watchdogs.
+    started: Instant,
     hasher: RandomState,
     server_id: String,
     own_uid: Option<u32>,
@@ -385,6 +398,7 @@ impl Daemon {
             over_budget: AtomicU64::new(0),
             fd_exhausted: AtomicU64::new(0),
             budget: Budget::new(cfg.memory_budget),
+            started: Instant::now(),
             hasher: RandomState::new(),
             own_uid,
             cfg,
@@ -603,24 +617,64 @@ async fn sweep_loop(shared: std::sync::Weak<Shared>) {
                 },
             );
         }
-        // Slow consumers: a queue that refused deliveries and stayed over half full too long.
+        // Slow consumers (a queue that refused deliveries and stayed over half full too long,
+        // or was not read at all), half frames and idle connections.
+        let ms = s.ms();
+        let frame_ms = s.cfg.frame_timeout.as_millis() as u64;
+        let idle_ms = s.cfg.idle_timeout.map(|d| d.as_millis() as u64);
         for (id, c) in st.conns.iter_mut() {
-            if !c.kicked && c.outbox.full_for().is_some_and(|d| d >= s.cfg.slow_timeout) {
-                c.kicked = true;
+            if c.kicked {
+                continue;
+            }
+            let w = &c.watchdog;
+            let partial = w.partial_since.load(Ordering::Relaxed);
+            let last = w.last_read.load(Ordering::Relaxed);
+            let why = if partial != 0 && ms.saturating_sub(partial) > frame_ms {
+                Some(IpcError::Timeout(format!(
+                    "a frame did not arrive whole within {:?} of its first byte",
+                    s.cfg.frame_timeout
+                )))
+            } else if idle_ms.is_some_and(|i| ms.saturating_sub(last) > i) {
+                Some(IpcError::Timeout(format!(
+                    "nothing received for {:?} (send a `ping` request to stay connected)",
+                    s.cfg.idle_timeout.unwrap_or_default()
+                )))
+            } else if c.outbox.full_for().is_some_and(|d| d >= s.cfg.slow_timeout) {
                 s.slow_disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     conn = id,
                     queued = c.outbox.queued(),
-                    "disconnecting a slow consumer: its queue stayed full for {:?}",
+                    "disconnecting a slow consumer: its queue stayed full, or unread, for {:?}",
                     s.cfg.slow_timeout
                 );
-                c.kick.notify_one();
+                Some(IpcError::SlowConsumer(format!(
+                    "this connection's queue in the daemon stayed full (or was not read) for {:?}: read faster, or subscribe to less",
+                    s.cfg.slow_timeout
+                )))
+            } else {
+                None
+            };
+            if let Some(e) = why {
+                c.kicked = true;
+                *lock(&w.why) = Some(e);
+                w.kick.notify_one();
             }
         }
     }
 }
 
 impl Shared {
+    /// Milliseconds since the daemon started, plus one (so 0 can mean "not set").
+    fn ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    fn ms_at(&self, t: std::time::Instant) -> u64 {
+        t.saturating_duration_since(self.started.into_std())
+            .as_millis() as u64
+            + 1
+    }
+
     fn health(&self) -> DaemonHealth {
         let st = lock(&self.st);
         DaemonHealth {
@@ -1014,14 +1068,19 @@ async fn serve(shared: Arc<Shared>, stream: Stream, conn: u64, stop: watch::Rece
     let sink = hello
         .acks
         .then(|| AckSink::new(&outbox, shared.cfg.outbox_limit / 8));
-    let kick = Arc::new(Notify::new());
+    let watchdog = Arc::new(Watchdog {
+        partial_since: AtomicU64::new(0),
+        last_read: AtomicU64::new(shared.ms()),
+        kick: Notify::new(),
+        why: Mutex::new(None),
+    });
     lock(&shared.st).conns.insert(
         conn,
         ConnInfo {
             outbox: outbox.clone(),
             watch: hello.watch,
             max_frame,
-            kick: kick.clone(),
+            watchdog: watchdog.clone(),
             kicked: false,
         },
     );
@@ -1039,7 +1098,7 @@ async fn serve(shared: Arc<Shared>, stream: Stream, conn: u64, stop: watch::Rece
         view: ViewReader::default(),
         last_source: Vec::new(),
     };
-    let result = link.read_loop(&stream, &mut rd, stop, &kick).await;
+    let result = link.read_loop(&stream, &mut rd, stop, &watchdog).await;
     drop(link);
     shared.drop_conn(conn);
     match result {
@@ -1235,10 +1294,8 @@ impl Link<'_> {
         stream: &Stream,
         rd: &mut FrameReader,
         mut stop: watch::Receiver<bool>,
-        kick: &Notify,
+        wd: &Watchdog,
     ) -> Result<(), IpcError> {
-        let cfg = &self.shared.cfg;
-        let mut last_read = Instant::now();
         loop {
             loop {
                 // A run of plain sends to one machine is checked in place and forwarded as one piece.
@@ -1259,43 +1316,26 @@ impl Link<'_> {
                 }
                 rd.consume(&f);
             }
-            // One ACK per batch of this client's frames, with what was settled meanwhile.
+            // One ACK per batch of this client's frames when it published (send credits go
+            // in their own steps, so a stream of sends does not wake its sender for each batch).
             if let Some(k) = &self.sink {
-                k.flush();
+                k.flush_publishes();
             }
             self.shared
                 .last_activity
                 .store(now_micros(), Ordering::Relaxed);
-            let partial = rd
-                .partial_since()
-                .map(|t| Instant::from_std(t) + cfg.frame_timeout);
-            let idle = cfg.idle_timeout.map(|d| last_read + d);
-            let deadline = match (partial, idle) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let partial = rd.partial_since().map_or(0, |t| self.shared.ms_at(t));
+            wd.partial_since.store(partial, Ordering::Relaxed);
             tokio::select! {
                 r = rd.fill(stream) => {
                     if !r? { return Ok(()) }
-                    last_read = Instant::now();
+                    wd.last_read.store(self.shared.ms(), Ordering::Relaxed);
                 }
                 _ = stop.wait_for(|s| *s) => return Ok(()),
-                _ = kick.notified() => return Err(IpcError::SlowConsumer(format!(
-                    "this connection's queue in the daemon stayed full (or was not read) for {:?}: read faster, or subscribe to less",
-                    cfg.slow_timeout
-                ))),
-                _ = sleep_until_opt(deadline) => {
-                    return Err(if partial.is_some_and(|p| Some(p) == deadline) {
-                        IpcError::Timeout(format!(
-                            "a frame did not arrive whole within {:?} of its first byte",
-                            cfg.frame_timeout
-                        ))
-                    } else {
-                        IpcError::Timeout(format!(
-                            "nothing received for {:?} (send a `ping` request to stay connected)",
-                            cfg.idle_timeout.unwrap_or_default()
-                        ))
-                    });
+                _ = wd.kick.notified() => {
+                    return Err(lock(&wd.why).take().unwrap_or_else(|| {
+                        IpcError::SlowConsumer("disconnected by the daemon".into())
+                    }));
                 }
             }
         }
@@ -1763,14 +1803,6 @@ fn wrap(
     })
     .map_err(|e| IpcError::Malformed(e.to_string()))?;
     Ok(fr)
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The `req` of a control map, for answering a refused request; 0 when it cannot be read.
