@@ -89,8 +89,11 @@ impl Budget {
 /// Where the daemon reports what happened to a sending connection's frames (`ACK` frames):
 /// publishes and group messages handled, and bytes of sends per target written or refused
 /// (the sender's per-target window).
+/// Publishes settled, and send bytes settled per target, not yet written in an `ACK`.
+type Pending = (u64, Vec<(Arc<str>, u64)>);
+
 pub(crate) struct AckSink {
-    pending: Mutex<(u64, Vec<(Arc<str>, u64)>)>,
+    pending: Mutex<Pending>,
     to: Weak<Outbox>,
     /// Send credits are written once this many bytes are due (or the queue closes, or the
     /// sender's own reader has handled a batch): a quarter of a sender's window.
@@ -684,7 +687,7 @@ impl Outbox {
         let t = st.track.as_mut()?;
         let limit = t.window?;
         Some(match *t.target(to) {
-            n if n <= limit / 2 => usize::MAX.min(limit - n).max(1),
+            n if n <= limit / 2 => (limit - n).max(1),
             n => limit.saturating_sub(n),
         })
     }

@@ -1638,7 +1638,7 @@ impl Link<'_> {
                     self.settle();
                     return Ok(());
                 }
-                let count = self.to_group(group, env, bytes.len())?;
+                let count = self.publish_to_group(group, env, bytes.len())?;
                 self.reply_count(req, count);
                 self.settle();
                 Ok(())
@@ -1664,7 +1664,9 @@ impl Link<'_> {
         let (plain, groups) = {
             let mut st = lock(&self.shared.st);
             let mut plain: Vec<(Arc<Outbox>, usize, u64)> = Vec::new();
-            let mut groups: Vec<(Arc<str>, Vec<(u64, u64)>)> = Vec::new();
+            // Per queue group: its (connection, subscription) members.
+            type Members = Vec<(u64, u64)>;
+            let mut groups: Vec<(Arc<str>, Members)> = Vec::new();
             for s in &st.subs {
                 let Some(p) = &s.topic else { continue };
                 if !p.matches_segments(&parts) {
@@ -1724,7 +1726,7 @@ impl Link<'_> {
     }
 
     /// A group message to one member (round-robin, skipping members whose queue is full).
-    fn to_group(&mut self, group: &str, env: &[u8], size: usize) -> Result<u64, IpcError> {
+    fn publish_to_group(&mut self, group: &str, env: &[u8], size: usize) -> Result<u64, IpcError> {
         let picks: Vec<(Arc<Outbox>, usize, u64)> = {
             let mut st = lock(&self.shared.st);
             let members: Vec<(u64, u64)> = st
