@@ -30,6 +30,8 @@ use crate::frame::{self, FrameRef};
 const DIRECT_GAP: Duration = Duration::from_micros(25);
 /// Queued bytes a producer writes itself when the writer is parked, instead of waking it.
 const DIRECT_MIN: usize = 32 * 1024;
+/// How long a send waits for its target's window before going past it.
+const WINDOW_PATIENCE: Duration = Duration::from_secs(2);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 /// A new connection's read buffer; it grows to `READ_CHUNK` once reads fill it.
@@ -967,17 +969,25 @@ impl Outbox {
         if self.try_push(push)? {
             return Ok(());
         }
+        let mut window = true;
+        let since = Instant::now();
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.try_push(|b, _| {
+            if self.try_push_enc(window, |b, _, _, _| {
                 b.extend_from_slice(frame);
-                Ok(())
+                Ok(Pushed::Untracked)
             })? {
                 return Ok(());
             }
-            notified.await;
+            // A window waits for credits that this process's reader must read; should the
+            // reader itself be stuck (an async handler's full queue), go past the window
+            // rather than wait for ever: the daemon's queue bound still applies.
+            let left = WINDOW_PATIENCE.saturating_sub(since.elapsed());
+            if tokio::time::timeout(left, notified).await.is_err() {
+                window = false;
+            }
         }
     }
 
@@ -1011,10 +1021,16 @@ impl Outbox {
             notified.as_mut().enable();
             let mut failed = None;
             let limit = self.limit;
-            let room = self.window_room(to).unwrap_or(usize::MAX);
+            let mut room = self.window_room(to).unwrap_or(usize::MAX);
             if room == 0 {
-                notified.await;
-                continue;
+                // As in `push_bytes`: past the window rather than wait for ever.
+                if tokio::time::timeout(WINDOW_PATIENCE, notified.as_mut())
+                    .await
+                    .is_ok()
+                {
+                    continue;
+                }
+                room = usize::MAX;
             }
             let took = self.try_push_enc(false, |b, enc, max, mut tr| {
                 let start = b.len();
