@@ -22,6 +22,8 @@ fn raw_hello(socket: &std::path::Path, protocol: u32) -> (u8, Vec<u8>) {
             client_id: "raw".into(),
             token: None,
             watch: false,
+            max_frame: None,
+            acks: false,
         },
     )
     .unwrap();
@@ -47,11 +49,67 @@ fn raw_client(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
         client_id: "raw".into(),
         token: None,
         watch: false,
+        max_frame: None,
+        acks: false,
     };
     s.write_all(&frame::msg_frame(kind::HELLO, &hello).unwrap())
         .unwrap();
     assert_eq!(read_frame(&mut s).0, kind::WELCOME);
     s
+}
+
+/// This host's id as docs/PROTOCOL.md defines it.
+fn host_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn raw_entry(id: &str) -> switchyard::MachineEntry {
+    switchyard::MachineEntry {
+        id: id.into(),
+        machine_type: "Raw".into(),
+        host_id: "h".into(),
+        process_id: "p".into(),
+        context: None,
+        version: None,
+        accepts: Vec::new(),
+        metadata: Default::default(),
+    }
+}
+
+/// Registers machine `id` on a raw connection (the daemon only routes events whose source the
+/// connection registered) and returns the reply's `ok`.
+fn raw_register(s: &mut std::os::unix::net::UnixStream, req: u64, id: &str) -> bool {
+    let entry = switchyard::MachineEntry {
+        id: id.into(),
+        machine_type: "Raw".into(),
+        host_id: "h".into(),
+        process_id: "p".into(),
+        context: None,
+        version: None,
+        accepts: Vec::new(),
+        metadata: Default::default(),
+    };
+    let msg = frame::RequestMsg {
+        req,
+        op: "register".into(),
+        entry: Some(entry),
+        ..frame::RequestMsg::default()
+    };
+    s.write_all(&frame::msg_frame(kind::REQUEST, &msg).unwrap())
+        .unwrap();
+    loop {
+        let (k, body) = read_frame(s);
+        if k == kind::REPLY {
+            let r: frame::ReplyMsg = frame::decode_msg(&body).unwrap();
+            assert_eq!(r.req, req);
+            return r.ok;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +193,7 @@ async fn a_publish_with_request_id_zero_gets_no_reply() {
     let sock = socket.clone();
     let (first_reply, ok) = tokio::task::spawn_blocking(move || {
         let mut s = raw_client(&sock);
+        assert!(raw_register(&mut s, 1, "raw"));
         let env = switchyard::Envelope::new(
             1,
             "raw".into(),
@@ -197,6 +256,7 @@ async fn runs_of_sends_are_forwarded_in_order_and_unknown_targets_nacked() {
         .collect();
     let nacked = tokio::task::spawn_blocking(move || {
         let mut s = raw_client(&sock);
+        assert!(raw_register(&mut s, 1, "raw"));
         let mut out = Vec::new();
         for (to, id) in &plan {
             let env = switchyard::Envelope::new(
@@ -229,4 +289,184 @@ async fn runs_of_sends_are_forwarded_in_order_and_unknown_targets_nacked() {
         got.push(rx.recv().await.expect("the sink is alive"));
     }
     assert_eq!(got, to_sink, "every send to the sink, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_limit_is_agreed_and_too_large_is_refused_at_the_sender() {
+    let socket = path("limit");
+    let mut cfg = DaemonConfig::new(&socket);
+    cfg.max_frame = 1 << 20;
+    let d = Daemon::start(cfg).unwrap();
+    let bus = IpcBus::connect(IpcConfig::new(&socket)).unwrap();
+    let session = switchyard::builder().ipc(&bus).build().unwrap();
+    // The sink is a raw client (another "process"), so the send goes over ipc.
+    let sock = socket.clone();
+    let mut sink = tokio::task::spawn_blocking(move || {
+        let mut s = raw_client(&sock);
+        let mut entry = raw_entry("sink");
+        entry.host_id = host_id().into();
+        let msg = frame::RequestMsg {
+            req: 1,
+            op: "register".into(),
+            entry: Some(entry),
+            ..frame::RequestMsg::default()
+        };
+        s.write_all(&frame::msg_frame(kind::REQUEST, &msg).unwrap())
+            .unwrap();
+        assert_eq!(read_frame(&mut s).0, kind::REPLY);
+        s
+    })
+    .await
+    .unwrap();
+    let src = session.machine("src", "Src").build().await.unwrap();
+    let big = serde_bytes::ByteBuf::from(vec![7u8; 2 << 20]);
+    let err = src.send("sink", "BIG", big).await.unwrap_err();
+    match err {
+        switchyard::Error::TooLarge { size, limit, .. } => {
+            // The payload is the byte string plus its 5-byte bin32 header.
+            assert_eq!(size, (2 << 20) + 5, "the payload's size, not the frame's");
+            assert!(limit < 1 << 20 && limit > (1 << 20) - 200, "{limit}");
+        }
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    // Nothing was sent, the connection is fine, and an event that fits goes through.
+    let ok = serde_bytes::ByteBuf::from(vec![7u8; 1000]);
+    src.send("sink", "OK", ok).await.unwrap();
+    let (k, body) = tokio::task::spawn_blocking(move || read_frame(&mut sink))
+        .await
+        .unwrap();
+    assert_eq!(k, kind::SEND);
+    let mut b = frame::Body::array(&body, 2).unwrap();
+    assert_eq!(b.str().unwrap(), "sink");
+    let env = b.envelope().unwrap();
+    assert_eq!(
+        (
+            env.name(),
+            env.data::<serde_bytes::ByteBuf>().unwrap().len()
+        ),
+        ("OK", 1000)
+    );
+    assert_eq!(d.health().rejected, 0);
+    assert!(bus.is_connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_drops_an_undecodable_event_and_keeps_its_connection() {
+    // A fake daemon that answers every request and then sends one bad event and one good one.
+    let socket = path("fake");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let bus = IpcBus::connect(IpcConfig::new(&socket)).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        assert_eq!(read_frame(&mut s).0, kind::HELLO);
+        let welcome = frame::Welcome {
+            protocol: frame::PROTOCOL_VERSION,
+            server_id: "fake".into(),
+            max_frame: frame::DEFAULT_MAX_FRAME as u64,
+            idle_timeout_ms: None,
+            frame_timeout_ms: None,
+            queue_limit: None,
+        };
+        s.write_all(&frame::msg_frame(kind::WELCOME, &welcome).unwrap())
+            .unwrap();
+        loop {
+            let (k, body) = read_frame(&mut s);
+            assert_eq!(k, kind::REQUEST);
+            let req: frame::RequestMsg = frame::decode_msg(&body).unwrap();
+            // The test asks for health once its machine is bound: then the events come.
+            let go = req.op == "health";
+            let reply = frame::ReplyMsg {
+                entry: req.entry.clone(),
+                ..frame::ReplyMsg::ok(req.req)
+            };
+            s.write_all(&frame::msg_frame(kind::REPLY, &reply).unwrap())
+                .unwrap();
+            if go {
+                break;
+            }
+        }
+        let good = switchyard::Envelope::new(
+            2,
+            "x".into(),
+            switchyard::Address::Machine("m".into()),
+            "GOOD".into(),
+            switchyard::Payload::Empty,
+        );
+        let mut bad = Vec::new();
+        frame::write_frame(&mut bad, kind::SEND, usize::MAX, |w| {
+            w.extend_from_slice(&[0x92, 0xa1, b'm', 0x81, 0xa2, b'i', b'd', 0xc1]);
+            Ok(())
+        })
+        .unwrap();
+        frame::write_send(&mut bad, usize::MAX, "m", &good).unwrap();
+        s.write_all(&bad).unwrap();
+        // Keep the connection open (answering heartbeats and the like) until the client closes it.
+        loop {
+            let mut head = [0u8; 5];
+            if s.read_exact(&mut head).is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let mut body = vec![0u8; len - 1];
+            if s.read_exact(&mut body).is_err() {
+                break;
+            }
+            if head[4] == kind::REQUEST
+                && let Ok(req) = frame::decode_msg::<frame::RequestMsg>(&body)
+            {
+                let reply = frame::ReplyMsg::ok(req.req);
+                let _ = s.write_all(&frame::msg_frame(kind::REPLY, &reply).unwrap());
+            }
+        }
+    });
+    let session = switchyard::builder().ipc(&bus).build().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let _m = session
+        .machine("m", "M")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev.name().to_string());
+        })
+        .build()
+        .await
+        .unwrap();
+    bus.daemon_health().await.unwrap();
+    assert_eq!(rx.recv().await.as_deref(), Some("GOOD"));
+    assert_eq!(bus.stats().undecodable, 1);
+    assert!(
+        bus.is_connected(),
+        "one bad event does not cost the connection"
+    );
+    bus.close();
+    let _ = fake.join();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_type_id_counter_goes_with_the_types_last_machine() {
+    use switchyard::Registry;
+    let socket = path("pertype");
+    let _d = Daemon::start(DaemonConfig::new(&socket)).unwrap();
+    let bus = IpcBus::connect(IpcConfig::new(&socket)).unwrap();
+    let reg = bus.registry();
+    let entry = || switchyard::MachineEntry {
+        id: "".into(),
+        machine_type: "Counted".into(),
+        host_id: "h".into(),
+        process_id: "p".into(),
+        context: None,
+        version: None,
+        accepts: Vec::new(),
+        metadata: Default::default(),
+    };
+    let a = reg.register(entry()).await.unwrap();
+    let b = reg.register(entry()).await.unwrap();
+    assert!(a.id.as_str().starts_with("Counted-1-"), "{}", a.id);
+    assert!(b.id.as_str().starts_with("Counted-2-"), "{}", b.id);
+    reg.deregister(&a.id).await.unwrap();
+    reg.deregister(&b.id).await.unwrap();
+    let c = reg.register(entry()).await.unwrap();
+    assert!(
+        c.id.as_str().starts_with("Counted-1-"),
+        "the counter restarts once the type is gone: {}",
+        c.id
+    );
 }

@@ -548,6 +548,8 @@ fn bad_client(socket: &Path, what: &str) {
             client_id: format!("bad-{what}"),
             token: None,
             watch: false,
+            max_frame: None,
+            acks: false,
         },
     )
     .expect("encodes");

@@ -1,12 +1,62 @@
 //! `switchyard send` and `switchyard listen`: one-shot clients of the bus daemon.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use switchyard::ipc::{IpcBus, IpcConfig, default_socket_path};
 use switchyard::{Envelope, Node};
 
 use crate::CliResult;
+
+/// Environment variable naming the daemon's socket for every subcommand (`--socket` wins).
+pub const SOCKET_ENV: &str = "SWITCHYARD_SOCKET";
+/// Environment variable holding the daemon's auth token (`--token-file` and `--token` win).
+pub const TOKEN_ENV: &str = "SWITCHYARD_TOKEN";
+
+/// The socket: `--socket`, else `$SWITCHYARD_SOCKET`, else the default path.
+pub fn socket_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| {
+        std::env::var_os(SOCKET_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(default_socket_path)
+}
+
+/// The auth token: `--token`, else the first line of `--token-file`, else `$SWITCHYARD_TOKEN`.
+///
+/// A token on the command line is visible to every user in `ps`; the file or the
+/// environment variable keep it private.
+pub fn token(arg: Option<String>, file: Option<&Path>) -> Result<Option<String>, String> {
+    if arg.is_some() {
+        return Ok(arg);
+    }
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read the token file {}: {e}", f.display()))?;
+        let t = text.lines().next().unwrap_or("").trim().to_string();
+        if t.is_empty() {
+            return Err(format!("the token file {} is empty", f.display()));
+        }
+        return Ok(Some(t));
+    }
+    Ok(std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()))
+}
+
+/// Fails at once, with what to do, when no daemon socket exists at `socket`.
+pub fn require_socket(socket: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    if !socket.exists() {
+        return Err(format!(
+            "no bus daemon socket at {}: start one with `switchyard bus --socket {}`, or point --socket / ${SOCKET_ENV} at the running one",
+            socket.display(),
+            socket.display()
+        ));
+    }
+    #[cfg(not(unix))]
+    let _ = socket;
+    Ok(())
+}
 
 /// Options of `switchyard send`.
 #[derive(clap::Args)]
@@ -17,9 +67,12 @@ pub struct SendArgs {
     pub event: String,
     /// Payload as JSON (sent as the equivalent MessagePack value); none sends an empty payload.
     pub json: Option<String>,
-    /// The daemon's socket.
+    /// The daemon's socket [default: $SWITCHYARD_SOCKET, else the `switchyard bus` default].
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// File whose first line is the daemon's auth token (else $SWITCHYARD_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Options of `switchyard listen`.
@@ -27,19 +80,28 @@ pub struct SendArgs {
 pub struct ListenArgs {
     /// Topic pattern: dot-separated, `*` one segment, `#` zero or more (e.g. `orders.#`).
     pub pattern: String,
-    /// The daemon's socket.
+    /// The daemon's socket [default: $SWITCHYARD_SOCKET, else the `switchyard bus` default].
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// File whose first line is the daemon's auth token (else $SWITCHYARD_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// Exit after this many events (default: run until Ctrl-C).
     #[arg(long)]
     pub count: Option<u64>,
 }
 
-fn connect(socket: Option<PathBuf>, role: &str) -> Result<IpcBus, switchyard::Error> {
-    let socket = socket.unwrap_or_else(default_socket_path);
-    IpcBus::connect(
-        IpcConfig::new(socket).client_id(format!("switchyard-{role}-{}", std::process::id())),
-    )
+fn connect(
+    socket: Option<PathBuf>,
+    token_file: Option<&Path>,
+    role: &str,
+) -> Result<IpcBus, Box<dyn std::error::Error + Send + Sync>> {
+    let socket = socket_path(socket);
+    require_socket(&socket)?;
+    let mut cfg =
+        IpcConfig::new(socket).client_id(format!("switchyard-{role}-{}", std::process::id()));
+    cfg.token = token(None, token_file)?;
+    Ok(IpcBus::connect(cfg)?)
 }
 
 /// Runs `switchyard send`.
@@ -50,7 +112,7 @@ pub async fn send(args: SendArgs) -> CliResult {
         }
         None => serde_json::Value::Null,
     };
-    let bus = connect(args.socket, "send")?;
+    let bus = connect(args.socket, args.token_file.as_deref(), "send")?;
     bus.wait_connected(Duration::from_secs(5)).await?;
     let session = switchyard::builder().ipc(&bus).build()?;
     let me = session
@@ -97,7 +159,9 @@ fn describe(ev: &Envelope) -> String {
 
 /// Runs `switchyard listen`: one line per event, `topic:T EVENT from SOURCE JSON`.
 pub async fn listen(args: ListenArgs) -> CliResult {
-    let bus = connect(args.socket, "listen")?;
+    // A bad pattern is refused before connecting.
+    switchyard::TopicPattern::parse(&args.pattern)?;
+    let bus = connect(args.socket, args.token_file.as_deref(), "listen")?;
     bus.wait_connected(Duration::from_secs(5)).await?;
     let session = switchyard::builder().ipc(&bus).build()?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();

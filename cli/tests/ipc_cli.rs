@@ -16,8 +16,13 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[&str]) -> Proc {
+        Self::start_env(args, &[])
+    }
+
+    fn start_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -124,4 +129,60 @@ fn bus_send_listen_and_clean_shutdown() {
     let status = bus.child.wait().unwrap();
     assert!(status.success());
     assert!(!sock.exists(), "SIGTERM removes the socket file");
+}
+
+#[test]
+fn send_and_listen_fail_at_once_without_a_socket_and_listen_checks_its_pattern_first() {
+    let missing = std::env::temp_dir().join(format!("sy-none-{}.sock", std::process::id()));
+    let m = missing.to_str().expect("utf-8 path");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["send", "someone", "X", "--socket", m])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no bus daemon socket at"), "{err}");
+    assert!(
+        err.contains("switchyard bus --socket"),
+        "says what to do: {err}"
+    );
+    // The pattern is checked before anything else, so its error wins over the missing socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["listen", "orders..new", "--socket", m])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid pattern"), "{err}");
+}
+
+#[test]
+fn the_socket_and_the_token_come_from_the_environment_or_a_file() {
+    let sock = std::env::temp_dir().join(format!("sy-env-{}.sock", std::process::id()));
+    let token = std::env::temp_dir().join(format!("sy-token-{}", std::process::id()));
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let s = sock.to_str().expect("utf-8 path");
+    let t = token.to_str().expect("utf-8 path");
+    let bus = Proc::start_env(&["bus", "--token-file", t], &[("SWITCHYARD_SOCKET", s)]);
+    bus.expect("listening on");
+    let status = |env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        c.args(["bus", "--status"]).env_remove("SWITCHYARD_TOKEN");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let ok = status(&[("SWITCHYARD_SOCKET", s), ("SWITCHYARD_TOKEN", "s3cret")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(s));
+    let refused = status(&[("SWITCHYARD_SOCKET", s)]);
+    assert!(!refused.status.success(), "no token, no service");
+    drop(bus);
+    let _ = std::fs::remove_file(&token);
+    let _ = std::fs::remove_file(&sock);
 }

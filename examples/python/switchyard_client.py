@@ -13,6 +13,7 @@ import time
 import msgpack
 
 PROTOCOL = 1
+MAX_FRAME = 16 * 1024 * 1024
 
 HELLO, WELCOME, ERROR, REQUEST, REPLY, EVENT = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 SEND, PUBLISH, TOPIC, GROUP, GROUP_DELIVER, NACK = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
@@ -50,7 +51,8 @@ class Client:
         self.ids = itertools.count(1)
         self.process_id = f"py-{os.getpid()}-{time.time_ns():x}"
         self.queued = []  # frames that arrived while waiting for a REPLY
-        hello = {"protocol": PROTOCOL, "client_id": client_id, "watch": False}
+        # max_frame: the largest frame this client accepts (the daemon never sends a bigger one).
+        hello = {"protocol": PROTOCOL, "client_id": client_id, "watch": False, "max_frame": MAX_FRAME}
         if token is not None:
             hello["token"] = token
         self._write(HELLO, msgpack.packb(hello))
@@ -149,9 +151,13 @@ class Client:
             kind, body = self.queued.pop(0) if self.queued else self._read()
             if kind == SEND:
                 to, envelope = msgpack.unpackb(body)
+                # Event names starting with "switchyard." belong to the transport (e.g. the loss
+                # reports Rust clients send after a daemon restart): not for this client's handlers.
+                if envelope["event"].startswith("switchyard."):
+                    continue
                 envelope["data"] = msgpack.unpackb(envelope["payload"])
                 return to, envelope
             if kind == ERROR:
                 err = msgpack.unpackb(body)
                 raise BusError(err["code"], err["message"])
-            # REPLY to nobody, EVENT, TOPIC, NACK: not used by this small client.
+            # REPLY to nobody, EVENT, TOPIC, NACK, ACK: not used by this small client.

@@ -19,7 +19,7 @@ use switchyard_core::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::conn::{FrameReader, Outbox, read_one, write_now};
+use crate::conn::{FrameReader, Outbox, Unsent, read_one, write_now};
 use crate::error::{IpcError, transport_err};
 use crate::frame::{
     self, Body, ErrorMsg, EventMsg, HEADER_LEN, Hello, NackMsg, PROTOCOL_VERSION, ReplyMsg,
@@ -54,6 +54,79 @@ struct LocalSub {
 /// Called with the id of every machine that left.
 pub(crate) type LeftHook = Box<dyn Fn(&MachineId) + Send + Sync>;
 
+/// Logs the first of a kind of event, then at most one summary a second (a flood stays one line a second).
+#[derive(Default)]
+pub(crate) struct Throttle {
+    last: Mutex<Option<std::time::Instant>>,
+    quiet: AtomicU64,
+}
+
+impl Throttle {
+    /// Whether to log now; `Some(n)`: log, `n` more happened since the last line.
+    pub(crate) fn tick(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut last = lock(&self.last);
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.quiet.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.quiet.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// What this client's connection to the daemon lost, refused or sent again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IpcStats {
+    /// Events the daemon answered with a `NACK` (unknown target, full queue, refused envelope, …).
+    pub nacked: u64,
+    /// Events written to a daemon that died (or whose connection broke) before it settled
+    /// them: lost with the daemon. Counts sends, publishes and group messages.
+    pub lost: u64,
+    /// Events not yet written when the connection was lost, sent again after reconnecting.
+    pub replayed: u64,
+    /// Frames received that could not be decoded and were dropped (the connection stayed up).
+    pub undecodable: u64,
+    /// Sends written to a daemon that died, whose receivers have not yet reported how many of
+    /// them they got; each settles into `lost` (or not) when its receiver reports, or after
+    /// three request timeouts (then counted lost).
+    pub in_doubt: u64,
+}
+
+/// Sends written through one lost daemon, not yet accounted for.
+struct Settling {
+    epoch: Arc<str>,
+    /// Sends per (source, target) written and not refused.
+    expect: crate::conn::Pairs,
+    lost: u64,
+}
+
+/// One loss report owed: `received` sends from `source` reached `target` through daemon `epoch`.
+#[derive(Clone)]
+struct Report {
+    epoch: Arc<str>,
+    source: Box<str>,
+    target: Box<str>,
+    received: u64,
+    /// Envelope id of the last attempt (to match its `NACK`).
+    id: u64,
+    first: std::time::Instant,
+}
+
+#[derive(Default)]
+struct Reports {
+    /// Sent, not refused (yet).
+    sent: Vec<Report>,
+    /// Refused (the source was not registered again yet): send again.
+    retry: Vec<Report>,
+    next_id: u64,
+}
+
+/// Report envelope ids count down from the top, far from the ids sessions use (a random
+/// 24-bit base shifted left by 40, counting up).
+const REPORT_ID: u64 = u64::MAX;
+
 /// The machines and subscriptions of this process bound to the ipc transport.
 pub(crate) struct Local {
     machines: RwLock<FxHashMap<MachineId, Target>>,
@@ -74,6 +147,62 @@ pub(crate) struct Inbound {
     view: crate::codec::ViewReader,
     /// Delivered through borrowed views and not yet added to `Local::delivered`.
     delivered: u64,
+    /// `SEND`s received per (source, target), for the loss reports after a daemon restart.
+    pub(crate) received: Received,
+}
+
+/// `SEND`s received on one connection per (source, target): a run of one pair costs two comparisons.
+#[derive(Default)]
+pub(crate) struct Received {
+    source: Vec<u8>,
+    target: Vec<u8>,
+    run: u64,
+    all: crate::conn::Pairs,
+}
+
+impl Received {
+    /// Counts one `SEND` from `source` to `target`.
+    #[inline]
+    pub(crate) fn count(&mut self, source: &[u8], target: &[u8]) {
+        if self.run > 0
+            && crate::codec::same(&self.source, source)
+            && crate::codec::same(&self.target, target)
+        {
+            self.run += 1;
+            return;
+        }
+        self.flush();
+        self.source.clear();
+        self.source.extend_from_slice(source);
+        self.target.clear();
+        self.target.extend_from_slice(target);
+        self.run = 1;
+    }
+
+    fn flush(&mut self) {
+        if self.run == 0 {
+            return;
+        }
+        let (Ok(s), Ok(t)) = (
+            std::str::from_utf8(&self.source),
+            std::str::from_utf8(&self.target),
+        ) else {
+            self.run = 0;
+            return;
+        };
+        *self
+            .all
+            .entry(s.into())
+            .or_default()
+            .entry(t.into())
+            .or_insert(0) += std::mem::take(&mut self.run);
+    }
+
+    /// Everything counted, per source then target.
+    pub(crate) fn take(&mut self) -> crate::conn::Pairs {
+        self.flush();
+        std::mem::take(&mut self.all)
+    }
 }
 
 impl Inbound {
@@ -108,6 +237,10 @@ impl Inbound {
         let Some(v) = self.view.read(body) else {
             return false;
         };
+        // The transport's own events take the general path.
+        if v.event.starts_with(frame::RESERVED_PREFIX) {
+            return false;
+        }
         if Self::refresh_last(&mut self.last, local, v.to).is_err() {
             return false;
         }
@@ -127,6 +260,7 @@ impl Inbound {
         };
         if t.inbox.deliver_ref(ev) {
             self.delivered += 1;
+            self.received.count(v.source.as_bytes(), v.to);
             return true;
         }
         false
@@ -335,6 +469,25 @@ pub(crate) struct Client {
     pub(crate) closed: AtomicBool,
     stop: watch::Sender<bool>,
     pub(crate) nacks: AtomicU64,
+    /// Events lost with the daemon, replayed after reconnecting, dropped as undecodable.
+    pub(crate) lost: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) undecodable: AtomicU64,
+    /// Data frames of the current connection the daemon has settled (`ACK`s).
+    acked: AtomicU64,
+    /// What the last lost connection had not written, to send first on the next one.
+    replay: Mutex<Option<Unsent>>,
+    /// The `server_id` of the daemon this client is (or was last) connected to.
+    epoch: Mutex<Arc<str>>,
+    /// `SEND`s refused by `NACK` on the current connection, per (source, target).
+    pair_nacks: Mutex<crate::conn::Pairs>,
+    /// Sends written to a lost daemon, per lost daemon, waiting for their receivers' reports.
+    settling: Mutex<Vec<Settling>>,
+    pub(crate) in_doubt: AtomicU64,
+    /// Loss reports this client owes other machines (what it received through a lost daemon).
+    reports: Mutex<Reports>,
+    nack_log: Throttle,
+    bad_log: Throttle,
     /// Called with the id of every machine that left (the p2p route cache listens).
     pub(crate) on_left: RwLock<Vec<LeftHook>>,
 }
@@ -355,6 +508,18 @@ impl Client {
             closed: AtomicBool::new(false),
             stop: watch::channel(false).0,
             nacks: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            undecodable: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            replay: Mutex::new(None),
+            epoch: Mutex::new(Arc::from("")),
+            pair_nacks: Mutex::new(crate::conn::Pairs::default()),
+            settling: Mutex::new(Vec::new()),
+            in_doubt: AtomicU64::new(0),
+            reports: Mutex::new(Reports::default()),
+            nack_log: Throttle::default(),
+            bad_log: Throttle::default(),
             on_left: RwLock::new(Vec::new()),
         });
         tokio::spawn(client.clone().supervise());
@@ -363,6 +528,16 @@ impl Client {
 
     pub(crate) fn is_connected(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    pub(crate) fn stats(&self) -> IpcStats {
+        IpcStats {
+            nacked: self.nacks.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            undecodable: self.undecodable.load(Ordering::Relaxed),
+            in_doubt: self.in_doubt.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) async fn wait_connected(&self, timeout: Duration) -> bool {
@@ -480,7 +655,8 @@ impl Client {
                 frame::write_str(b, name)?;
                 frame::write_envelope(b, env)
             })
-            .await?;
+            .await
+            .map_err(|e| payload_sized(e, env))?;
         if !r.ok {
             return Err(r.into_error(Some(name)));
         }
@@ -500,6 +676,7 @@ impl Client {
                 })
             })
             .await
+            .map_err(|e| payload_sized(e, env))
     }
 
     pub(crate) fn remember(&self, entry: &MachineEntry, ttl_ms: Option<u64>) {
@@ -521,10 +698,10 @@ impl Client {
                 break;
             }
             match self.connect_once().await {
-                Ok((stream, rd)) => {
+                Ok((stream, rd, welcome)) => {
                     backoff = self.cfg.backoff_min;
                     warned = false;
-                    self.run_connection(stream, rd, &mut stop).await;
+                    self.run_connection(stream, rd, &welcome, &mut stop).await;
                     if self.closed.load(Ordering::Acquire) {
                         break;
                     }
@@ -545,71 +722,355 @@ impl Client {
         }
     }
 
-    async fn connect_once(&self) -> std::result::Result<(Arc<Stream>, FrameReader), IpcError> {
+    async fn connect_once(
+        &self,
+    ) -> std::result::Result<(Arc<Stream>, FrameReader, Welcome), IpcError> {
         let stream = crate::daemon::connect(&self.cfg.socket)
             .await
             .map_err(|e| IpcError::io(self.cfg.socket.display().to_string(), e))?;
         let mut rd = FrameReader::new(self.cfg.max_frame);
-        handshake_client(&stream, &mut rd, &self.cfg, true).await?;
-        Ok((Arc::new(stream), rd))
+        let w = handshake_client(&stream, &mut rd, &self.cfg, true, true).await?;
+        Ok((Arc::new(stream), rd, w))
     }
 
     async fn run_connection(
         self: &Arc<Self>,
         stream: Arc<Stream>,
         mut rd: FrameReader,
+        welcome: &Welcome,
         stop: &mut watch::Receiver<bool>,
     ) {
+        // Frames are bounded by the smaller of the two limits: too large is refused here, at the sender.
+        let max_frame = usize::try_from(welcome.max_frame)
+            .unwrap_or(usize::MAX)
+            .min(self.cfg.max_frame);
         let outbox = Outbox::start(
             stream.clone(),
             self.cfg.outbox_limit,
-            self.cfg.max_frame,
+            max_frame,
             format!("bus daemon {}", self.cfg.socket.display()),
+        );
+        self.acked.store(0, Ordering::Release);
+        *lock(&self.epoch) = Arc::from(welcome.server_id.as_str());
+        lock(&self.pair_nacks).clear();
+        // At most half the daemon's per-connection queue in flight to any one target: a fast
+        // sender waits for its receiver instead of filling that queue and losing events.
+        outbox.start_tracking(
+            welcome
+                .queue_limit
+                .map(|q| usize::try_from(q / 2).unwrap_or(usize::MAX).max(1)),
         );
         // Snapshot before publishing the connection, so registrations made on it are not repeated.
         let entries: Vec<(MachineEntry, Option<u64>)> = lock(&self.registered).clone();
         let subs = self.local.sub_requests();
+        // Registrations first, then what the lost connection never wrote (the daemon handles a
+        // connection's frames in order, so the replayed sends find their sources registered),
+        // then new traffic.
+        let waiting = self.queue_restore(&outbox, entries, subs);
+        if let Some(u) = lock(&self.replay).take()
+            && !u.replay.is_empty()
+        {
+            if outbox.push_force(&u.replay).is_ok() {
+                self.replayed.fetch_add(u.replay_frames, Ordering::Relaxed);
+                tracing::info!(
+                    events = u.replay_frames,
+                    "sending the events the lost connection had not written"
+                );
+            } else {
+                self.count_lost(
+                    u.replay_frames,
+                    "they could not be queued on the new connection",
+                );
+            }
+        }
+        // What this client received through a lost daemon, told to each sender.
+        self.send_reports(&outbox, true);
         *write(&self.conn) = Some(outbox.clone());
         self.bump();
         // Joins and leaves while we were away were not heard: whatever was cached from the
         // registry (routes, peer connections) is to be read again.
         self.announce(RegistryEvent::Resync);
         let _ = self.connected.send_replace(true);
-        if !entries.is_empty() || !subs.is_empty() {
+        if !waiting.is_empty() {
             let me = self.clone();
-            tokio::spawn(async move { me.restore(entries, subs).await });
+            tokio::spawn(async move { me.restored(waiting).await });
         }
-        let result = self.read_loop(&stream, &mut rd, stop).await;
+        let ping = welcome
+            .idle_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms / 3).max(Duration::from_millis(10)));
+        let mut inbound = Inbound::default();
+        let result = self
+            .read_loop(&stream, &mut rd, stop, &outbox, ping, &mut inbound)
+            .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "bus daemon connection failed");
         }
+        let epoch = lock(&self.epoch).clone();
+        self.owe_reports(&epoch, inbound.received.take());
         *write(&self.conn) = None;
         let _ = self.connected.send_replace(false);
         outbox.close("connection lost");
         lock(&self.pending).clear();
+        outbox.stopped(Duration::from_secs(1)).await;
+        let mut unsent = outbox.take_unsent();
+        if !self.closed.load(Ordering::Acquire) {
+            // Publishes and group messages written but not settled by an `ACK`: lost with the
+            // daemon (it settles them as it handles them, so at most the last few were in fact
+            // handled before it died).
+            let written = unsent.data_pushed.saturating_sub(unsent.data_unsent);
+            let lost = written.saturating_sub(self.acked.load(Ordering::Acquire));
+            if lost > 0 {
+                self.count_lost(
+                    lost,
+                    "publishes and group messages the bus daemon had not handled when the connection was lost",
+                );
+            }
+            // Sends: their receivers say how many they got (reports after reconnecting).
+            let mut expect = std::mem::take(&mut unsent.sent);
+            for (s, per) in lock(&self.pair_nacks).drain() {
+                if let Some(e) = expect.get_mut(&s) {
+                    for (t, n) in per {
+                        if let Some(x) = e.get_mut(&t) {
+                            *x = x.saturating_sub(n);
+                        }
+                    }
+                }
+            }
+            expect.retain(|_, per| {
+                per.retain(|_, n| *n > 0);
+                !per.is_empty()
+            });
+            let total: u64 = expect.values().flat_map(|p| p.values()).sum();
+            if total > 0 {
+                self.in_doubt.fetch_add(total, Ordering::Relaxed);
+                tracing::info!(
+                    sends = total,
+                    "the bus daemon connection was lost: waiting for the receivers to report how many of the sends written to it they got"
+                );
+                lock(&self.settling).push(Settling {
+                    epoch: epoch.clone(),
+                    expect,
+                    lost: 0,
+                });
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(me.cfg.request_timeout * 3).await;
+                    me.settle_epoch(&epoch, true);
+                });
+            }
+            if unsent.replay_frames > 0 {
+                *lock(&self.replay) = Some(unsent);
+            }
+        }
         // No generation bump here: cached peer-to-peer routes keep working while the
         // daemon is away; the reconnect bumps it, since anything may have changed.
     }
 
-    async fn restore(&self, entries: Vec<(MachineEntry, Option<u64>)>, subs: Vec<RequestMsg>) {
-        for (entry, ttl_ms) in entries {
-            let id = entry.id.clone();
-            let msg = RequestMsg {
-                op: "register".into(),
-                entry: Some(entry),
-                ttl_ms,
-                ..RequestMsg::default()
+    /// Remembers the reports owed for what was received through daemon `epoch`.
+    fn owe_reports(&self, epoch: &Arc<str>, received: crate::conn::Pairs) {
+        if received.is_empty() || epoch.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut r = lock(&self.reports);
+        for (source, per) in received {
+            for (target, n) in per {
+                r.retry.push(Report {
+                    epoch: epoch.clone(),
+                    source: source.clone(),
+                    target,
+                    received: n,
+                    id: 0,
+                    first: now,
+                });
+            }
+        }
+    }
+
+    /// Sends the reports due (all of them, or only those refused since), as `SEND`s from the
+    /// receiving machine to the sending one; gives up on a report after three request timeouts.
+    fn send_reports(&self, outbox: &Outbox, all: bool) {
+        let give_up = self.cfg.request_timeout * 3;
+        let due: Vec<Report> = {
+            let mut r = lock(&self.reports);
+            r.sent.retain(|x| x.first.elapsed() <= give_up);
+            let mut due = std::mem::take(&mut r.retry);
+            if all {
+                due.append(&mut r.sent);
+            }
+            due
+        };
+        for mut rep in due {
+            if rep.first.elapsed() > give_up {
+                tracing::warn!(to = %rep.source, epoch = %rep.epoch, "gave up reporting received sends after a daemon restart: the sender counts them as lost");
+                continue;
+            }
+            let id = {
+                let mut r = lock(&self.reports);
+                r.next_id += 1;
+                REPORT_ID - r.next_id
             };
-            match self.request(msg, Some(id.as_str())).await {
-                Ok(_) => tracing::info!(machine = %id, "re-registered after reconnecting"),
-                Err(e) => {
-                    tracing::error!(machine = %id, error = %e, "could not re-register after reconnecting")
+            rep.id = id;
+            let env = Envelope::new(
+                id,
+                MachineId::from(&*rep.target),
+                switchyard_core::Address::Machine(MachineId::from(&*rep.source)),
+                frame::DELIVERED_EVENT.into(),
+                switchyard_core::Payload::new(frame::Delivered {
+                    epoch: rep.epoch.to_string(),
+                    received: rep.received,
+                }),
+            );
+            let mut f = Vec::new();
+            if frame::write_send(&mut f, usize::MAX, &rep.source, &env).is_ok()
+                && outbox.push_untracked(&f).is_ok()
+            {
+                lock(&self.reports).sent.push(rep);
+            } else {
+                lock(&self.reports).retry.push(rep);
+            }
+        }
+    }
+
+    /// A report was refused: send it again shortly. `true` when the NACK was for a report.
+    fn report_refused(&self, to: &str, id: u64) -> bool {
+        let mut r = lock(&self.reports);
+        let Some(i) = r.sent.iter().position(|x| x.id == id && *x.source == *to) else {
+            return false;
+        };
+        let rep = r.sent.swap_remove(i);
+        r.retry.push(rep);
+        true
+    }
+
+    /// A receiver reported what it got from one of our machines through a lost daemon.
+    fn on_report(&self, env: &Envelope, to: &[u8]) {
+        let Ok(d) = env.payload.read::<frame::Delivered>() else {
+            tracing::debug!("ignoring an unreadable loss report");
+            return;
+        };
+        let source = String::from_utf8_lossy(to);
+        let target = env.source.as_str();
+        let mut settled = None;
+        {
+            let mut st = lock(&self.settling);
+            if let Some(s) = st.iter_mut().find(|s| *s.epoch == *d.epoch)
+                && let Some(per) = s.expect.get_mut(&*source)
+                && let Some(sent) = per.remove(target)
+            {
+                let lost = sent.saturating_sub(d.received);
+                s.lost += lost;
+                self.in_doubt.fetch_sub(sent, Ordering::Relaxed);
+                self.lost.fetch_add(lost, Ordering::Relaxed);
+                if per.is_empty() {
+                    s.expect.remove(&*source);
+                }
+                if s.expect.is_empty() {
+                    settled = Some(s.epoch.clone());
                 }
             }
         }
-        for s in subs {
-            if let Err(e) = self.request(s, None).await {
-                tracing::error!(error = %e, "could not re-subscribe after reconnecting");
+        if let Some(epoch) = settled {
+            self.settle_epoch(&epoch, false);
+        }
+    }
+
+    /// Closes the books on a lost daemon: what is still unreported counts as lost when `timeout`.
+    fn settle_epoch(&self, epoch: &str, timeout: bool) {
+        let s = {
+            let mut st = lock(&self.settling);
+            let Some(i) = st.iter().position(|s| &*s.epoch == epoch) else {
+                return;
+            };
+            if !timeout && !st[i].expect.is_empty() {
+                return;
+            }
+            st.swap_remove(i)
+        };
+        let unreported: u64 = s.expect.values().flat_map(|p| p.values()).sum();
+        if unreported > 0 {
+            self.in_doubt.fetch_sub(unreported, Ordering::Relaxed);
+            self.lost.fetch_add(unreported, Ordering::Relaxed);
+        }
+        let lost = s.lost + unreported;
+        let total = self.lost.load(Ordering::Relaxed);
+        if lost > 0 {
+            tracing::warn!(
+                events = lost,
+                unreported,
+                total_lost = total,
+                "{lost} sends were lost with the bus daemon {epoch} (counted from their receivers' reports{})",
+                if unreported > 0 {
+                    "; receivers that did not report count as having got none"
+                } else {
+                    ""
+                }
+            );
+        } else {
+            tracing::info!("nothing sent was lost with the bus daemon {epoch}");
+        }
+    }
+
+    fn count_lost(&self, n: u64, why: &str) {
+        let total = self.lost.fetch_add(n, Ordering::Relaxed) + n;
+        tracing::warn!(
+            events = n,
+            total_lost = total,
+            "{n} events were lost with the bus daemon: {why}"
+        );
+    }
+
+    /// Queues the requests that restore this client's machines and subscriptions on a new connection.
+    fn queue_restore(
+        &self,
+        outbox: &Outbox,
+        entries: Vec<(MachineEntry, Option<u64>)>,
+        subs: Vec<RequestMsg>,
+    ) -> Vec<(String, oneshot::Receiver<ReplyMsg>)> {
+        let reqs = entries
+            .into_iter()
+            .map(|(entry, ttl_ms)| {
+                let what = format!("re-register {}", entry.id);
+                let msg = RequestMsg {
+                    op: "register".into(),
+                    entry: Some(entry),
+                    ttl_ms,
+                    ..RequestMsg::default()
+                };
+                (what, msg)
+            })
+            .chain(subs.into_iter().map(|m| ("re-subscribe".to_string(), m)));
+        let mut waiting = Vec::new();
+        for (what, mut msg) in reqs {
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            msg.req = req;
+            let Ok(bytes) = frame::msg_frame(kind::REQUEST, &msg) else {
+                continue;
+            };
+            let (tx, rx) = oneshot::channel();
+            lock(&self.pending).insert(req, tx);
+            if outbox.push_force(&bytes).is_ok() {
+                waiting.push((what, rx));
+            } else {
+                lock(&self.pending).remove(&req);
+            }
+        }
+        waiting
+    }
+
+    /// Logs how the restoring requests went.
+    async fn restored(&self, waiting: Vec<(String, oneshot::Receiver<ReplyMsg>)>) {
+        for (what, rx) in waiting {
+            match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+                Ok(Ok(r)) if r.ok => tracing::info!("{what}: done after reconnecting"),
+                Ok(Ok(r)) => {
+                    tracing::error!(
+                        "could not {what} after reconnecting: {}",
+                        r.into_error(None)
+                    )
+                }
+                _ => tracing::error!("could not {what} after reconnecting: no answer"),
             }
         }
         self.bump();
@@ -620,21 +1081,63 @@ impl Client {
         stream: &Stream,
         rd: &mut FrameReader,
         stop: &mut watch::Receiver<bool>,
+        outbox: &Outbox,
+        ping: Option<Duration>,
+        inbound: &mut Inbound,
     ) -> std::result::Result<(), IpcError> {
-        let mut inbound = Inbound::default();
+        let mut next_ping = ping.map(|p| tokio::time::Instant::now() + p);
+        let mut retry_at = None;
         loop {
             loop {
                 rd.take_sends(|body| inbound.try_deliver_view(&self.local, body));
                 inbound.flush_counts(&self.local);
                 let Some(f) = rd.next_frame()? else { break };
                 let body = &rd.bytes(&f)[HEADER_LEN..];
-                self.handle(&mut inbound, f.kind, body).await?;
+                if let Err(e) = self.handle(inbound, f.kind, body).await {
+                    match e {
+                        // A frame whose body cannot be read hurts only itself: the frame
+                        // boundary is intact, so drop it and read on.
+                        IpcError::Malformed(why) if is_event(f.kind) => {
+                            self.undecodable(f.kind, &why)
+                        }
+                        e => return Err(e),
+                    }
+                }
                 rd.consume(&f);
+            }
+            // A fixed deadline, so that steady traffic cannot keep postponing it.
+            if retry_at.is_none() && !lock(&self.reports).retry.is_empty() {
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
             }
             tokio::select! {
                 r = rd.fill(stream) => if !r? { return Ok(()) },
                 _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = sleep_until_opt(retry_at) => {
+                    retry_at = None;
+                    self.send_reports(outbox, false);
+                }
+                _ = sleep_until_opt(next_ping) => {
+                    // Keeps a quiet connection alive past the daemon's idle timeout.
+                    let req = RequestMsg { req: frame::NO_REPLY, op: "ping".into(), ..RequestMsg::default() };
+                    if let Ok(f) = frame::msg_frame(kind::REQUEST, &req) {
+                        let _ = outbox.push_force(&f);
+                    }
+                    next_ping = ping.map(|p| tokio::time::Instant::now() + p);
+                }
             }
+        }
+    }
+
+    /// Drops an event frame that could not be decoded, with a (throttled) error line.
+    fn undecodable(&self, k: u8, why: &str) {
+        self.undecodable.fetch_add(1, Ordering::Relaxed);
+        self.local.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.bad_log.tick() {
+            tracing::error!(
+                kind = k,
+                more_since_last_line = more,
+                "dropped an event frame from the bus daemon that could not be decoded ({why}); the connection stays up"
+            );
         }
     }
 
@@ -648,7 +1151,16 @@ impl Client {
             kind::SEND => {
                 let mut b = Body::array(body, 2)?;
                 let to = b.raw_str()?;
-                if !inbound.deliver_bytes(&self.local, to, b.rest()).await? {
+                let env = crate::codec::decode_envelope_with(b.rest(), &mut inbound.names)
+                    .map_err(|e| IpcError::Malformed(format!("envelope: {e}")))?;
+                if env.event.starts_with(frame::RESERVED_PREFIX) {
+                    if &*env.event == frame::DELIVERED_EVENT {
+                        self.on_report(&env, to);
+                    }
+                    return Ok(());
+                }
+                inbound.received.count(env.source.as_str().as_bytes(), to);
+                if !inbound.deliver_to(&self.local, to, env).await? {
                     tracing::debug!(
                         machine = %String::from_utf8_lossy(to),
                         "event for a machine no longer bound here; dropped"
@@ -697,8 +1209,29 @@ impl Client {
             }
             kind::NACK => {
                 let n: NackMsg = frame::decode_msg(body)?;
+                if self.report_refused(&n.to, n.id) {
+                    return Ok(());
+                }
                 self.nacks.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(to = %n.to, envelope = n.id, code = %n.code, "the bus daemon could not deliver an event: {}", n.message);
+                if let Some(src) = &n.source {
+                    *lock(&self.pair_nacks)
+                        .entry(src.as_str().into())
+                        .or_default()
+                        .entry(n.to.as_str().into())
+                        .or_insert(0) += 1;
+                }
+                if let Some(more) = self.nack_log.tick() {
+                    tracing::warn!(to = %n.to, envelope = n.id, code = %n.code, more_since_last_line = more, "the bus daemon could not deliver an event: {}", n.message);
+                }
+            }
+            kind::ACK => {
+                let a: frame::AckMsg = frame::decode_msg(body)?;
+                self.acked.fetch_add(a.settled, Ordering::AcqRel);
+                if !a.sends.is_empty()
+                    && let Some(o) = read(&self.conn).as_ref()
+                {
+                    o.settle_window(&a.sends);
+                }
             }
             kind::ERROR => {
                 let e: ErrorMsg = frame::decode_msg(body)?;
@@ -749,12 +1282,38 @@ impl Client {
     }
 }
 
+/// Whether a frame kind carries an event to deliver (a bad one is dropped, not fatal).
+fn is_event(k: u8) -> bool {
+    matches!(k, kind::SEND | kind::TOPIC | kind::GROUP_DELIVER)
+}
+
+/// A `TooLarge` from encoding `env` restated with its payload's size.
+pub(crate) fn payload_sized(e: Error, env: &Envelope) -> Error {
+    match e {
+        Error::TooLarge { size, limit, .. } => {
+            let payload = env.payload.to_msgpack().map_or(0, |p| p.len());
+            // `size` and `limit` are the frame's here: the rest of the frame is overhead.
+            frame::too_large(size, limit, payload)
+        }
+        e => e,
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+pub(crate) async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Client half of the handshake: `HELLO`, then `WELCOME` (or a typed `ERROR`).
 pub(crate) async fn handshake_client(
     stream: &Stream,
     rd: &mut FrameReader,
     cfg: &IpcConfig,
     watch: bool,
+    acks: bool,
 ) -> std::result::Result<Welcome, IpcError> {
     let hello = frame::msg_frame(
         kind::HELLO,
@@ -763,6 +1322,8 @@ pub(crate) async fn handshake_client(
             client_id: cfg.client_id.clone(),
             token: cfg.token.clone(),
             watch,
+            max_frame: Some(cfg.max_frame as u64),
+            acks,
         },
     )
     .map_err(|e| IpcError::Malformed(e.to_string()))?;

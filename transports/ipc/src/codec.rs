@@ -207,23 +207,31 @@ impl SendEncoder {
         buf.extend_from_slice(&self.head);
         put_uint(buf, ev.id);
         buf.extend_from_slice(&self.mid);
+        let at = buf.len();
         if let Err(e) = write_payload(buf, &ev.payload) {
             buf.truncate(start);
             return Err(e);
         }
+        let payload = payload_len(&buf[at..]);
         buf.extend_from_slice(&self.tail);
         let len = buf.len() - start - 4;
         if len > max {
             buf.truncate(start);
-            return Err(Error::TooLarge {
-                transport: crate::NAME,
-                size: len,
-                limit: max,
-            });
+            return Err(crate::frame::too_large(len, max, payload));
         }
         buf[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
         Ok(())
     }
+}
+
+/// The length of the payload inside a `bin` written by [`write_payload`].
+fn payload_len(bin: &[u8]) -> usize {
+    let header = match bin.first() {
+        Some(0xc4) => 2,
+        Some(0xc5) => 3,
+        _ => 5,
+    };
+    bin.len().saturating_sub(header)
 }
 
 /// Room for the frame header, the id and the payload's own header.
@@ -576,8 +584,24 @@ impl Rd<'_> {
             });
         }
         let mut headers = Headers::default();
+        let mut seen = 0u8;
         for _ in 0..self.map()? {
-            match self.raw_str()? {
+            let key = self.raw_str()?;
+            // serde refuses a repeated field: decline, so the two paths agree.
+            let bit = match key {
+                b"correlation_id" => 1,
+                b"reply_to" => 2,
+                b"is_reply" => 4,
+                b"sent_at_us" => 8,
+                b"priority" => 16,
+                b"expires_at_us" => 32,
+                _ => return None,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            match key {
                 b"correlation_id" => headers.correlation_id = self.opt_uint()?,
                 b"reply_to" => headers.reply_to = self.opt_str()?.map(MachineId::from),
                 b"is_reply" => {
@@ -627,9 +651,16 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
     let mut r = Rd(bytes);
     let n = r.map()?;
     let (mut id, mut source, mut target, mut event, mut payload) = (None, None, None, None, None);
-    let mut headers = Headers::default();
+    let mut headers = None;
     for _ in 0..n {
         match r.raw_str()? {
+            // serde refuses a repeated field: decline, so the two paths agree.
+            b"id" if id.is_some() => return None,
+            b"source" if source.is_some() => return None,
+            b"target" if target.is_some() => return None,
+            b"event" if event.is_some() => return None,
+            b"payload" if payload.is_some() => return None,
+            b"headers" if headers.is_some() => return None,
             b"id" => id = Some(r.uint()?),
             b"source" => source = Some(MachineId::new(intern(&mut names.source, r.raw_str()?)?)),
             b"target" => {
@@ -649,7 +680,7 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
             }
             b"event" => event = Some(intern(&mut names.event, r.raw_str()?)?),
             b"payload" => payload = Some(Bytes::copy_from_slice(r.bin()?)),
-            b"headers" => headers = r.headers()?,
+            b"headers" => headers = Some(r.headers()?),
             _ => return None,
         }
     }
@@ -659,8 +690,165 @@ fn fast_decode(bytes: &[u8], names: &mut Interner) -> Option<Envelope> {
         target?,
         event?.into(),
         Payload::Encoded(payload?),
-        headers,
+        // serde requires the headers map (its fields have defaults, the map does not).
+        headers?,
     ))
+}
+
+/// The target and source of a `SEND` body (after the kind byte), read without decoding the
+/// rest: `[to, {"id": …, "source": …` as every encoder of this crate writes it, else the
+/// source found by [`check_envelope`]. `None` when it cannot be read.
+#[inline]
+pub(crate) fn send_pair(body: &[u8]) -> Option<(&str, &str)> {
+    let mut r = Rd(body);
+    r.lit(&[0x92])?;
+    let to = r.raw_str()?;
+    let at = r.0;
+    if r.lit(b"\x86\xa2id").is_some() && r.uint().is_some() && r.lit(b"\xa6source").is_some() {
+        let source = r.raw_str()?;
+        return Some((
+            std::str::from_utf8(to).ok()?,
+            std::str::from_utf8(source).ok()?,
+        ));
+    }
+    let to = std::str::from_utf8(to).ok()?;
+    check_envelope(at).ok().map(|c| (to, c.source))
+}
+
+/// The address kind of a checked envelope's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    /// `{"Machine": id}`.
+    Machine,
+    /// `{"AnyOfType": type}`.
+    AnyOfType,
+    /// `{"AllOfType": type}`.
+    AllOfType,
+    /// `{"Topic": topic}`.
+    Topic,
+    /// `{"Group": group}`.
+    Group,
+}
+
+/// What a router needs from an envelope it checked with [`check_envelope`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked<'a> {
+    /// The envelope id.
+    pub id: u64,
+    /// The sending machine.
+    pub source: &'a str,
+    /// The target's address kind.
+    pub kind: TargetKind,
+    /// The target's id, type, topic or group.
+    pub target: &'a str,
+}
+
+/// Checks that `bytes` is exactly one envelope map of docs/PROTOCOL.md §2, without looking
+/// inside the payload; the error says what is wrong.
+///
+/// The rules are a subset of what [`decode_envelope`] accepts (so whatever passes
+/// decodes everywhere): a map of exactly the six keys, each once, in any order; `id` and
+/// the header times unsigned integers; strings valid UTF-8; the payload a `bin`; the
+/// headers only the documented keys, each once; nothing after the map. It does not
+/// recurse, so nesting cannot exhaust the stack.
+pub fn check_envelope(bytes: &[u8]) -> std::result::Result<Checked<'_>, &'static str> {
+    let mut r = Rd(bytes);
+    let n = r.map().ok_or("the envelope is not a MessagePack map")?;
+    if n != 6 {
+        return Err(
+            "the envelope map must have exactly the keys id, source, target, event, payload and headers",
+        );
+    }
+    let (mut id, mut source, mut target, mut event, mut payload, mut headers) =
+        (None, None, None, None, false, false);
+    for _ in 0..n {
+        let key = r.raw_str().ok_or("an envelope key is not a string")?;
+        let dup = match key {
+            b"id" => id
+                .replace(r.uint().ok_or("`id` is not an unsigned integer")?)
+                .is_some(),
+            b"source" => source
+                .replace(r.str().ok_or("`source` is not a UTF-8 string")?)
+                .is_some(),
+            b"target" => {
+                if r.map() != Some(1) {
+                    return Err("`target` is not a map with one entry");
+                }
+                let kind = match r.raw_str().ok_or("the `target` key is not a string")? {
+                    b"Machine" => TargetKind::Machine,
+                    b"AnyOfType" => TargetKind::AnyOfType,
+                    b"AllOfType" => TargetKind::AllOfType,
+                    b"Topic" => TargetKind::Topic,
+                    b"Group" => TargetKind::Group,
+                    _ => {
+                        return Err(
+                            "unknown `target` kind (Machine, AnyOfType, AllOfType, Topic, Group)",
+                        );
+                    }
+                };
+                let name = r.str().ok_or("the `target` value is not a UTF-8 string")?;
+                target.replace((kind, name)).is_some()
+            }
+            b"event" => event
+                .replace(r.str().ok_or("`event` is not a UTF-8 string")?)
+                .is_some(),
+            b"payload" => {
+                r.bin().ok_or("`payload` is not a MessagePack bin")?;
+                std::mem::replace(&mut payload, true)
+            }
+            b"headers" => {
+                check_headers(&mut r)?;
+                std::mem::replace(&mut headers, true)
+            }
+            _ => {
+                return Err(
+                    "unknown envelope key (the six keys are id, source, target, event, payload, headers)",
+                );
+            }
+        };
+        if dup {
+            return Err("an envelope key appears twice");
+        }
+    }
+    if !r.0.is_empty() {
+        return Err("bytes after the envelope map");
+    }
+    let (Some(id), Some(source), Some((kind, target)), Some(_), true, true) =
+        (id, source, target, event, payload, headers)
+    else {
+        return Err("an envelope key is missing");
+    };
+    Ok(Checked {
+        id,
+        source,
+        kind,
+        target,
+    })
+}
+
+fn check_headers(r: &mut Rd<'_>) -> std::result::Result<(), &'static str> {
+    let n = r.map().ok_or("`headers` is not a map")?;
+    let mut seen = 0u8;
+    for _ in 0..n {
+        let key = r.raw_str().ok_or("a header key is not a string")?;
+        let (bit, ok) = match key {
+            b"correlation_id" => (1, r.opt_uint().is_some()),
+            b"reply_to" => (2, r.opt_str().is_some()),
+            b"is_reply" => (4, matches!(r.marker(), Some(Marker::True | Marker::False))),
+            b"sent_at_us" => (8, r.uint().is_some()),
+            b"priority" => (16, r.uint().is_some_and(|p| p <= 255)),
+            b"expires_at_us" => (32, r.opt_uint().is_some()),
+            _ => return Err("unknown header key (see docs/PROTOCOL.md §2)"),
+        };
+        if !ok {
+            return Err("a header value has the wrong type");
+        }
+        if seen & bit != 0 {
+            return Err("a header key appears twice");
+        }
+        seen |= bit;
+    }
+    Ok(())
 }
 
 /// Decodes an envelope map: the fast path for this crate's own shape, serde for anything else.
@@ -674,6 +862,95 @@ pub fn decode_envelope_with(bytes: &[u8], names: &mut Interner) -> Result<Envelo
         Some(env) => Ok(env),
         None => Envelope::decode(bytes),
     }
+}
+
+/// Checks the decoders against each other on one `SEND` body (after the kind byte), for the
+/// fuzz targets and property tests: the in-place view reader (cold, and warm after `prev`),
+/// the fast envelope decoders and [`check_envelope`] must each agree with serde
+/// (`Envelope::decode`) or decline. `Err` describes a disagreement.
+#[doc(hidden)]
+pub fn check_decoders_agree(prev: &[u8], body: &[u8]) -> std::result::Result<(), String> {
+    let mut b = body;
+    let Ok(n) = rmp::decode::read_array_len(&mut b) else {
+        return Ok(());
+    };
+    let Ok((to, env)) = rmp::decode::read_str_from_slice(b) else {
+        return Ok(());
+    };
+    if n != 2 {
+        return Ok(());
+    }
+    let serde = Envelope::decode(env);
+    let same_fields = |e: &Envelope, what: &str| -> std::result::Result<(), String> {
+        let Ok(s) = &serde else {
+            return Err(format!(
+                "{what} accepted what serde refuses: {:?}",
+                serde.as_ref().err()
+            ));
+        };
+        if (e.id, &e.source, &e.target, &e.event, &e.headers)
+            != (s.id, &s.source, &s.target, &s.event, &s.headers)
+            || e.payload.to_msgpack().ok() != s.payload.to_msgpack().ok()
+        {
+            return Err(format!("{what} read other fields than serde"));
+        }
+        Ok(())
+    };
+    if let Ok(e) = decode_envelope(env) {
+        same_fields(&e, "decode_envelope")?;
+    } else if serde.is_ok() {
+        return Err("decode_envelope refused what serde accepts".into());
+    }
+    if let Some(e) = canonical_decode(env, &mut Interner::default()) {
+        same_fields(&e, "canonical_decode")?;
+    }
+    if let Some(e) = fast_decode(env, &mut Interner::default()) {
+        same_fields(&e, "fast_decode")?;
+    }
+    if let Ok(c) = check_envelope(env) {
+        let e = serde
+            .as_ref()
+            .map_err(|e| format!("check_envelope passed what serde refuses: {e}"))?;
+        let (kind, target) = match &e.target {
+            Address::Machine(m) => (TargetKind::Machine, m.as_str()),
+            Address::AnyOfType(t) => (TargetKind::AnyOfType, &**t),
+            Address::AllOfType(t) => (TargetKind::AllOfType, &**t),
+            Address::Topic(t) => (TargetKind::Topic, &**t),
+            Address::Group(g) => (TargetKind::Group, &**g),
+        };
+        if (c.id, c.source, c.kind, c.target) != (e.id, e.source.as_str(), kind, target) {
+            return Err("check_envelope read other fields than serde".into());
+        }
+    }
+    let mut view = ViewReader::default();
+    for warm in [false, true] {
+        if warm {
+            let _ = view.read(prev);
+        }
+        if let Some(v) = view.read(body) {
+            let Ok(s) = &serde else {
+                return Err(format!(
+                    "the view reader (warm: {warm}) accepted what serde refuses"
+                ));
+            };
+            let plain = Headers {
+                sent_at_us: s.headers.sent_at_us,
+                ..Headers::default()
+            };
+            if v.to != to.as_bytes()
+                || (v.id, v.source, v.event, v.headers)
+                    != (s.id, s.source.as_str(), &*s.event, &plain)
+                || s.headers != plain
+                || s.target != Address::Machine(to.into())
+                || s.payload.to_msgpack().ok().as_deref() != Some(v.payload)
+            {
+                return Err(format!(
+                    "the view reader (warm: {warm}) read other fields than serde"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -965,5 +1242,130 @@ mod tests {
         bytes.truncate(bytes.len() - 3);
         assert!(decode_envelope(&bytes).is_err());
         assert!(decode_envelope(&[0xc1, 0xc1]).is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z]{1,3}",
+                "[a-zA-Z0-9_.-]{0,40}",
+                any::<String>().prop_map(|s| s.chars().take(40).collect()),
+            ]
+        }
+
+        fn address() -> impl Strategy<Value = Address> {
+            (0..5u8, name()).prop_map(|(k, n)| match k {
+                0 => Address::Machine(n.into()),
+                1 => Address::AnyOfType(n.into()),
+                2 => Address::AllOfType(n.into()),
+                3 => Address::Topic(n.into()),
+                _ => Address::Group(n.into()),
+            })
+        }
+
+        fn headers() -> impl Strategy<Value = Headers> {
+            (
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(name()),
+                any::<bool>(),
+                any::<u64>(),
+                prop_oneof![Just(0u8), any::<u8>()],
+                proptest::option::of(any::<u64>()),
+            )
+                .prop_map(|(c, r, is_reply, t, priority, x)| Headers {
+                    correlation_id: c,
+                    reply_to: r.map(MachineId::from),
+                    is_reply,
+                    sent_at_us: t,
+                    priority,
+                    expires_at_us: x,
+                })
+        }
+
+        fn envelope() -> impl Strategy<Value = Envelope> {
+            (
+                any::<u64>(),
+                name(),
+                address(),
+                name(),
+                proptest::collection::vec(any::<u8>(), 0..400),
+                prop_oneof![3 => Just(None), 1 => headers().prop_map(Some)],
+            )
+                .prop_map(|(id, src, target, ev, payload, h)| {
+                    let mut e = Envelope::new(
+                        id,
+                        src.into(),
+                        target,
+                        ev.into(),
+                        Payload::Encoded(Bytes::from(payload)),
+                    );
+                    if let Some(h) = h {
+                        e.headers = h;
+                    }
+                    e
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn envelopes_round_trip_through_every_decoder(e in envelope(), prev in envelope()) {
+                let mut mine = Vec::new();
+                write_envelope(&mut mine, &e).unwrap();
+                prop_assert_eq!(&mine, &e.encode().unwrap());
+                let d = decode_envelope(&mine).unwrap();
+                prop_assert_eq!(
+                    (d.id, &d.source, &d.target, &d.event, &d.headers),
+                    (e.id, &e.source, &e.target, &e.event, &e.headers)
+                );
+                prop_assert_eq!(d.payload.to_msgpack().unwrap(), e.payload.to_msgpack().unwrap());
+                let c = check_envelope(&mine).unwrap();
+                prop_assert_eq!((c.id, c.source), (e.id, e.source.as_str()));
+                // A SEND to the envelope's own target (or to another name): the view reader
+                // and the fast decoders agree with serde, cold and warm.
+                let to = match &e.target { Address::Machine(m) => m.to_string(), _ => "x".into() };
+                let body = send_body(&to, &e);
+                let prev_body = send_body(&to, &prev);
+                prop_assert_eq!(check_decoders_agree(&prev_body, &body), Ok(()));
+                prop_assert_eq!(check_decoders_agree(&body, &body), Ok(()));
+            }
+
+            #[test]
+            fn the_batch_encoder_writes_what_write_send_writes(es in proptest::collection::vec(envelope(), 1..12)) {
+                let mut enc = SendEncoder::default();
+                let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+                for e in &es {
+                    let to = e.target.to_string();
+                    enc.write(&mut mine, usize::MAX, &to, &OutgoingRef::of(e)).unwrap();
+                    crate::frame::write_send(&mut theirs, usize::MAX, &to, e).unwrap();
+                    prop_assert_eq!(&mine, &theirs);
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_make_the_decoders_disagree(
+                prev in proptest::collection::vec(any::<u8>(), 0..80),
+                body in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                prop_assert_eq!(check_decoders_agree(&prev, &body), Ok(()));
+                let mut framed = vec![0x92, 0xa1, b'b'];
+                framed.extend_from_slice(&body);
+                prop_assert_eq!(check_decoders_agree(&prev, &framed), Ok(()));
+            }
+
+            #[test]
+            fn mutated_envelopes_never_make_the_decoders_disagree(
+                e in envelope(),
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+            ) {
+                let mut body = send_body("b", &e);
+                let i = at.index(body.len());
+                body[i] = byte;
+                prop_assert_eq!(check_decoders_agree(&[], &body), Ok(()));
+            }
+        }
     }
 }

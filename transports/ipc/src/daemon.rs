@@ -27,15 +27,16 @@ use rustc_hash::FxHashMap;
 use switchyard_core::{
     Error, MachineEntry, MachineId, TopicPattern, envelope::now_micros, glob_matches,
 };
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::conn::{FrameReader, Outbox, read_one, write_now};
+use crate::codec::{Checked, TargetKind, ViewReader, check_envelope};
+use crate::conn::{AckSink, Budget, FrameReader, Offer, Outbox, read_one, write_now};
 use crate::error::IpcError;
 use crate::frame::{
     self, Body, DaemonHealth, ErrorMsg, EventMsg, HEADER_LEN, Hello, NO_REPLY, NackMsg,
-    PROTOCOL_VERSION, ReplyMsg, RequestMsg, Welcome, kind,
+    PROTOCOL_VERSION, ReplyMsg, RequestMsg, Welcome, kind, nack,
 };
 
 /// How the daemon listens and whom it accepts.
@@ -62,14 +63,53 @@ pub struct DaemonConfig {
     pub token: Option<String>,
     /// Heartbeat TTL of machines registered without one.
     pub default_ttl: Duration,
-    /// Bytes queued per client connection before the daemon waits for that client (policy `Wait`).
+    /// Bytes queued per client connection (its receive queue in the daemon); past it the
+    /// target's [`WhenFull`] policy applies, and a subscriber's deliveries are dropped.
     pub outbox_limit: usize,
+    /// What a send to a machine whose queue is full gets, unless the machine chose at `register`.
+    pub when_full: WhenFull,
+    /// A connection whose queue refuses deliveries and does not drain below half for this
+    /// long is disconnected (`ERROR slow_consumer`), like Redis's client output buffer limit.
+    pub slow_timeout: Duration,
+    /// Daemon-wide bytes for queued frames and large frames being read; past it new large
+    /// frames are refused (`NACK over_budget`) and queues count as full.
+    pub memory_budget: usize,
+    /// How long `HELLO` may take after connecting.
+    pub hello_timeout: Duration,
+    /// A frame must arrive whole within this long of its first byte, or the client is dropped (`ERROR timeout`).
+    pub frame_timeout: Duration,
+    /// A client that sends nothing for this long is dropped (`ERROR timeout`); `None`: never.
+    /// Announced in `WELCOME`; the Rust client pings at a third of it.
+    pub idle_timeout: Option<Duration>,
     /// How long shutdown waits for queued frames to be written.
     pub drain_timeout: Duration,
 }
 
+/// What a send to a machine gets when the machine's queue in the daemon is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// The sender gets `NACK full` for that event; its other traffic flows on.
+    #[default]
+    Nack,
+    /// The oldest queued events for that connection are dropped (counted) to make room.
+    DropOldest,
+}
+
+impl WhenFull {
+    /// Parses the protocol name (`nack`, `drop_oldest`).
+    pub fn parse(s: &str) -> Option<WhenFull> {
+        match s {
+            "nack" => Some(WhenFull::Nack),
+            "drop_oldest" => Some(WhenFull::DropOldest),
+            _ => None,
+        }
+    }
+}
+
 impl DaemonConfig {
-    /// Defaults for a socket path: 16 MiB frames, own uid only, TTL 10 s, 8 MiB per-client queue.
+    /// Defaults for a socket path: 16 MiB frames, own uid only, TTL 10 s, 8 MiB per-client
+    /// queue (policy `nack`), slow subscribers cut after 10 s, a 256 MiB memory budget,
+    /// 5 s for `HELLO`, 30 s per frame, no idle timeout.
     pub fn new(socket: impl Into<PathBuf>) -> DaemonConfig {
         DaemonConfig {
             socket: socket.into(),
@@ -79,6 +119,12 @@ impl DaemonConfig {
             token: None,
             default_ttl: Duration::from_secs(10),
             outbox_limit: 8 * 1024 * 1024,
+            when_full: WhenFull::Nack,
+            slow_timeout: Duration::from_secs(10),
+            memory_budget: 256 * 1024 * 1024,
+            hello_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: None,
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -87,6 +133,22 @@ impl DaemonConfig {
 struct ConnInfo {
     outbox: Arc<Outbox>,
     watch: bool,
+    /// The largest frame the client accepts.
+    max_frame: usize,
+    /// What the sweeper watches, and how it stops the connection's reader.
+    watchdog: Arc<Watchdog>,
+    kicked: bool,
+}
+
+/// One connection as the sweeper sees it: timers without a timer per read (a timer set and
+/// cancelled on every read costs the hot path), checked every 100 ms instead.
+struct Watchdog {
+    /// Milliseconds on the daemon's clock (see `Shared::ms`): when the incomplete frame at
+    /// the front began (0: none), and when bytes last arrived.
+    partial_since: AtomicU64,
+    last_read: AtomicU64,
+    kick: Notify,
+    why: Mutex<Option<IpcError>>,
 }
 
 struct MRec {
@@ -96,6 +158,7 @@ struct MRec {
     last_heartbeat: Instant,
     ttl: Duration,
     healthy: bool,
+    when_full: WhenFull,
 }
 
 struct SubRec {
@@ -140,6 +203,15 @@ struct Shared {
     dropped: AtomicU64,
     rejected: AtomicU64,
     last_activity: AtomicU64,
+    nacked_full: AtomicU64,
+    dropped_oldest: AtomicU64,
+    dropped_slow: AtomicU64,
+    slow_disconnects: AtomicU64,
+    over_budget: AtomicU64,
+    fd_exhausted: AtomicU64,
+    budget: Arc<Budget>,
+    /// The daemon's clock for the watchdogs.
+    started: Instant,
     hasher: RandomState,
     server_id: String,
     own_uid: Option<u32>,
@@ -322,9 +394,13 @@ impl Daemon {
             owner_uid(&cfg.socket)
         };
         let shared = Arc::new_cyclic(|me| Shared {
-            server_id: format!("switchyard-bus-{}", std::process::id()),
-            cfg,
             me: me.clone(),
+            // Unique per start: clients tell a restarted daemon from the one they lost.
+            server_id: format!(
+                "switchyard-bus-{}-{:08x}",
+                std::process::id(),
+                RandomState::new().hash_one(now_micros()) as u32
+            ),
             st: Mutex::new(State::default()),
             generation: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
@@ -332,8 +408,17 @@ impl Daemon {
             dropped: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             last_activity: AtomicU64::new(0),
+            nacked_full: AtomicU64::new(0),
+            dropped_oldest: AtomicU64::new(0),
+            dropped_slow: AtomicU64::new(0),
+            slow_disconnects: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
+            fd_exhausted: AtomicU64::new(0),
+            budget: Budget::new(cfg.memory_budget),
+            started: Instant::now(),
             hasher: RandomState::new(),
             own_uid,
+            cfg,
         });
         let (stop, stop_rx) = watch::channel(false);
         tracing::info!(socket = %shared.cfg.socket.display(), "bus daemon listening");
@@ -413,23 +498,99 @@ async fn wait_for_signal() {
     }
 }
 
+/// `errno` values of "too many open files" (process, system); the same on Linux and macOS.
+#[cfg(unix)]
+const FD_ERRORS: [i32; 2] = [24, 23];
+
+/// Whether an accept error means the process or the system is out of file descriptors.
+fn out_of_fds(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        e.raw_os_error().is_some_and(|c| FD_ERRORS.contains(&c))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+/// A file descriptor kept in reserve: freed to accept (and refuse) a client when the process runs out.
+fn spare_fd() -> Option<std::fs::File> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open("/dev/null").ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: Listener, stop: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&shared)));
     let mut stop_wait = stop.clone();
+    let mut spare = spare_fd();
+    // Accept errors back off (5 ms doubling to 1 s) and are logged once per episode.
+    let mut backoff = Duration::ZERO;
+    let mut failures = 0u64;
+    let mut refuse_one = false;
     loop {
+        if !backoff.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop_wait.wait_for(|s| *s) => break,
+            }
+        }
         tokio::select! {
             r = listener.accept() => match r {
                 Ok(stream) => {
+                    if failures > 0 {
+                        tracing::info!(failed_accepts = failures, "accepting clients again");
+                        failures = 0;
+                    }
+                    backoff = Duration::ZERO;
+                    if spare.is_none() {
+                        spare = spare_fd();
+                    }
                     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     conns.spawn(serve(shared.clone(), stream, id, stop.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    let fds = out_of_fds(&e);
+                    if failures == 0 {
+                        if fds {
+                            tracing::warn!(error = %e, open_connections = conns.len(), "out of file descriptors: refusing new clients until some close (raise `ulimit -n`); logged once per episode");
+                        } else {
+                            tracing::warn!(error = %e, "accept failed; backing off (logged once per episode)");
+                        }
+                    }
+                    failures += 1;
+                    if fds {
+                        shared.fd_exhausted.fetch_add(1, Ordering::Relaxed);
+                        refuse_one = true;
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
                 }
             },
             _ = stop_wait.wait_for(|s| *s) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+        if std::mem::take(&mut refuse_one) {
+            // Free the reserve descriptor to take the waiting client and tell it why,
+            // instead of leaving it hanging in the backlog.
+            if spare.take().is_some()
+                && let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_millis(50), listener.accept()).await
+            {
+                let busy = error_frame(&IpcError::Busy(
+                    "the bus daemon is out of file descriptors; retry later".into(),
+                ));
+                let _ = tokio::time::timeout(Duration::from_millis(50), write_now(&stream, &busy))
+                    .await;
+            }
+            spare = spare_fd();
         }
     }
     // Stop accepting first (dropping the listener removes the socket file), then drain.
@@ -473,10 +634,64 @@ async fn sweep_loop(shared: std::sync::Weak<Shared>) {
                 },
             );
         }
+        // Slow consumers (a queue that refused deliveries and stayed over half full too long,
+        // or was not read at all), half frames and idle connections.
+        let ms = s.ms();
+        let frame_ms = s.cfg.frame_timeout.as_millis() as u64;
+        let idle_ms = s.cfg.idle_timeout.map(|d| d.as_millis() as u64);
+        for (id, c) in st.conns.iter_mut() {
+            if c.kicked {
+                continue;
+            }
+            let w = &c.watchdog;
+            let partial = w.partial_since.load(Ordering::Relaxed);
+            let last = w.last_read.load(Ordering::Relaxed);
+            let why = if partial != 0 && ms.saturating_sub(partial) > frame_ms {
+                Some(IpcError::Timeout(format!(
+                    "a frame did not arrive whole within {:?} of its first byte",
+                    s.cfg.frame_timeout
+                )))
+            } else if idle_ms.is_some_and(|i| ms.saturating_sub(last) > i) {
+                Some(IpcError::Timeout(format!(
+                    "nothing received for {:?} (send a `ping` request to stay connected)",
+                    s.cfg.idle_timeout.unwrap_or_default()
+                )))
+            } else if c.outbox.full_for().is_some_and(|d| d >= s.cfg.slow_timeout) {
+                s.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    conn = id,
+                    queued = c.outbox.queued(),
+                    "disconnecting a slow consumer: its queue stayed full, or unread, for {:?}",
+                    s.cfg.slow_timeout
+                );
+                Some(IpcError::SlowConsumer(format!(
+                    "this connection's queue in the daemon stayed full (or was not read) for {:?}: read faster, or subscribe to less",
+                    s.cfg.slow_timeout
+                )))
+            } else {
+                None
+            };
+            if let Some(e) = why {
+                c.kicked = true;
+                *lock(&w.why) = Some(e);
+                w.kick.notify_one();
+            }
+        }
     }
 }
 
 impl Shared {
+    /// Milliseconds since the daemon started, plus one (so 0 can mean "not set").
+    fn ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    fn ms_at(&self, t: std::time::Instant) -> u64 {
+        t.saturating_duration_since(self.started.into_std())
+            .as_millis() as u64
+            + 1
+    }
+
     fn health(&self) -> DaemonHealth {
         let st = lock(&self.st);
         DaemonHealth {
@@ -486,6 +701,18 @@ impl Shared {
             dropped: self.dropped.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             last_activity_us: self.last_activity.load(Ordering::Relaxed),
+            nacked_full: self.nacked_full.load(Ordering::Relaxed),
+            dropped_oldest: self.dropped_oldest.load(Ordering::Relaxed)
+                + st.conns
+                    .values()
+                    .map(|c| c.outbox.dropped_oldest())
+                    .sum::<u64>(),
+            dropped_slow: self.dropped_slow.load(Ordering::Relaxed),
+            slow_disconnects: self.slow_disconnects.load(Ordering::Relaxed),
+            over_budget: self.over_budget.load(Ordering::Relaxed),
+            budget_used: self.budget.used() as u64,
+            budget_limit: self.budget.limit() as u64,
+            fd_exhausted: self.fd_exhausted.load(Ordering::Relaxed),
         }
     }
 
@@ -544,6 +771,30 @@ impl Shared {
         }
     }
 
+    /// A machine `conn` did not register: it may not deregister it, heartbeat it or send as it.
+    fn not_owner(req: u64, id: &MachineId) -> ReplyMsg {
+        ReplyMsg {
+            req,
+            ok: false,
+            code: Some(nack::NOT_OWNER.into()),
+            message: Some(format!(
+                "machine `{id}` was registered by another connection: a connection may only deregister, heartbeat or send as the machines it registered"
+            )),
+            ..ReplyMsg::default()
+        }
+    }
+
+    /// Forgets the per-type id counter of a type with no machine left.
+    fn forget_type(st: &mut State, machine_type: &str) {
+        if !st
+            .machines
+            .values()
+            .any(|m| *m.entry.machine_type == *machine_type)
+        {
+            st.per_type.remove(machine_type);
+        }
+    }
+
     fn request_inner(&self, conn: u64, req: RequestMsg) -> Result<ReplyMsg, Error> {
         let r = req.req;
         let need_id = |id: Option<String>| -> Result<MachineId, Error> {
@@ -566,6 +817,16 @@ impl Shared {
                         name: entry.machine_type.to_string(),
                         reason: "a machine type must not be empty",
                     });
+                }
+                let when_full = match req.when_full.as_deref() {
+                    None => self.cfg.when_full,
+                    Some(w) => WhenFull::parse(w).ok_or(Error::InvalidName {
+                        name: w.to_string(),
+                        reason: "when_full is `nack` or `drop_oldest`",
+                    })?,
+                };
+                if !entry.id.as_str().is_empty() && st.machines.contains_key(&entry.id) {
+                    return Err(Error::DuplicateId(entry.id));
                 }
                 let n = {
                     let c = st.per_type.entry(entry.machine_type.clone()).or_insert(0);
@@ -602,6 +863,7 @@ impl Shared {
                         last_heartbeat: Instant::now(),
                         ttl,
                         healthy: true,
+                        when_full,
                     },
                 );
                 self.generation.fetch_add(1, Ordering::AcqRel);
@@ -622,19 +884,28 @@ impl Shared {
             }
             "deregister" => {
                 let id = need_id(req.id)?;
-                if st.machines.remove(&id).is_none() {
-                    return Err(Error::UnknownTarget(id));
+                match st.machines.get(&id) {
+                    None => return Err(Error::UnknownTarget(id)),
+                    Some(m) if m.conn != conn => return Ok(Self::not_owner(r, &id)),
+                    Some(_) => {}
+                }
+                if let Some(m) = st.machines.remove(&id) {
+                    Self::forget_type(&mut st, &m.entry.machine_type);
                 }
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 self.notify(&st, &left(&id));
                 Ok(ReplyMsg::ok(r))
             }
+            "ping" => Ok(ReplyMsg::ok(r)),
             "heartbeat" => {
                 let id = need_id(req.id)?;
                 let rec = st
                     .machines
                     .get_mut(&id)
                     .ok_or_else(|| Error::UnknownTarget(id.clone()))?;
+                if rec.conn != conn {
+                    return Ok(Self::not_owner(r, &id));
+                }
                 rec.last_heartbeat = Instant::now();
                 let revived = !std::mem::replace(&mut rec.healthy, true);
                 if revived {
@@ -733,6 +1004,12 @@ impl Shared {
                         reason: "subscribe needs `pattern`, `group` or both",
                     });
                 }
+                if group.as_deref().is_some_and(str::is_empty) {
+                    return Err(Error::InvalidName {
+                        name: String::new(),
+                        reason: "a group name must not be empty",
+                    });
+                }
                 st.subs.retain(|s| !(s.conn == conn && s.sub == sub));
                 st.subs.push(SubRec {
                     conn,
@@ -745,6 +1022,7 @@ impl Shared {
             "unsubscribe" => {
                 let sub = req.sub.unwrap_or_default();
                 st.subs.retain(|s| !(s.conn == conn && s.sub == sub));
+                Self::forget_groups(&mut st);
                 Ok(ReplyMsg::ok(r))
             }
             other => Err(Error::InvalidName {
@@ -754,10 +1032,21 @@ impl Shared {
         }
     }
 
+    /// Forgets the round-robin position of groups with no member left.
+    fn forget_groups(st: &mut State) {
+        let State {
+            subs, group_next, ..
+        } = st;
+        group_next.retain(|g, _| subs.iter().any(|s| s.group.as_ref() == Some(g)));
+    }
+
     /// Removes a closed connection with its machines and subscriptions.
     fn drop_conn(&self, conn: u64) {
         let mut st = lock(&self.st);
-        st.conns.remove(&conn);
+        if let Some(c) = st.conns.remove(&conn) {
+            self.dropped_oldest
+                .fetch_add(c.outbox.dropped_oldest(), Ordering::Relaxed);
+        }
         st.subs.retain(|s| s.conn != conn);
         let mut done = Vec::new();
         st.counts.retain(|_, p| {
@@ -779,8 +1068,11 @@ impl Shared {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &gone {
-            st.machines.remove(id);
+            if let Some(m) = st.machines.remove(id) {
+                Self::forget_type(&mut st, &m.entry.machine_type);
+            }
         }
+        Self::forget_groups(&mut st);
         if !gone.is_empty() {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -813,7 +1105,7 @@ fn error_frame(e: &IpcError) -> Vec<u8> {
 
 async fn serve(shared: Arc<Shared>, stream: Stream, conn: u64, stop: watch::Receiver<bool>) {
     let stream = Arc::new(stream);
-    let mut rd = FrameReader::new(shared.cfg.max_frame);
+    let mut rd = FrameReader::with_budget(shared.cfg.max_frame, shared.budget.clone());
     let hello = match handshake(&shared, &stream, &mut rd).await {
         Ok(h) => h,
         Err(e) => {
@@ -823,21 +1115,58 @@ async fn serve(shared: Arc<Shared>, stream: Stream, conn: u64, stop: watch::Rece
             return;
         }
     };
-    let outbox = Outbox::start(
+    // Frames to this client are bounded by what it said it accepts.
+    let max_frame = hello
+        .max_frame
+        .map_or(shared.cfg.max_frame, |m| {
+            usize::try_from(m).unwrap_or(usize::MAX)
+        })
+        .clamp(
+            frame::HEADER_LEN,
+            shared.cfg.max_frame.max(frame::HEADER_LEN),
+        );
+    let outbox = Outbox::start_routed(
         stream.clone(),
         shared.cfg.outbox_limit,
-        shared.cfg.max_frame,
+        max_frame,
         format!("client {} (#{conn})", hello.client_id),
+        shared.budget.clone(),
     );
+    let sink = hello
+        .acks
+        .then(|| AckSink::new(&outbox, shared.cfg.outbox_limit / 8));
+    let watchdog = Arc::new(Watchdog {
+        partial_since: AtomicU64::new(0),
+        last_read: AtomicU64::new(shared.ms()),
+        kick: Notify::new(),
+        why: Mutex::new(None),
+    });
     lock(&shared.st).conns.insert(
         conn,
         ConnInfo {
             outbox: outbox.clone(),
             watch: hello.watch,
+            max_frame,
+            watchdog: watchdog.clone(),
+            kicked: false,
         },
     );
     tracing::info!(conn, client = %hello.client_id, "client connected");
-    let result = read_loop(&shared, &stream, &mut rd, conn, &outbox, stop).await;
+    let mut link = Link {
+        shared: &shared,
+        conn,
+        me: &outbox,
+        sink,
+        cache: RouteCache {
+            generation: u64::MAX,
+            by_id: FxHashMap::default(),
+            owned: FxHashMap::default(),
+        },
+        view: ViewReader::default(),
+        last_source: Vec::new(),
+    };
+    let result = link.read_loop(&stream, &mut rd, stop, &watchdog).await;
+    drop(link);
     shared.drop_conn(conn);
     match result {
         Ok(()) => {
@@ -861,25 +1190,48 @@ async fn handshake(
     rd: &mut FrameReader,
 ) -> Result<Hello, IpcError> {
     check_peer(stream, shared.own_uid, shared.cfg.group)?;
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        server_id: shared.server_id.clone(),
+        max_frame: shared.cfg.max_frame as u64,
+        idle_timeout_ms: shared.cfg.idle_timeout.map(|d| d.as_millis() as u64),
+        frame_timeout_ms: Some(shared.cfg.frame_timeout.as_millis() as u64),
+        queue_limit: Some(shared.cfg.outbox_limit as u64),
+    };
     handshake_server(
         stream,
         rd,
         shared.cfg.token.as_deref(),
-        &shared.server_id,
-        shared.cfg.max_frame,
+        welcome,
+        shared.cfg.hello_timeout,
     )
     .await
 }
 
-/// Server half of the handshake: reads `HELLO`, checks version and token, answers `WELCOME`.
+/// Compares two secrets in time that depends on their lengths only, not on where they differ.
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    // Keep the optimiser from turning the loop into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// Server half of the handshake: reads `HELLO`, checks version and token, answers `welcome`.
+///
+/// Frames the client pipelined after `HELLO` stay in `rd`, to be read next.
 pub(crate) async fn handshake_server(
     stream: &Stream,
     rd: &mut FrameReader,
     token: Option<&str>,
-    server_id: &str,
-    max_frame: usize,
+    welcome: Welcome,
+    deadline: Duration,
 ) -> Result<Hello, IpcError> {
-    let (k, body) = read_one(rd, stream, Duration::from_secs(5)).await?;
+    let (k, body) = read_one(rd, stream, deadline).await?;
     if k != kind::HELLO {
         return Err(IpcError::Handshake(format!(
             "the first frame must be HELLO (0x01), got 0x{k:02x}"
@@ -893,21 +1245,17 @@ pub(crate) async fn handshake_server(
         )));
     }
     if let Some(t) = token
-        && hello.token.as_deref() != Some(t)
+        && !same_secret(
+            hello.token.as_deref().unwrap_or("").as_bytes(),
+            t.as_bytes(),
+        )
     {
         return Err(IpcError::Handshake(
             "missing or wrong auth token: pass the daemon's token in HELLO".into(),
         ));
     }
-    let welcome = frame::msg_frame(
-        kind::WELCOME,
-        &Welcome {
-            protocol: PROTOCOL_VERSION,
-            server_id: server_id.to_string(),
-            max_frame: max_frame as u64,
-        },
-    )
-    .map_err(|e| IpcError::Malformed(e.to_string()))?;
+    let welcome = frame::msg_frame(kind::WELCOME, &welcome)
+        .map_err(|e| IpcError::Malformed(e.to_string()))?;
     write_now(stream, &welcome).await?;
     Ok(hello)
 }
@@ -917,257 +1265,657 @@ pub(crate) fn error_frame_for(e: &IpcError) -> Vec<u8> {
     error_frame(e)
 }
 
+/// A cached route to a machine: its connection and what sends to it must agree with.
+#[derive(Clone)]
+struct Route {
+    /// The machine id (credited back to senders per target).
+    id: Arc<str>,
+    outbox: Arc<Outbox>,
+    machine_type: Arc<str>,
+    drop_oldest: bool,
+    max_frame: usize,
+}
+
 struct RouteCache {
     generation: u64,
-    by_id: FxHashMap<Box<str>, Arc<Outbox>>,
+    by_id: FxHashMap<Box<str>, Route>,
+    /// Sources checked against the registry: whether this connection registered them.
+    owned: FxHashMap<Box<str>, bool>,
 }
 
 impl RouteCache {
-    /// The connection of the machine `to`, cached until the registry changes.
-    fn outbox(&mut self, shared: &Shared, to: &str) -> Option<Arc<Outbox>> {
+    /// Drops what the registry may have changed.
+    fn refresh(&mut self, shared: &Shared) {
         let generation = shared.generation.load(Ordering::Acquire);
         if generation != self.generation {
             self.by_id.clear();
+            self.owned.clear();
             self.generation = generation;
         }
+    }
+
+    /// The route to machine `to`, cached until the registry changes.
+    fn route(&mut self, shared: &Shared, to: &str) -> Option<Route> {
+        self.refresh(shared);
         if let Some(o) = self.by_id.get(to) {
             return Some(o.clone());
         }
         let st = lock(&shared.st);
-        let o = st
-            .machines
-            .get(to)
-            .and_then(|m| st.conns.get(&m.conn))
-            .map(|c| c.outbox.clone());
+        let r = st.machines.get(to).and_then(|m| {
+            st.conns.get(&m.conn).map(|c| Route {
+                id: Arc::from(m.entry.id.as_str()),
+                outbox: c.outbox.clone(),
+                machine_type: m.entry.machine_type.clone(),
+                drop_oldest: m.when_full == WhenFull::DropOldest,
+                max_frame: c.max_frame,
+            })
+        });
         drop(st);
-        if let Some(o) = &o {
+        if let Some(r) = &r {
             if self.by_id.len() > 4096 {
                 self.by_id.clear();
             }
-            self.by_id.insert(to.into(), o.clone());
+            self.by_id.insert(to.into(), r.clone());
         }
-        o
+        r
+    }
+
+    /// Whether connection `conn` registered machine `source`.
+    fn owns(&mut self, shared: &Shared, conn: u64, source: &str) -> bool {
+        self.refresh(shared);
+        if let Some(ok) = self.owned.get(source) {
+            return *ok;
+        }
+        let ok = lock(&shared.st)
+            .machines
+            .get(source)
+            .is_some_and(|m| m.conn == conn);
+        if self.owned.len() > 4096 {
+            self.owned.clear();
+        }
+        self.owned.insert(source.into(), ok);
+        ok
     }
 }
 
-async fn read_loop(
-    shared: &Shared,
-    stream: &Stream,
-    rd: &mut FrameReader,
+/// Why one event was refused: a `NACK` code and message.
+type Refusal = (&'static str, String);
+
+/// One client connection as its reader task sees it.
+struct Link<'a> {
+    shared: &'a Shared,
     conn: u64,
-    me: &Arc<Outbox>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), IpcError> {
-    let mut cache = RouteCache {
-        generation: u64::MAX,
-        by_id: FxHashMap::default(),
-    };
-    loop {
+    me: &'a Arc<Outbox>,
+    /// Where this client's data frames are acknowledged, when it asked for `ACK`s.
+    sink: Option<Arc<AckSink>>,
+    cache: RouteCache,
+    /// Checks runs of plain sends in place.
+    view: ViewReader,
+    /// The last source a run was checked to own (empty: none).
+    last_source: Vec<u8>,
+}
+
+impl Link<'_> {
+    async fn read_loop(
+        &mut self,
+        stream: &Stream,
+        rd: &mut FrameReader,
+        mut stop: watch::Receiver<bool>,
+        wd: &Watchdog,
+    ) -> Result<(), IpcError> {
         loop {
-            // A run of sends to one machine is forwarded as one piece: one lookup, one push.
-            if let Some((to_at, len, n)) = rd.send_run()
-                && let Ok(to) = std::str::from_utf8(&rd.prefix(len)[to_at])
-                && let Some(target) = cache.outbox(shared, to)
-                && target.push_bytes(rd.prefix(len)).await.is_ok()
-            {
-                shared.routed.fetch_add(n, Ordering::Relaxed);
-                rd.skip(len);
-                continue;
-            }
-            // Anything else, and a run whose target is unknown or gone (each gets its nack).
-            let Some(f) = rd.next_frame()? else { break };
-            let bytes = rd.bytes(&f);
-            handle_frame(shared, conn, me, f.kind, bytes, &mut cache).await?;
-            rd.consume(&f);
-        }
-        shared.last_activity.store(now_micros(), Ordering::Relaxed);
-        tokio::select! {
-            r = rd.fill(stream) => if !r? { return Ok(()) },
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
-    }
-}
-
-async fn handle_frame(
-    shared: &Shared,
-    conn: u64,
-    me: &Arc<Outbox>,
-    k: u8,
-    bytes: &[u8],
-    cache: &mut RouteCache,
-) -> Result<(), IpcError> {
-    let body = &bytes[HEADER_LEN..];
-    match k {
-        kind::SEND => {
-            let mut b = Body::array(body, 2)?;
-            let to = b.str()?;
-            let target = cache.outbox(shared, to);
-            let delivered = match target {
-                Some(o) => o.push_bytes(bytes).await.is_ok(),
-                None => false,
-            };
-            if delivered {
-                shared.routed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-                let id = peek_envelope_id(b.rest());
-                let nack = frame::msg_frame(
-                    kind::NACK,
-                    &NackMsg {
-                        to: to.to_string(),
-                        id,
-                        code: "unknown_target".into(),
-                        message: Error::UnknownTarget(to.into()).to_string(),
-                    },
-                )
-                .map_err(|e| IpcError::Malformed(e.to_string()))?;
-                let _ = me.push_bytes(&nack).await;
-            }
-            Ok(())
-        }
-        kind::PUBLISH => {
-            let mut b = Body::array(body, 3)?;
-            let req = b.uint()?;
-            let topic = b.str()?;
-            let env = b.rest();
-            let targets = {
-                let st = lock(&shared.st);
-                let mut per_conn: HashMap<u64, Arc<Outbox>> = HashMap::new();
-                for s in &st.subs {
-                    if s.conn == conn || s.group.is_some() || per_conn.contains_key(&s.conn) {
-                        continue;
-                    }
-                    if s.topic.as_ref().is_some_and(|p| p.matches(topic))
-                        && let Some(c) = st.conns.get(&s.conn)
-                    {
-                        per_conn.insert(s.conn, c.outbox.clone());
-                    }
+            loop {
+                // A run of plain sends to one machine is checked in place and forwarded as one piece.
+                if let Some((to_at, len, n)) = rd.send_run()
+                    && self.forward_run(rd.prefix(len), to_at, n)
+                {
+                    self.shared.routed.fetch_add(n, Ordering::Relaxed);
+                    rd.skip(len);
+                    continue;
                 }
-                per_conn
-            };
-            if targets.is_empty() {
-                return reply_count(me, req, 0).await;
-            }
-            // A publisher that wants the count gets what the subscribers' connections say
-            // they delivered (each machine once, after its content filters); one that does
-            // not (`req` 0, `emit`) gets plain `TOPIC` frames and no answer.
-            let counted = (req != NO_REPLY).then(|| {
-                let mut st = lock(&shared.st);
-                st.next_count += 1;
-                let id = st.next_count;
-                st.counts.insert(
-                    id,
-                    PendingCount {
-                        publisher: me.clone(),
-                        req,
-                        waiting: targets.keys().copied().collect(),
-                        sum: 0,
-                    },
-                );
-                id
-            });
-            let mut fr = Vec::with_capacity(bytes.len() + 16);
-            match counted {
-                Some(id) => frame::write_frame(&mut fr, kind::TOPIC_COUNTED, usize::MAX, |w| {
-                    frame::write_array(w, 3)?;
-                    frame::write_str(w, topic)?;
-                    frame::write_uint(w, id)?;
-                    w.extend_from_slice(env);
-                    Ok(())
-                }),
-                None => frame::write_frame(&mut fr, kind::TOPIC, usize::MAX, |w| {
-                    frame::write_array(w, 2)?;
-                    frame::write_str(w, topic)?;
-                    w.extend_from_slice(env);
-                    Ok(())
-                }),
-            }
-            .map_err(|e| IpcError::Malformed(e.to_string()))?;
-            for (c, o) in targets {
-                if o.push_bytes(&fr).await.is_ok() {
-                    shared.routed.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(id) = counted {
-                    shared.counted(id, c, 0);
-                }
-            }
-            if let Some(id) = counted {
-                let weak = shared.me.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(COUNT_WAIT).await;
-                    if let Some(shared) = weak.upgrade() {
-                        shared.count_timed_out(id);
-                    }
-                });
-            }
-            Ok(())
-        }
-        kind::TOPIC_COUNT => {
-            let mut b = Body::array(body, 2)?;
-            let id = b.uint()?;
-            let n = b.uint()?;
-            shared.counted(id, conn, n);
-            Ok(())
-        }
-        kind::GROUP => {
-            let mut b = Body::array(body, 3)?;
-            let req = b.uint()?;
-            let group = b.str()?;
-            let env = b.rest();
-            let chosen = {
-                let mut st = lock(&shared.st);
-                let members: Vec<(u64, u64)> = st
-                    .subs
-                    .iter()
-                    .filter(|s| s.topic.is_none() && s.group.as_deref() == Some(group))
-                    .map(|s| (s.conn, s.sub))
-                    .collect();
-                if members.is_empty() {
-                    None
+                // Anything else, and a run that did not pass whole (each frame is answered alone).
+                let Some(f) = rd.next_frame()? else { break };
+                let bytes = rd.bytes(&f);
+                if f.refused {
+                    self.refuse_over_budget(f.kind, bytes);
                 } else {
-                    let i = st.group_next.entry(group.into()).or_insert(0);
-                    let (c, sub) = members[*i % members.len()];
-                    *i = i.wrapping_add(1);
-                    st.conns.get(&c).map(|ci| (ci.outbox.clone(), sub))
+                    self.handle_frame(f.kind, bytes)?;
                 }
+                rd.consume(&f);
+            }
+            // One ACK per batch of this client's frames when it published (send credits go
+            // in their own steps, so a stream of sends does not wake its sender for each batch).
+            if let Some(k) = &self.sink {
+                k.flush_publishes();
+            }
+            self.shared
+                .last_activity
+                .store(now_micros(), Ordering::Relaxed);
+            let partial = rd.partial_since().map_or(0, |t| self.shared.ms_at(t));
+            wd.partial_since.store(partial, Ordering::Relaxed);
+            tokio::select! {
+                r = rd.fill(stream) => {
+                    if !r? { return Ok(()) }
+                    wd.last_read.store(self.shared.ms(), Ordering::Relaxed);
+                }
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = wd.kick.notified() => {
+                    return Err(lock(&wd.why).take().unwrap_or_else(|| {
+                        IpcError::SlowConsumer("disconnected by the daemon".into())
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Settles one publish or group message of this client at once.
+    fn settle(&self) {
+        if let Some(k) = &self.sink {
+            k.credit(1);
+        }
+    }
+
+    /// Gives the bytes of a refused send back to this client's window for `to`.
+    fn settle_send(&self, to: &str, bytes: usize) {
+        if let Some(k) = &self.sink {
+            k.credit_send(&Arc::from(to), bytes as u64);
+        }
+    }
+
+    /// Forwards a run of `n` plain `SEND` frames to the machine named at `to_at`; `false` when
+    /// any frame needs a closer look (or the run did not fit), and nothing was forwarded.
+    fn forward_run(&mut self, run: &[u8], to_at: std::ops::Range<usize>, n: u64) -> bool {
+        let Ok(to) = std::str::from_utf8(&run[to_at]) else {
+            return false;
+        };
+        let Some(route) = self.cache.route(self.shared, to) else {
+            return false;
+        };
+        let mut at = 0;
+        while at < run.len() {
+            let total =
+                4 + u32::from_be_bytes([run[at], run[at + 1], run[at + 2], run[at + 3]]) as usize;
+            if total > route.max_frame {
+                return false;
+            }
+            let body = &run[at + HEADER_LEN..at + total];
+            let Some(v) = self.view.read(body) else {
+                return false;
             };
-            let mut count = 0;
-            if chosen.is_none() {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            let source = v.source;
+            // Frames from the last source checked cost one comparison, not a lookup. (Only this
+            // connection's own requests, handled in order, can change what it owns.)
+            if !crate::codec::same(&self.last_source, source.as_bytes()) {
+                if !self.cache.owns(self.shared, self.conn, source) {
+                    return false;
+                }
+                self.last_source.clear();
+                self.last_source.extend_from_slice(source.as_bytes());
             }
-            if let Some((o, sub)) = chosen {
-                let mut fr = Vec::with_capacity(bytes.len() + 8);
-                frame::write_frame(&mut fr, kind::GROUP_DELIVER, usize::MAX, |w| {
-                    frame::write_array(w, 2)?;
-                    frame::write_uint(w, sub)?;
-                    w.extend_from_slice(env);
-                    Ok(())
-                })
-                .map_err(|e| IpcError::Malformed(e.to_string()))?;
-                if o.push_bytes(&fr).await.is_ok() {
-                    shared.routed.fetch_add(1, Ordering::Relaxed);
-                    count = 1;
+            at += total;
+        }
+        let sink = self.sink.as_ref().map(|k| (k, &route.id));
+        route.outbox.offer(run, n, sink, route.drop_oldest) == Offer::Queued
+    }
+
+    /// Answers a frame that was read past the memory budget and thrown away.
+    fn refuse_over_budget(&self, k: u8, head: &[u8]) {
+        self.shared.over_budget.fetch_add(1, Ordering::Relaxed);
+        let body = head.get(HEADER_LEN..).unwrap_or_default();
+        let why = format!(
+            "the bus daemon's memory budget ({} bytes) has no room for a frame of this size now: retry later or send less",
+            self.shared.budget.limit()
+        );
+        match k {
+            kind::SEND => {
+                let mut b = Body::array(body, 2).ok();
+                let to = b.as_mut().and_then(|b| b.str().ok()).unwrap_or_default();
+                let id = b.map_or(0, |b| peek_envelope_id(b.rest()));
+                self.nack(to, id, nack::OVER_BUDGET, why);
+                let announced = head
+                    .get(..4)
+                    .map_or(0, |l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+                self.settle_send(to, announced + 4);
+            }
+            kind::PUBLISH | kind::GROUP => {
+                let mut b = Body::array(body, 3).ok();
+                let req = b.as_mut().and_then(|b| b.uint().ok()).unwrap_or(NO_REPLY);
+                let to = b.as_mut().and_then(|b| b.str().ok()).unwrap_or_default();
+                let id = b.map_or(0, |b| peek_envelope_id(b.rest()));
+                self.refuse(req, to, id, (nack::OVER_BUDGET, why));
+                self.settle();
+            }
+            _ => {
+                let r = ReplyMsg {
+                    req: peek_req(body),
+                    ok: false,
+                    code: Some(nack::OVER_BUDGET.into()),
+                    message: Some(why),
+                    ..ReplyMsg::default()
+                };
+                self.reply(&r);
+            }
+        }
+    }
+
+    fn nack(&self, to: &str, id: u64, code: &'static str, message: String) {
+        self.nack_from(to, id, None, code, message);
+    }
+
+    /// A `NACK` that names the envelope's source (so a sender can count per source and target).
+    fn nack_from(
+        &self,
+        to: &str,
+        id: u64,
+        source: Option<&str>,
+        code: &'static str,
+        message: String,
+    ) {
+        if let Ok(f) = frame::msg_frame(
+            kind::NACK,
+            &NackMsg {
+                to: to.to_string(),
+                id,
+                code: code.into(),
+                message,
+                source: source.map(str::to_string),
+            },
+        ) {
+            let _ = self.me.push_force(&f);
+        }
+    }
+
+    fn reply(&self, r: &ReplyMsg) {
+        if r.req == NO_REPLY {
+            return;
+        }
+        if let Ok(f) = frame::msg_frame(kind::REPLY, r) {
+            // Control frames never wait: a client that stops reading only fills its own queue.
+            let _ = self.me.push_force(&f);
+        }
+    }
+
+    /// Refuses a `PUBLISH` or `GROUP`: a failed `REPLY`, or a `NACK` when no reply is wanted.
+    fn refuse(&self, req: u64, to: &str, id: u64, (code, message): Refusal) {
+        if req == NO_REPLY {
+            self.nack(to, id, code, message);
+        } else {
+            self.reply(&ReplyMsg {
+                req,
+                ok: false,
+                code: Some(code.into()),
+                message: Some(message),
+                ..ReplyMsg::default()
+            });
+        }
+    }
+
+    /// Checks an envelope the daemon is asked to route: shape, source and target.
+    fn check<'b>(
+        &mut self,
+        env: &'b [u8],
+        want: &[TargetKind],
+        name_ok: impl FnOnce(TargetKind, &str) -> bool,
+    ) -> Result<Checked<'b>, Refusal> {
+        let c = check_envelope(env).map_err(|why| {
+            (
+                nack::MALFORMED,
+                format!("the envelope does not follow docs/PROTOCOL.md §2: {why}"),
+            )
+        })?;
+        if !want.contains(&c.kind) || !name_ok(c.kind, c.target) {
+            return Err((
+                nack::WRONG_TARGET,
+                format!(
+                    "the envelope's target ({:?} `{}`) disagrees with where the frame sends it",
+                    c.kind, c.target
+                ),
+            ));
+        }
+        if !self.cache.owns(self.shared, self.conn, c.source) {
+            return Err((
+                nack::NOT_OWNER,
+                format!(
+                    "source `{}` is not a machine this connection registered: register it first, and send only as your own machines",
+                    c.source
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    fn handle_frame(&mut self, k: u8, bytes: &[u8]) -> Result<(), IpcError> {
+        let body = &bytes[HEADER_LEN..];
+        match k {
+            kind::SEND => {
+                let mut b = Body::array(body, 2)?;
+                let to = b.str()?;
+                let env = b.rest();
+                let route = self.cache.route(self.shared, to);
+                let verdict = match &route {
+                    None => Err((
+                        nack::UNKNOWN_TARGET,
+                        Error::UnknownTarget(to.into()).to_string(),
+                    )),
+                    Some(r) => self
+                        .check(
+                            env,
+                            &[
+                                TargetKind::Machine,
+                                TargetKind::AnyOfType,
+                                TargetKind::AllOfType,
+                            ],
+                            |kind, name| match kind {
+                                TargetKind::Machine => name == to,
+                                _ => name == &*r.machine_type,
+                            },
+                        )
+                        .map(|c| (c.id, c.source)),
+                };
+                let (id, source) = match verdict {
+                    Ok(c) => c,
+                    Err((code, message)) => {
+                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                        let c = check_envelope(env).ok();
+                        let id = c.map_or_else(|| peek_envelope_id(env), |c| c.id);
+                        self.nack_from(to, id, c.map(|c| c.source), code, message);
+                        self.settle_send(to, bytes.len());
+                        return Ok(());
+                    }
+                };
+                let Some(route) = route else { return Ok(()) };
+                if bytes.len() > route.max_frame {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.nack_from(
+                        to,
+                        id,
+                        Some(source),
+                        nack::TOO_LARGE,
+                        format!(
+                            "a frame of {} bytes is over the {}-byte limit `{to}`'s process accepts: send less",
+                            bytes.len(),
+                            route.max_frame
+                        ),
+                    );
+                    self.settle_send(to, bytes.len());
+                    return Ok(());
+                }
+                let sink = self.sink.as_ref().map(|k| (k, &route.id));
+                match route.outbox.offer(bytes, 1, sink, route.drop_oldest) {
+                    Offer::Queued => {
+                        self.shared.routed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Offer::Full => {
+                        self.shared.nacked_full.fetch_add(1, Ordering::Relaxed);
+                        self.nack_from(
+                            to,
+                            id,
+                            Some(source),
+                            nack::FULL,
+                            format!(
+                                "the queue of `{to}` in the bus daemon is full: its process is not reading fast enough; slow down or retry"
+                            ),
+                        );
+                        self.settle_send(to, bytes.len());
+                    }
+                    Offer::Closed => {
+                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                        self.nack_from(
+                            to,
+                            id,
+                            Some(source),
+                            nack::UNKNOWN_TARGET,
+                            Error::UnknownTarget(to.into()).to_string(),
+                        );
+                        self.settle_send(to, bytes.len());
+                    }
+                }
+                Ok(())
+            }
+            kind::PUBLISH => {
+                let mut b = Body::array(body, 3)?;
+                let req = b.uint()?;
+                let topic = b.str()?;
+                let env = b.rest();
+                let verdict = match switchyard_core::topic::validate_topic(topic) {
+                    Err(e) => Err((nack::INVALID_TOPIC, e.to_string())),
+                    Ok(()) => self
+                        .check(env, &[TargetKind::Topic], |_, name| name == topic)
+                        .map(|_| ()),
+                };
+                if let Err(why) = verdict {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.refuse(req, topic, peek_envelope_id(env), why);
+                    self.settle();
+                    return Ok(());
+                }
+                if let Some(count) = self.publish(topic, env, bytes.len(), req)? {
+                    self.reply_count(req, count);
+                }
+                self.settle();
+                Ok(())
+            }
+            kind::TOPIC_COUNT => {
+                let mut b = Body::array(body, 2)?;
+                let id = b.uint()?;
+                let n = b.uint()?;
+                self.shared.counted(id, self.conn, n);
+                Ok(())
+            }
+            kind::GROUP => {
+                let mut b = Body::array(body, 3)?;
+                let req = b.uint()?;
+                let group = b.str()?;
+                let env = b.rest();
+                if let Err(why) = self.check(env, &[TargetKind::Group], |_, name| name == group) {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.refuse(req, group, peek_envelope_id(env), why);
+                    self.settle();
+                    return Ok(());
+                }
+                let count = self.publish_to_group(group, env, bytes.len())?;
+                self.reply_count(req, count);
+                self.settle();
+                Ok(())
+            }
+            kind::REQUEST => {
+                // A request may deregister the machine the run cache vouches for.
+                self.last_source.clear();
+                let req: RequestMsg = frame::decode_msg(body)?;
+                let r = self.shared.request(self.conn, req);
+                self.reply(&r);
+                Ok(())
+            }
+            kind::HELLO => Err(IpcError::Malformed("HELLO after the handshake".into())),
+            other => Err(IpcError::UnknownFrame(other)),
+        }
+    }
+
+    /// Fans a topic event out. A publisher that wants the count (`req` not 0) gets, from the
+    /// connections that took it, how many of their machines got it (each once, after its
+    /// content filters): the answer then comes once they all said (`None` here); group
+    /// deliveries count one each.
+    fn publish(
+        &mut self,
+        topic: &str,
+        env: &[u8],
+        size: usize,
+        req: u64,
+    ) -> Result<Option<u64>, IpcError> {
+        let parts: Vec<&str> = topic.split('.').collect();
+        // Plain subscriptions get one TOPIC frame per connection; queue groups (pattern and
+        // group) one GROUP_DELIVER to one member per group, on any connection.
+        let (plain, groups) = {
+            let mut st = lock(&self.shared.st);
+            let mut plain: Vec<(Arc<Outbox>, usize, u64, u64)> = Vec::new();
+            // Per queue group: its (connection, subscription) members.
+            type Members = Vec<(u64, u64)>;
+            let mut groups: Vec<(Arc<str>, Members)> = Vec::new();
+            for s in &st.subs {
+                let Some(p) = &s.topic else { continue };
+                if !p.matches_segments(&parts) {
+                    continue;
+                }
+                match &s.group {
+                    None if s.conn != self.conn => {
+                        if let Some(c) = st.conns.get(&s.conn) {
+                            match plain
+                                .iter_mut()
+                                .find(|(o, _, _, _)| Arc::ptr_eq(o, &c.outbox))
+                            {
+                                Some(e) => e.2 += 1,
+                                None => plain.push((c.outbox.clone(), c.max_frame, 1, s.conn)),
+                            }
+                        }
+                    }
+                    None => {}
+                    Some(g) => match groups.iter_mut().find(|(n, _)| n == g) {
+                        Some((_, m)) => m.push((s.conn, s.sub)),
+                        None => groups.push((g.clone(), vec![(s.conn, s.sub)])),
+                    },
                 }
             }
-            reply_count(me, req, count).await
+            let mut chosen = Vec::new();
+            for (g, members) in groups {
+                let start = *st.group_next.get(&g).unwrap_or(&0);
+                let picks: Vec<(Arc<Outbox>, usize, u64)> = (0..members.len())
+                    .filter_map(|k| {
+                        let (c, sub) = members[(start + k) % members.len()];
+                        st.conns
+                            .get(&c)
+                            .map(|ci| (ci.outbox.clone(), ci.max_frame, sub))
+                    })
+                    .collect();
+                st.group_next.insert(g, start.wrapping_add(1));
+                chosen.push(picks);
+            }
+            (plain, chosen)
+        };
+        let mut count = 0;
+        for picks in groups {
+            for (o, max, sub) in picks {
+                let fr = wrap(kind::GROUP_DELIVER, |w| frame::write_uint(w, sub), env)?;
+                if self.deliver(&o, max, &fr, size) {
+                    count += 1;
+                    break;
+                }
+            }
         }
-        kind::REQUEST => {
-            let req: RequestMsg = frame::decode_msg(body)?;
-            let r = shared.request(conn, req);
-            reply(me, &r).await
+        if plain.is_empty() {
+            return Ok(Some(count));
         }
-        kind::HELLO => Err(IpcError::Malformed("HELLO after the handshake".into())),
-        other => Err(IpcError::UnknownFrame(other)),
+        if req == NO_REPLY {
+            let fr = wrap(kind::TOPIC, |w| frame::write_str(w, topic), env)?;
+            for (o, max, _, _) in plain {
+                self.deliver(&o, max, &fr, size);
+            }
+            return Ok(Some(count));
+        }
+        // Registered before any frame goes out, so an answer cannot come first.
+        let id = {
+            let mut st = lock(&self.shared.st);
+            st.next_count += 1;
+            let id = st.next_count;
+            st.counts.insert(
+                id,
+                PendingCount {
+                    publisher: self.me.clone(),
+                    req,
+                    waiting: plain.iter().map(|(_, _, _, c)| *c).collect(),
+                    sum: count,
+                },
+            );
+            id
+        };
+        let fr = wrap_n(
+            kind::TOPIC_COUNTED,
+            3,
+            |w| {
+                frame::write_str(w, topic)?;
+                frame::write_uint(w, id)
+            },
+            env,
+        )?;
+        for (o, max, _, c) in plain {
+            if !self.deliver(&o, max, &fr, size) {
+                self.shared.counted(id, c, 0);
+            }
+        }
+        let weak = self.shared.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(COUNT_WAIT).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.count_timed_out(id);
+            }
+        });
+        Ok(None)
+    }
+
+    /// A group message to one member (round-robin, skipping members whose queue is full).
+    fn publish_to_group(&mut self, group: &str, env: &[u8], size: usize) -> Result<u64, IpcError> {
+        let picks: Vec<(Arc<Outbox>, usize, u64)> = {
+            let mut st = lock(&self.shared.st);
+            let members: Vec<(u64, u64)> = st
+                .subs
+                .iter()
+                .filter(|s| s.topic.is_none() && s.group.as_deref() == Some(group))
+                .map(|s| (s.conn, s.sub))
+                .collect();
+            if members.is_empty() {
+                Vec::new()
+            } else {
+                let i = st.group_next.entry(group.into()).or_insert(0);
+                let start = *i;
+                *i = i.wrapping_add(1);
+                (0..members.len())
+                    .filter_map(|k| {
+                        let (c, sub) = members[(start + k) % members.len()];
+                        st.conns
+                            .get(&c)
+                            .map(|ci| (ci.outbox.clone(), ci.max_frame, sub))
+                    })
+                    .collect()
+            }
+        };
+        for (o, max, sub) in picks {
+            let fr = wrap(kind::GROUP_DELIVER, |w| frame::write_uint(w, sub), env)?;
+            if self.deliver(&o, max, &fr, size) {
+                return Ok(1);
+            }
+        }
+        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        Ok(0)
+    }
+
+    /// Queues a topic or group delivery; a full subscriber loses it (counted) and its slow clock runs.
+    fn deliver(&self, o: &Outbox, max: usize, fr: &[u8], size: usize) -> bool {
+        if fr.len().max(size) > max {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match o.offer(fr, 0, None, false) {
+            Offer::Queued => {
+                self.shared.routed.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Offer::Full => {
+                o.mark_full();
+                self.shared.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Offer::Closed => false,
+        }
+    }
+
+    /// Answers a `PUBLISH` or `GROUP` with how many got it, unless its request id asks for no reply.
+    fn reply_count(&self, req: u64, count: u64) {
+        self.reply(&ReplyMsg {
+            count: Some(count),
+            ..ReplyMsg::ok(req)
+        });
     }
 }
 
-async fn reply(me: &Outbox, r: &ReplyMsg) -> Result<(), IpcError> {
-    let bytes = frame::msg_frame(kind::REPLY, r).map_err(|e| IpcError::Malformed(e.to_string()))?;
-    // A client that stopped reading only stalls itself.
-    let _ = me.push_bytes(&bytes).await;
-    Ok(())
-}
-
-/// Answers a `PUBLISH` or `GROUP` with how many got it, unless its request id asks for no reply.
 /// Answers a counted publish (a control frame: it never waits for room).
 fn answer_count(publisher: &Outbox, req: u64, count: u64) {
     let r = ReplyMsg {
@@ -1179,22 +1927,58 @@ fn answer_count(publisher: &Outbox, req: u64, count: u64) {
     }
 }
 
-async fn reply_count(me: &Outbox, req: u64, count: u64) -> Result<(), IpcError> {
-    if req == NO_REPLY {
-        return Ok(());
+/// A frame `[first, envelope]` of `kind` around an envelope already checked.
+fn wrap(
+    k: u8,
+    first: impl FnOnce(&mut Vec<u8>) -> switchyard_core::Result<()>,
+    env: &[u8],
+) -> Result<Vec<u8>, IpcError> {
+    wrap_n(k, 2, first, env)
+}
+
+/// A frame `[.., envelope]` of `kind` with `n` elements: `first` writes all but the envelope.
+fn wrap_n(
+    k: u8,
+    n: u32,
+    first: impl FnOnce(&mut Vec<u8>) -> switchyard_core::Result<()>,
+    env: &[u8],
+) -> Result<Vec<u8>, IpcError> {
+    let mut fr = Vec::with_capacity(env.len() + 48);
+    frame::write_frame(&mut fr, k, usize::MAX, |w| {
+        frame::write_array(w, n)?;
+        first(w)?;
+        w.extend_from_slice(env);
+        Ok(())
+    })
+    .map_err(|e| IpcError::Malformed(e.to_string()))?;
+    Ok(fr)
+}
+
+/// The `req` of a control map, for answering a refused request; 0 when it cannot be read.
+fn peek_req(body: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct ReqOnly {
+        #[serde(default)]
+        req: u64,
     }
-    reply(
-        me,
-        &ReplyMsg {
-            count: Some(count),
-            ..ReplyMsg::ok(req)
-        },
-    )
-    .await
+    rmp_serde::from_slice::<ReqOnly>(body)
+        .map(|x| x.req)
+        .unwrap_or(0)
 }
 
 /// The `id` field of an envelope map, for NACKs; 0 when it cannot be read.
+///
+/// Reads the first key directly (where every encoder puts `id`), so a truncated or
+/// otherwise broken envelope still names its event when it can.
 pub(crate) fn peek_envelope_id(env: &[u8]) -> u64 {
+    let mut rd = env;
+    if rmp::decode::read_map_len(&mut rd).is_ok()
+        && let Ok((b"id", mut rest)) =
+            rmp::decode::read_str_from_slice(rd).map(|(k, r)| (k.as_bytes(), r))
+        && let Ok(id) = rmp::decode::read_int::<u64, _>(&mut rest)
+    {
+        return id;
+    }
     #[derive(serde::Deserialize)]
     struct IdOnly {
         #[serde(default)]

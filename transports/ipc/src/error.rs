@@ -63,6 +63,15 @@ pub enum IpcError {
         /// Human-readable message.
         message: String,
     },
+    /// The daemon cannot take this client now (out of file descriptors); retry later.
+    #[error("the bus daemon is busy: {0}")]
+    Busy(String),
+    /// The connection's queue in the daemon stayed full too long; the client is disconnected.
+    #[error("slow consumer: {0}")]
+    SlowConsumer(String),
+    /// A frame did not arrive whole in time, or the connection was idle too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// An I/O error on the socket.
     #[error("local socket {path}: {source}")]
     Io {
@@ -86,6 +95,9 @@ impl IpcError {
             IpcError::AlreadyRunning(_) => "already_running",
             IpcError::Unsupported(_) => "unsupported",
             IpcError::Remote { .. } => "remote",
+            IpcError::Busy(_) => "busy",
+            IpcError::SlowConsumer(_) => "slow_consumer",
+            IpcError::Timeout(_) => "timeout",
             IpcError::Io { .. } => "io",
         }
     }

@@ -47,11 +47,64 @@ pub mod kind {
     pub const GROUP_DELIVER: u8 = 0x14;
     /// Daemon/peer → sender: a `SEND` could not be delivered.
     pub const NACK: u8 = 0x15;
+    /// Daemon → client that asked for it in `HELLO`: `{settled: n}`, n more of its data frames are settled.
+    pub const ACK: u8 = 0x16;
     /// Client → daemon: `[count id, delivered]`, answering a `TOPIC_COUNTED`.
-    pub const TOPIC_COUNT: u8 = 0x16;
+    pub const TOPIC_COUNT: u8 = 0x17;
     /// Daemon → client: `[topic, count id, envelope]`, a `TOPIC` whose publisher wants to
     /// know how many machines got it: deliver, then answer `TOPIC_COUNT`.
-    pub const TOPIC_COUNTED: u8 = 0x17;
+    pub const TOPIC_COUNTED: u8 = 0x18;
+}
+
+/// `NACK` codes: why one event was not delivered (docs/PROTOCOL.md §7).
+pub mod nack {
+    /// No machine of that id is registered.
+    pub const UNKNOWN_TARGET: &str = "unknown_target";
+    /// The target's queue in the daemon is full (its policy is `nack`).
+    pub const FULL: &str = "full";
+    /// The envelope's `source` is not a machine this connection registered.
+    pub const NOT_OWNER: &str = "not_owner";
+    /// The envelope is not what docs/PROTOCOL.md §2 describes.
+    pub const MALFORMED: &str = "malformed";
+    /// `to` (or the topic, or the group) disagrees with the envelope's `target`.
+    pub const WRONG_TARGET: &str = "wrong_target";
+    /// The frame is bigger than the receiver accepts.
+    pub const TOO_LARGE: &str = "too_large";
+    /// The daemon's memory budget had no room for this large frame.
+    pub const OVER_BUDGET: &str = "over_budget";
+    /// The published topic is not a valid topic (empty segment, wildcard).
+    pub const INVALID_TOPIC: &str = "invalid_topic";
+}
+
+/// An `ACK` frame: `n` publishes or group messages handled, and bytes of sends per target settled.
+pub fn ack_frame(n: u64, sends: &[(std::sync::Arc<str>, u64)]) -> Vec<u8> {
+    let msg = AckMsg {
+        settled: n,
+        sends: sends.iter().map(|(t, b)| (t.to_string(), *b)).collect(),
+    };
+    // Plain integers and strings: encoding cannot fail.
+    msg_frame(kind::ACK, &msg).unwrap_or_default()
+}
+
+/// Body of an `ACK` frame.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AckMsg {
+    /// How many more of the client's `PUBLISH` and `GROUP` frames the daemon handled.
+    #[serde(default)]
+    pub settled: u64,
+    /// Per target machine, bytes of the client's `SEND` frames the daemon wrote to it, dropped or refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sends: Vec<(String, u64)>,
+}
+
+/// A `TooLarge` error that names the payload: its size and the largest payload this event could carry.
+pub fn too_large(frame_len: usize, max: usize, payload_len: usize) -> Error {
+    let overhead = frame_len.saturating_sub(payload_len);
+    Error::TooLarge {
+        transport: crate::NAME,
+        size: payload_len,
+        limit: max.saturating_sub(overhead),
+    }
 }
 
 /// First frame of a connection.
@@ -67,6 +120,12 @@ pub struct Hello {
     /// Whether the daemon should push registry `EVENT`s to this connection.
     #[serde(default)]
     pub watch: bool,
+    /// The largest frame this client accepts (absent: the server's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame: Option<u64>,
+    /// Whether the daemon should send `ACK` frames for this client's data frames.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acks: bool,
 }
 
 /// Answer to `HELLO`.
@@ -78,6 +137,16 @@ pub struct Welcome {
     pub server_id: String,
     /// The largest frame (length field) the server accepts.
     pub max_frame: u64,
+    /// A connection that sends nothing for this long is closed (0 or absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// A frame must arrive whole within this long of its first byte (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_timeout_ms: Option<u64>,
+    /// Bytes of events the daemon queues per receiving connection (a sender that wants `ACK`s
+    /// keeps at most half of it in flight per target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_limit: Option<u64>,
 }
 
 /// Body of an `ERROR` frame.
@@ -117,6 +186,10 @@ pub struct RequestMsg {
     /// Consumer group (subscribe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// What happens to a send when the machine's queue in the daemon is full (register):
+    /// `"nack"` (the sender gets `NACK full`) or `"drop_oldest"`; absent: the daemon's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_full: Option<String>,
 }
 
 /// The daemon's health report.
@@ -134,6 +207,30 @@ pub struct DaemonHealth {
     pub rejected: u64,
     /// Last frame received, microseconds since the Unix epoch (0: none yet).
     pub last_activity_us: u64,
+    /// Sends refused with `NACK full` (the target's queue was full).
+    #[serde(default)]
+    pub nacked_full: u64,
+    /// Events dropped oldest-first from full queues (machines registered with `drop_oldest`).
+    #[serde(default)]
+    pub dropped_oldest: u64,
+    /// Topic and group deliveries dropped because the subscriber's queue was full.
+    #[serde(default)]
+    pub dropped_slow: u64,
+    /// Subscribers disconnected for staying too slow.
+    #[serde(default)]
+    pub slow_disconnects: u64,
+    /// Frames refused because the memory budget was spent.
+    #[serde(default)]
+    pub over_budget: u64,
+    /// Bytes of the memory budget in use, and its size.
+    #[serde(default)]
+    pub budget_used: u64,
+    /// The memory budget (bytes).
+    #[serde(default)]
+    pub budget_limit: u64,
+    /// Connections refused or closed because the process was out of file descriptors.
+    #[serde(default)]
+    pub fd_exhausted: u64,
 }
 
 /// Body of a `REPLY` frame.
@@ -243,10 +340,29 @@ pub struct NackMsg {
     pub to: String,
     /// The envelope id.
     pub id: u64,
-    /// Error code (`unknown_target`).
+    /// Error code (see [`nack`]).
     pub code: String,
     /// Human-readable message.
     pub message: String,
+    /// The envelope's source, when the daemon could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// The event a receiving client sends each sending machine after the bus daemon it shared
+/// with them restarted: how many of that machine's sends it received through the lost one.
+pub const DELIVERED_EVENT: &str = "switchyard.ipc.delivered";
+
+/// Event names starting with this are the ipc transport's own and never reach handlers.
+pub const RESERVED_PREFIX: &str = "switchyard.ipc.";
+
+/// Payload of a [`DELIVERED_EVENT`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// The lost daemon's `server_id` (from its `WELCOME`).
+    pub epoch: String,
+    /// `SEND`s from the event's target machine to its source machine received through it.
+    pub received: u64,
 }
 
 /// Appends a frame whose body `body` writes; fails (leaving `buf` as it was) on encode errors or when over `max`.
@@ -330,6 +446,18 @@ pub fn write_send_event(
         crate::codec::put_str(b, to)?;
         crate::codec::write_event(b, ev)
     })
+    .map_err(|e| match e {
+        // Say it in payload bytes, which the caller controls.
+        Error::TooLarge { size, limit, .. } => {
+            let mut p = Vec::new();
+            let payload = match &ev.payload {
+                switchyard_core::PayloadRef::Encoded(b) => b.len(),
+                other => other.write_msgpack(&mut p).map_or(0, |_| p.len()),
+            };
+            too_large(size, limit, payload)
+        }
+        e => e,
+    })
 }
 
 /// A cursor over a frame body that reads the leading array elements of the hot frames.
@@ -406,6 +534,8 @@ pub struct FrameRef {
     pub kind: u8,
     /// Total bytes of the frame including the header.
     pub total: usize,
+    /// The daemon read this frame without keeping it (over its memory budget); only its head is left.
+    pub refused: bool,
 }
 
 /// Looks at the start of `buf`: a complete frame, `None` when more bytes are needed, or a typed error.
@@ -431,6 +561,7 @@ pub fn peek_frame(buf: &[u8], max: usize) -> std::result::Result<Option<FrameRef
     Ok(Some(FrameRef {
         kind: buf[4],
         total: 4 + len,
+        refused: false,
     }))
 }
 

@@ -56,7 +56,8 @@ pub mod error;
 pub mod frame;
 mod p2p;
 
-pub use daemon::{Daemon, DaemonConfig, DaemonHandle};
+pub use client::IpcStats;
+pub use daemon::{Daemon, DaemonConfig, DaemonHandle, WhenFull};
 pub use error::IpcError;
 pub use frame::DaemonHealth;
 
@@ -293,6 +294,11 @@ impl IpcBus {
         self.client.is_connected()
     }
 
+    /// What the daemon connection refused, lost, replayed or could not decode so far.
+    pub fn stats(&self) -> IpcStats {
+        self.client.stats()
+    }
+
     /// The daemon's health report.
     pub async fn daemon_health(&self) -> Result<DaemonHealth> {
         let r = self
@@ -456,7 +462,7 @@ impl Transport for IpcTransport {
         TransportHealth {
             healthy: connected && !c.closed.load(Ordering::Acquire),
             detail: format!(
-                "{} to the bus daemon at {}{}; {} undeliverable sends reported",
+                "{} to the bus daemon at {}{}; {} undeliverable sends reported, {} lost with the daemon",
                 if connected {
                     "connected"
                 } else {
@@ -467,10 +473,13 @@ impl Transport for IpcTransport {
                     Some(p) => format!(", peer-to-peer on {}", p.path.display()),
                     None => String::new(),
                 },
-                c.nacks.load(Ordering::Relaxed)
+                c.nacks.load(Ordering::Relaxed),
+                c.lost.load(Ordering::Relaxed)
             ),
             delivered: c.local.delivered.load(Ordering::Relaxed),
-            dropped: c.local.dropped.load(Ordering::Relaxed) + c.nacks.load(Ordering::Relaxed),
+            dropped: c.local.dropped.load(Ordering::Relaxed)
+                + c.nacks.load(Ordering::Relaxed)
+                + c.lost.load(Ordering::Relaxed),
         }
     }
 

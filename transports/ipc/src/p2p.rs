@@ -104,12 +104,16 @@ async fn connect_peer(
         .await
         .map_err(|e| IpcError::io(path.display().to_string(), e))?;
     let mut rd = FrameReader::new(cfg.max_frame);
-    handshake_client(&stream, &mut rd, cfg, false).await?;
+    let welcome = handshake_client(&stream, &mut rd, cfg, false, false).await?;
     let stream = Arc::new(stream);
+    // The peer said what it accepts: a bigger event is refused here, at the sender.
+    let max_frame = usize::try_from(welcome.max_frame)
+        .unwrap_or(usize::MAX)
+        .min(cfg.max_frame);
     let outbox = Outbox::start(
         stream.clone(),
         cfg.outbox_limit,
-        cfg.max_frame,
+        max_frame,
         format!("peer {}", path.display()),
     );
     let ob = outbox.clone();
@@ -187,12 +191,20 @@ async fn serve_peer(
     let mut rd = FrameReader::new(cfg.max_frame);
     let setup = async {
         check_peer(&stream, own_uid, None)?;
+        let welcome = frame::Welcome {
+            protocol: frame::PROTOCOL_VERSION,
+            server_id: cfg.client_id.clone(),
+            max_frame: cfg.max_frame as u64,
+            idle_timeout_ms: None,
+            frame_timeout_ms: None,
+            queue_limit: None,
+        };
         handshake_server(
             &stream,
             &mut rd,
             cfg.token.as_deref(),
-            &cfg.client_id,
-            cfg.max_frame,
+            welcome,
+            Duration::from_secs(5),
         )
         .await
     };
@@ -220,21 +232,33 @@ async fn serve_peer(
                 }
                 let mut b = Body::array(body, 2)?;
                 let to = b.raw_str()?;
-                if !inbound.deliver_bytes(&local, to, b.rest()).await? {
-                    // Rare: decode again just for the id the nack names.
-                    let id = b.envelope()?.id;
-                    let to = String::from_utf8_lossy(to).into_owned();
+                // A bad envelope hurts only itself: the sender gets a NACK, the connection stays.
+                let refused = match inbound.deliver_bytes(&local, to, b.rest()).await {
+                    Ok(true) => None,
+                    Ok(false) => Some((
+                        frame::nack::UNKNOWN_TARGET,
+                        Error::UnknownTarget(String::from_utf8_lossy(to).as_ref().into())
+                            .to_string(),
+                    )),
+                    Err(IpcError::Malformed(why)) => {
+                        tracing::warn!("dropped an undecodable event from a peer: {why}");
+                        Some((frame::nack::MALFORMED, why))
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Some((code, message)) = refused {
                     let nack = frame::msg_frame(
                         kind::NACK,
                         &NackMsg {
-                            message: Error::UnknownTarget(to.as_str().into()).to_string(),
-                            to,
-                            id,
-                            code: "unknown_target".into(),
+                            message,
+                            to: String::from_utf8_lossy(to).into_owned(),
+                            id: crate::daemon::peek_envelope_id(b.rest()),
+                            code: code.into(),
+                            source: None,
                         },
                     )
                     .map_err(|e| IpcError::Malformed(e.to_string()))?;
-                    let _ = outbox.push_bytes(&nack).await;
+                    let _ = outbox.push_force(&nack);
                 }
                 rd.consume(&f);
             }
