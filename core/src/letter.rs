@@ -143,7 +143,7 @@ pub struct LetterData {
     pub carried_by: Option<&'static str>,
 }
 
-/// Told when a tracked letter's handler has run; see [`crate::Inbox::deliver_acked`].
+/// Told when a tracked letter's handler has run; see [`crate::Inbox::deliver_tracked`].
 pub struct Done(pub(crate) tokio::sync::oneshot::Sender<()>);
 
 /// An event on its way into a mailbox: an envelope, or the fields of one in a box the
