@@ -300,6 +300,24 @@ impl World {
             .clone()
     }
 
+    /// A machine whose `on_error` hook reports into the returned channel.
+    pub async fn hooked(
+        &self,
+        id: &str,
+        machine_type: &str,
+    ) -> (Node, mpsc::UnboundedReceiver<Error>) {
+        let (tx, rx) = mpsc::unbounded_channel::<Error>();
+        let node = self
+            .machine(id, machine_type)
+            .on_error(move |_, e| {
+                let _ = tx.send(e.clone());
+            })
+            .build()
+            .await
+            .expect("machine builds");
+        (node, rx)
+    }
+
     /// A machine that records what it receives.
     pub async fn recorder(&self, id: &str, machine_type: &str) -> (Node, Recorder) {
         let (rec, h) = Recorder::new();
@@ -1752,15 +1770,7 @@ pub async fn declared_sender_follows_a_target_that_moved(fx: Fixture) {
 /// failure reaches the machine's `on_error` hook instead.
 pub async fn declared_sender_to_a_target_that_left(fx: Fixture) {
     let w = fx.world();
-    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
-    let a = w
-        .machine("a", "T")
-        .on_error(move |_, e| {
-            let _ = errors_tx.send(e.clone());
-        })
-        .build()
-        .await
-        .unwrap();
+    let (a, mut errors) = w.hooked("a", "T").await;
     let (b, mut rb) = w.recorder("b", "T").await;
     let to_b = a.sender("b").await.unwrap();
     to_b.send("ONE", ()).await.unwrap();
@@ -2077,15 +2087,7 @@ pub async fn semantics_delivery(fx: Fixture) {
 /// registered is `UnknownTarget`.
 pub async fn semantics_unknown_target(fx: Fixture) {
     let w = fx.world();
-    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
-    let a = w
-        .machine("a", "T")
-        .on_error(move |_, e| {
-            let _ = errors_tx.send(e.clone());
-        })
-        .build()
-        .await
-        .unwrap();
+    let (a, mut errors) = w.hooked("a", "T").await;
     let unknown =
         |r: Result<(), Error>| matches!(r, Err(Error::UnknownTarget(id)) if id.as_str() == "ghost");
     assert!(unknown(a.send("ghost", "X", ()).await));
@@ -2257,15 +2259,7 @@ pub async fn request_timeout_holds_while_the_target_works(fx: Fixture) {
 /// finish on a task, the failure reaches the machine's `on_error` hook and is counted.
 pub async fn post_failures_reach_the_caller(fx: Fixture) {
     let w = fx.world();
-    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
-    let a = w
-        .machine("a", "T")
-        .on_error(move |_, e| {
-            let _ = errors_tx.send(e.clone());
-        })
-        .build()
-        .await
-        .unwrap();
+    let (a, mut errors) = w.hooked("a", "T").await;
     let (_b, mut rb) = w.recorder("b", "T").await;
     a.post("b", "OK", ()).unwrap();
     assert_eq!(rb.next().await.name(), "OK");
@@ -2289,15 +2283,7 @@ pub async fn post_failures_reach_the_caller(fx: Fixture) {
 /// A delayed send whose target is gone when its time comes reports it to the hook.
 pub async fn delayed_send_failure_reaches_the_hook(fx: Fixture) {
     let w = fx.world();
-    let (errors_tx, mut errors) = mpsc::unbounded_channel::<Error>();
-    let a = w
-        .machine("a", "T")
-        .on_error(move |_, e| {
-            let _ = errors_tx.send(e.clone());
-        })
-        .build()
-        .await
-        .unwrap();
+    let (a, mut errors) = w.hooked("a", "T").await;
     let (b, _) = w.recorder("b", "T").await;
     a.send_delayed("b", "LATER", (), Duration::from_millis(200))
         .await
