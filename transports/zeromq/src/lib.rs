@@ -498,6 +498,17 @@ impl ZmqTransport {
         lock(&s.tasks).push(task);
     }
 
+    /// Bytes sent to peer processes and not acknowledged yet, over every open connection
+    /// (each stays within [`ZmqConfig::window`]).
+    pub fn in_flight(&self) -> u64 {
+        let s = &self.shared;
+        let eps: Vec<String> = lock(&s.conns).keys().cloned().collect();
+        eps.iter()
+            .filter_map(|e| s.conn_now(e))
+            .map(|c| c.in_flight())
+            .sum()
+    }
+
     /// Waits until the sockets are bound and listening (or fails with why they are not).
     pub async fn ready(&self) -> Result<()> {
         self.shared.wait_up().await
