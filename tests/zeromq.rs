@@ -70,3 +70,88 @@ async fn a_peer_whose_sockets_closed_fails_sends_within_the_bound() {
         "nothing is left waiting for the dead peer"
     );
 }
+
+/// Two sessions on hosts of their own sharing a registry, each with its own zeromq settings.
+async fn two_hosts(
+    a: ZmqConfig,
+    b: ZmqConfig,
+) -> (
+    switchyard::Session,
+    switchyard::Session,
+    Arc<ZmqTransport>,
+    Arc<ZmqTransport>,
+) {
+    let registry: Arc<dyn Registry> = Arc::new(LocalRegistry::new(Duration::from_secs(60)));
+    let host = |name: &str, zmq: &Arc<ZmqTransport>| {
+        let r = registry.clone();
+        switchyard::builder()
+            .zeromq(zmq)
+            .session(|s| s.registry(r).host_id(name.to_string()))
+            .build()
+            .unwrap()
+    };
+    let (za, zb) = (ZmqTransport::new(a).unwrap(), ZmqTransport::new(b).unwrap());
+    (host("host-a", &za), host("host-b", &zb), za, zb)
+}
+
+/// The largest message: a bigger envelope is `TooLarge` at the sender (not retryable, the
+/// events after it still go); a receiver with a smaller limit drops it, counts it and
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_size_limit_are_refused_at_both_ends() {
+    let mut small = ZmqConfig::default();
+    small.max_message_size = 4096;
+    let (sa, sb, _za, zb) = two_hosts(small.clone(), ZmqConfig::default()).await;
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let _b = sb
+        .machine("b", "T")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev.data::<(u32, serde_bytes::ByteBuf)>().unwrap().0);
+        })
+        .build()
+        .await
+        .unwrap();
+    let a = sa.machine("a", "T").build().await.unwrap();
+    let big = serde_bytes::ByteBuf::from(vec![1u8; 8192]);
+    let err = a.send("b", "BIG", (1u32, big.clone())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                transport: "zeromq",
+                limit: 4096,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    a.send("b", "SMALL", (2u32, serde_bytes::ByteBuf::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.recv().await, Some(2));
+
+    // Now the receiver has the small limit: it drops the big one and serves on.
+    let (sc, sd, _zc, zd) = two_hosts(ZmqConfig::default(), small).await;
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let _d = sd
+        .machine("d", "T")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev.data::<(u32, serde_bytes::ByteBuf)>().unwrap().0);
+        })
+        .build()
+        .await
+        .unwrap();
+    let c = sc.machine("c", "T").build().await.unwrap();
+    c.send("d", "BIG", (3u32, big)).await.unwrap();
+    c.send("d", "SMALL", (4u32, serde_bytes::ByteBuf::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.recv().await, Some(4), "the big one never arrives");
+    assert_eq!(
+        zd.health().dropped,
+        1,
+        "the receiver counted the dropped one"
+    );
+    drop((zb, sb, sa));
+}

@@ -99,7 +99,9 @@ async fn a_pyzmq_peer_sends_to_and_receives_from_a_switchyard_machine() {
         .ok()
         .flatten()
     };
-    expect("READY", WAIT).await.expect("the Python peer is ready");
+    expect("READY", WAIT)
+        .await
+        .expect("the Python peer is ready");
 
     // Python → Switchyard: a plain event through our ROUTER.
     let hello = tokio::time::timeout(WAIT, got.recv())

@@ -98,7 +98,11 @@ fn two_hosts() -> BenchResult<(Deployment, [Arc<ZmqTransport>; 2])> {
         let s = switchyard::builder()
             .zeromq(&zmq)
             .selector(|s| s.without(["direct", "memory"]))
-            .session(|s| s.registry(r).host_id(name.to_string()).heartbeat_interval(None))
+            .session(|s| {
+                s.registry(r)
+                    .host_id(name.to_string())
+                    .heartbeat_interval(None)
+            })
             .build()?;
         Ok((s, zmq))
     };
@@ -273,7 +277,9 @@ async fn raw_pingpong(cfg: &RunConfig) -> BenchResult<Sample> {
         let mut seq = 0u64;
         let mut intended = cfg.now_ns();
         while !p.stopped() {
-            dealer.send(codec.encode(&cfg.msg_at(seq, intended))?).await?;
+            dealer
+                .send(codec.encode(&cfg.msg_at(seq, intended))?)
+                .await?;
             let back = dealer.recv().await?;
             let msg = RawCodec::decode(back.get(2).ok_or("an echo has no body")?)?;
             intended = cfg.now_ns();
