@@ -10,7 +10,9 @@ Usage: python3 zmq_peer.py SOCKET MACHINE_ID PEER_ID COUNT
 - sends one HELLO event to PEER_ID (a Switchyard machine) through a DEALER
   connected to the ROUTER its registry entry names;
 - subscribes its SUB to PEER_ID's PUB with the prefix "news." and prints each
-  topic message it gets.
+  topic message it gets;
+- answers HELLO, SUBS and MARK requests (it has no subscriptions to announce,
+  and echoes subscription markers through its PUB).
 
 Prints READY, then PING n / TOPIC topic event / ANSWERED n as it goes.
 """
@@ -24,7 +26,7 @@ import zmq
 
 from switchyard_client import Client
 
-SEND, REPLY, COUNT, NACK, ACK = 0x10, 0x02, 0x12, 0x15, 0x20
+HELLO, REPLY, SUBS, MARK, SEND, ACK = 0x01, 0x02, 0x03, 0x04, 0x10, 0x20
 
 path, me, peer, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
@@ -99,6 +101,19 @@ while answered < count or topics < 1:
         frames = sock.recv_multipart()
         if sock is router:
             identity, kind = frames[0], frames[1][0]
+            if kind in (HELLO, SUBS, MARK):
+                # This peer subscribes to nothing, so it only answers (and echoes markers:
+                # a Switchyard subscriber waits for them to come back through our PUB).
+                req = frames[2]
+                marker = None
+                if kind == SUBS:
+                    marker = msgpack.unpackb(frames[3]).get("marker")
+                elif kind == MARK:
+                    marker = frames[3].decode()
+                if marker:
+                    pub.send_multipart([marker.encode(), entry["process_id"].encode()])
+                router.send_multipart([identity, bytes([REPLY]), req, msgpack.packb({"ok": True})])
+                continue
             if kind != SEND:
                 continue
             # Acknowledge the bytes of the whole SEND message (every frame after the identity).

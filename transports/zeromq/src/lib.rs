@@ -253,6 +253,9 @@ struct Peer {
     version: u64,
     subs: Vec<RemoteSub>,
     machines: HashSet<MachineId>,
+    /// True once the introduction is over (the peer answered `HELLO`, or gave up): from
+    /// then on it knows this process and its subscriptions reach this PUB.
+    ready: watch::Receiver<bool>,
 }
 
 struct RemoteSub {
@@ -343,6 +346,8 @@ pub(crate) struct Shared {
     group_next: Mutex<HashMap<Arc<str>, usize>>,
     delivered: AtomicU64,
     dropped: AtomicU64,
+    /// The registry generation the peer table was last brought up to date with.
+    seen_generation: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -418,6 +423,7 @@ impl ZmqTransport {
             group_next: Mutex::new(HashMap::new()),
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            seen_generation: AtomicU64::new(u64::MAX),
             tasks: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
@@ -728,11 +734,25 @@ impl Shared {
         rx.await.map_err(|_| "closed".to_string())?
     }
 
-    /// Reads every machine of the registry and introduces this process to the unknown ones.
+    /// Brings the peer table up to date when the registry changed since it last was, so a
+    /// publish reaches every process whose machines were registered before it. One atomic
+    /// load when nothing changed.
+    async fn catch_up(self: &Arc<Self>) {
+        let Some(reg) = self.registry.get() else {
+            return;
+        };
+        if reg.generation() != self.seen_generation.load(Ordering::Acquire) {
+            self.refresh_peers().await;
+        }
+    }
+
+    /// Reads every machine of the registry and introduces this process to the unknown ones
+    /// (waiting for introductions already under way).
     async fn refresh_peers(self: &Arc<Self>) {
         let Some(reg) = self.registry.get().cloned() else {
             return;
         };
+        let generation = reg.generation();
         let entries = match reg.discover_pattern("*").await {
             Ok(v) => v,
             Err(e) => {
@@ -740,16 +760,26 @@ impl Shared {
                 return;
             }
         };
+        let ids: Vec<(Arc<str>, MachineId)> = entries
+            .iter()
+            .map(|e| (e.process_id.clone(), e.id.clone()))
+            .collect();
         let mut firsts: HashMap<Arc<str>, MachineEntry> = HashMap::new();
         for e in entries {
-            if let Some(p) = self.peers_mut().get_mut(&e.process_id) {
-                p.machines.insert(e.id.clone());
-                continue;
-            }
             firsts.entry(e.process_id.clone()).or_insert(e);
         }
         let intros = firsts.values().map(|e| self.introduce_entry(e));
         futures_util::future::join_all(intros).await;
+        {
+            // Every machine of each peer, so the peer is forgotten only when its last one leaves.
+            let mut peers = self.peers_mut();
+            for (process, id) in ids {
+                if let Some(p) = peers.get_mut(&process) {
+                    p.machines.insert(id);
+                }
+            }
+        }
+        self.seen_generation.store(generation, Ordering::Release);
     }
 
     fn peers_mut(&self) -> MutexGuard<'_, HashMap<Arc<str>, Peer>> {
@@ -783,23 +813,36 @@ impl Shared {
         else {
             return;
         };
-        {
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let waiting = {
             let mut peers = self.peers_mut();
-            if let Some(p) = peers.get_mut(&e.process_id) {
-                p.machines.insert(e.id.clone());
-                return;
+            match peers.get_mut(&e.process_id) {
+                Some(p) => {
+                    p.machines.insert(e.id.clone());
+                    Some(p.ready.clone())
+                }
+                None => {
+                    peers.insert(
+                        e.process_id.clone(),
+                        Peer {
+                            host: e.host_id.clone(),
+                            router: router.clone(),
+                            pub_ep: pub_ep.clone(),
+                            version: 0,
+                            subs: Vec::new(),
+                            machines: HashSet::from([e.id.clone()]),
+                            ready: ready_rx,
+                        },
+                    );
+                    None
+                }
             }
-            peers.insert(
-                e.process_id.clone(),
-                Peer {
-                    host: e.host_id.clone(),
-                    router: router.clone(),
-                    pub_ep: pub_ep.clone(),
-                    version: 0,
-                    subs: Vec::new(),
-                    machines: HashSet::from([e.id.clone()]),
-                },
-            );
+        };
+        if let Some(mut ready) = waiting {
+            // Another task is introducing this peer: its introduction is ours too.
+            let bound = self.cfg.connect_timeout + self.cfg.peer_timeout * 3;
+            let _ = tokio::time::timeout(bound, ready.wait_for(|r| *r)).await;
+            return;
         }
         let process = e.process_id.clone();
         let hello = async {
@@ -815,8 +858,8 @@ impl Shared {
                 subs,
             })
             .map_err(|e| Dead(e.to_string()))?;
-            let timeout = self.cfg.peer_timeout * 2;
-            c.request(kind::HELLO, vec![body], timeout).await
+            c.request(kind::HELLO, vec![body], self.cfg.peer_timeout)
+                .await
         };
         let (said, synced) = tokio::join!(hello, self.sync_peers(vec![process.clone()]));
         if let Err(d) = said {
@@ -824,6 +867,7 @@ impl Shared {
             self.forget_peer(&process);
         }
         let _ = synced;
+        ready_tx.send_replace(true);
     }
 
     fn forget_peer(&self, process: &str) {
@@ -853,6 +897,8 @@ impl Shared {
                     version: 0,
                     subs: Vec::new(),
                     machines: HashSet::new(),
+                    // It introduced itself: nothing to wait for.
+                    ready: watch::channel(true).1,
                 })
             }
         };
@@ -1110,6 +1156,7 @@ impl Shared {
             });
         }
         self.wait_ready().await?;
+        self.catch_up().await;
         let me = self
             .me()
             .cloned()
@@ -1211,6 +1258,7 @@ impl Shared {
 
     async fn publish_group(self: &Arc<Self>, group: &Arc<str>, env: Envelope) -> Result<usize> {
         self.wait_ready().await?;
+        self.catch_up().await;
         // Members in a stable order: this process's, then each peer's by process id.
         let mut members: Vec<(Option<(Arc<str>, String)>, u64)> = lock(&self.subs)
             .map
