@@ -67,6 +67,7 @@ use zeromq::{PubSocket, RouterSocket, SubSocket, ZmqMessage};
 
 pub mod codec;
 mod conn;
+mod fast;
 mod prefix;
 mod router;
 mod sub;
@@ -334,7 +335,7 @@ pub(crate) struct Shared {
     attached: watch::Sender<bool>,
     me: OnceLock<(Arc<str>, Arc<str>)>,
     registry: OnceLock<Arc<dyn Registry>>,
-    local: RwLock<HashMap<MachineId, Inbox>>,
+    local: RwLock<rustc_hash::FxHashMap<MachineId, Inbox>>,
     conns: Mutex<HashMap<String, Slot>>,
     peers: Mutex<HashMap<Arc<str>, Peer>>,
     subs: Mutex<LocalSubs>,
@@ -411,7 +412,7 @@ impl ZmqTransport {
             attached,
             me: OnceLock::new(),
             registry: OnceLock::new(),
-            local: RwLock::new(HashMap::new()),
+            local: RwLock::new(Default::default()),
             conns: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             subs: Mutex::new(LocalSubs::default()),
@@ -1345,6 +1346,8 @@ struct ZmqLink {
     shared: Weak<Shared>,
     conn: Arc<Conn>,
     to: MachineId,
+    /// `to` as a frame, made once: each message shares it.
+    to_frame: Bytes,
     max: usize,
 }
 
@@ -1365,7 +1368,7 @@ impl ZmqLink {
         let Some(first) = out.front() else {
             return Ok(None);
         };
-        let mut buf = Vec::with_capacity(128);
+        let mut buf = Vec::with_capacity(192 + first.event.len() + first.source.as_str().len());
         codec::write_event(&mut buf, &first)?;
         if buf.len() > self.max {
             return Err(Error::TooLarge {
@@ -1374,12 +1377,17 @@ impl ZmqLink {
                 limit: self.max,
             });
         }
-        let to = Bytes::copy_from_slice(self.to.as_str().as_bytes());
-        let size = 1 + to.len() as u64 + buf.len() as u64;
-        let mut msg = ZmqMessage::from(Bytes::from_static(&[kind::SEND]));
-        msg.push_back(to);
-        msg.push_back(Bytes::from(buf));
-        Ok(Some((msg, size, 1)))
+        let size = 1 + self.to_frame.len() as u64 + buf.len() as u64;
+        // Built from a Vec: one allocation for the frame list.
+        let frames = vec![
+            Bytes::from_static(&[kind::SEND]),
+            self.to_frame.clone(),
+            Bytes::from(buf),
+        ];
+        match ZmqMessage::try_from(frames) {
+            Ok(msg) => Ok(Some((msg, size, 1))),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Like [`ZmqLink::encode`] for a run: up to [`BATCH_EVENTS`] events or [`BATCH_BYTES`].
@@ -1389,9 +1397,8 @@ impl ZmqLink {
     ) -> Result<Option<(ZmqMessage, u64, Vec<Envelope>)>> {
         // Events are taken as envelopes so a failed send can put them back in order.
         let mut msg = ZmqMessage::from(Bytes::from_static(&[kind::SEND]));
-        let to = Bytes::copy_from_slice(self.to.as_str().as_bytes());
-        let mut size = 1 + to.len() as u64;
-        msg.push_back(to);
+        let mut size = 1 + self.to_frame.len() as u64;
+        msg.push_back(self.to_frame.clone());
         let mut taken = Vec::new();
         while taken.len() < BATCH_EVENTS && (size as usize) < BATCH_BYTES {
             let Some(ev) = out.front() else { break };
@@ -1555,6 +1562,7 @@ impl Transport for ZmqTransport {
             shared: Arc::downgrade(s),
             conn,
             to: to.id.clone(),
+            to_frame: Bytes::copy_from_slice(to.id.as_str().as_bytes()),
             max: s.cfg.max_message_size,
         }))
     }

@@ -6,12 +6,11 @@
 //! [`ACK_BYTES`], else after `ack_delay`, and every quarter of `peer_timeout` while
 //! a delivery waits for mailbox room (so a slow consumer is not taken for a dead one).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use switchyard_core::{Envelope, Inbox};
+use switchyard_core::{Address, Envelope, EventRef, Inbox, Name, Payload, PayloadRef};
 use tokio::time::Instant;
 use zeromq::prelude::*;
 use zeromq::{RouterRecvHalf, RouterSendHalf, ZmqMessage};
@@ -22,20 +21,23 @@ use crate::{ACK_BYTES, NAME, Shared};
 /// Bytes received from each peer connection (by its identity) and not acknowledged yet.
 #[derive(Default)]
 struct Acks {
-    pending: HashMap<Bytes, u64>,
+    pending: rustc_hash::FxHashMap<Bytes, u64>,
     due: Option<Instant>,
 }
 
 pub(crate) async fn run(shared: Weak<Shared>, mut rx: RouterRecvHalf, mut tx: RouterSendHalf) {
     let mut acks = Acks::default();
+    // One timer, re-armed when acknowledgements become due: not a new timer per message.
+    let timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
-        let due = acks.due;
-        let timer = async move {
-            match due {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
+        if acks.due != armed {
+            if let Some(t) = acks.due {
+                timer.as_mut().reset(t);
             }
-        };
+            armed = acks.due;
+        }
         tokio::select! {
             m = rx.recv() => {
                 let Some(s) = shared.upgrade() else { return };
@@ -48,7 +50,9 @@ pub(crate) async fn run(shared: Weak<Shared>, mut rx: RouterRecvHalf, mut tx: Ro
                     }
                 }
             }
-            _ = timer => flush(&mut tx, &mut acks).await,
+            _ = &mut timer, if armed.is_some() => {
+                flush(&mut tx, &mut acks).await;
+            }
         }
     }
 }
@@ -276,30 +280,62 @@ async fn on_send(
             nack(tx, identity.clone(), n).await;
             continue;
         }
-        let mut env = match codec::decode_envelope(b) {
-            Ok(e) => e,
-            Err(e) => {
-                s.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let n = Nack {
-                    to: to.to_string(),
-                    id: 0,
-                    code: "malformed".into(),
-                    message: e.to_string(),
-                };
-                nack(tx, identity.clone(), n).await;
-                continue;
-            }
-        };
         let Some(inbox) = &inbox else {
             s.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = crate::fast::read(b).map_or(0, |p| p.id);
             let n = Nack {
                 to: to.to_string(),
-                id: env.id,
+                id,
                 code: "unknown_target".into(),
                 message: format!("no machine `{to}` is bound in this process"),
             };
             nack(tx, identity.clone(), n).await;
             continue;
+        };
+        // The common shape is read in place: a borrowed handler gets it without an
+        // envelope, anyone else an envelope whose payload shares the frame's bytes.
+        let fast = crate::fast::read(b).filter(|p| p.to == to);
+        let mut env = match fast {
+            Some(p) => {
+                let plain = !p.headers.is_reply && p.headers.expires_at_us.is_none();
+                if plain && inbox.takes_refs() {
+                    let ev = EventRef {
+                        id: p.id,
+                        source: p.source,
+                        event: p.event,
+                        payload: PayloadRef::Encoded(&b[p.payload.clone()]),
+                        headers: &p.headers,
+                        carried_by: Some(NAME),
+                    };
+                    if inbox.deliver_ref(ev) {
+                        s.delivered
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                Envelope::with_headers(
+                    p.id,
+                    p.source.into(),
+                    Address::Machine(p.to.into()),
+                    Name::new(p.event),
+                    Payload::from_msgpack(b.slice(p.payload)),
+                    p.headers,
+                )
+            }
+            None => match codec::decode_envelope(b) {
+                Ok(e) => e,
+                Err(e) => {
+                    s.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let n = Nack {
+                        to: to.to_string(),
+                        id: 0,
+                        code: "malformed".into(),
+                        message: e.to_string(),
+                    };
+                    nack(tx, identity.clone(), n).await;
+                    continue;
+                }
+            },
         };
         env.carried_by = Some(NAME);
         deliver(s, inbox, env, &identity, tx, acks).await;
