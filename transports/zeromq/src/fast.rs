@@ -6,11 +6,14 @@ use std::ops::Range;
 
 use switchyard_core::Headers;
 
-/// An envelope to a machine, borrowed from its frame.
+/// An envelope to a machine or a topic, borrowed from its frame.
 pub(crate) struct Plain<'a> {
     pub(crate) id: u64,
     pub(crate) source: &'a str,
+    /// The machine id or the topic.
     pub(crate) to: &'a str,
+    /// Whether the target is a topic (else a machine).
+    pub(crate) topic: bool,
     pub(crate) event: &'a str,
     /// Where the payload's MessagePack bytes lie in the frame.
     pub(crate) payload: Range<usize>,
@@ -38,7 +41,11 @@ impl<'a> Rd<'a> {
         (self.take(l.len())? == l).then_some(())
     }
     fn be(&mut self, n: usize) -> Option<u64> {
-        Some(self.take(n)?.iter().fold(0u64, |v, b| (v << 8) | u64::from(*b)))
+        Some(
+            self.take(n)?
+                .iter()
+                .fold(0u64, |v, b| (v << 8) | u64::from(*b)),
+        )
     }
     fn uint(&mut self) -> Option<u64> {
         match self.byte()? {
@@ -76,14 +83,19 @@ impl<'a> Rd<'a> {
     }
 }
 
-/// Reads a machine-addressed envelope; `None` for any other shape.
+/// Reads an envelope to a machine or a topic; `None` for any other shape.
 pub(crate) fn read(frame: &[u8]) -> Option<Plain<'_>> {
     let mut r = Rd { all: frame, at: 0 };
     r.lit(b"\x86\xa2id")?;
     let id = r.uint()?;
     r.lit(b"\xa6source")?;
     let source = r.str()?;
-    r.lit(b"\xa6target\x81\xa7Machine")?;
+    r.lit(b"\xa6target\x81")?;
+    let topic = match r.str()? {
+        "Machine" => false,
+        "Topic" => true,
+        _ => return None,
+    };
     let to = r.str()?;
     r.lit(b"\xa5event")?;
     let event = r.str()?;
@@ -116,6 +128,7 @@ pub(crate) fn read(frame: &[u8]) -> Option<Plain<'_>> {
         id,
         source,
         to,
+        topic,
         event,
         payload,
         headers,
@@ -151,7 +164,11 @@ mod tests {
             let mut b = Vec::new();
             write_envelope(&mut b, &e).unwrap();
             let p = read(&b).expect("the writer's shape");
-            assert_eq!((p.id, p.source, p.to, p.event), (e.id, "ünï-source", "b", "EV"));
+            assert_eq!(
+                (p.id, p.source, p.to, p.event),
+                (e.id, "ünï-source", "b", "EV")
+            );
+            assert!(!p.topic);
             assert_eq!(p.headers, e.headers);
             assert_eq!(&b[p.payload.clone()], &e.payload.to_msgpack().unwrap()[..]);
             // Truncated anywhere: refused, never a panic.
@@ -160,8 +177,142 @@ mod tests {
             }
         }
         let mut topic = Vec::new();
-        let e = Envelope::new(1, "a".into(), Address::Topic("t".into()), "E".into(), Payload::new(()));
+        let e = Envelope::new(
+            1,
+            "a".into(),
+            Address::Topic("t.x".into()),
+            "E".into(),
+            Payload::new(()),
+        );
         write_envelope(&mut topic, &e).unwrap();
-        assert!(read(&topic).is_none(), "only machine targets");
+        let p = read(&topic).expect("a topic target");
+        assert!(p.topic && p.to == "t.x");
+        let mut group = Vec::new();
+        let e = Envelope::new(
+            1,
+            "a".into(),
+            Address::Group("g".into()),
+            "E".into(),
+            Payload::new(()),
+        );
+        write_envelope(&mut group, &e).unwrap();
+        assert!(read(&group).is_none(), "groups take the serde path");
+    }
+}
+
+/// Reads the meta map of a topic message (see [`crate::codec::Meta`]) in place; `None` for
+/// any shape but the one [`write_meta`] writes.
+pub(crate) fn read_meta(b: &[u8]) -> Option<crate::codec::Meta> {
+    let mut r = Rd { all: b, at: 0 };
+    let n = match r.byte()? {
+        x @ 0x80..=0x8f => x & 0x0f,
+        _ => return None,
+    };
+    let (mut process, mut host, mut count, mut near, mut far) = (None, None, None, None, None);
+    for _ in 0..n {
+        match r.str()? {
+            "process" => process = Some(r.str()?.to_string()),
+            "host" => host = Some(r.str()?.to_string()),
+            "count" => count = Some(r.uint()?),
+            "near" => near = Some(u8::try_from(r.uint()?).ok()?),
+            "far" => far = Some(u8::try_from(r.uint()?).ok()?),
+            _ => return None,
+        }
+    }
+    (r.at == b.len()).then_some(())?;
+    Some(crate::codec::Meta {
+        process: process?,
+        host: host?,
+        count,
+        near: near?,
+        far: far?,
+    })
+}
+
+/// Writes a topic message's meta map, as `rmp_serde` would write [`crate::codec::Meta`].
+pub(crate) fn write_meta(
+    buf: &mut Vec<u8>,
+    process: &str,
+    host: &str,
+    count: Option<u64>,
+    near: u8,
+    far: u8,
+) {
+    let fields = 4 + u8::from(count.is_some());
+    buf.push(0x80 | fields);
+    buf.extend_from_slice(b"\xa7process");
+    str_into(buf, process);
+    buf.extend_from_slice(b"\xa4host");
+    str_into(buf, host);
+    if let Some(c) = count {
+        buf.extend_from_slice(b"\xa5count");
+        uint_into(buf, c);
+    }
+    buf.extend_from_slice(b"\xa4near");
+    uint_into(buf, u64::from(near));
+    buf.extend_from_slice(b"\xa3far");
+    uint_into(buf, u64::from(far));
+}
+
+fn str_into(buf: &mut Vec<u8>, s: &str) {
+    let n = s.len();
+    if n < 32 {
+        buf.push(0xa0 | n as u8);
+    } else if n < 0x100 {
+        buf.extend_from_slice(&[0xd9, n as u8]);
+    } else if n < 0x1_0000 {
+        buf.push(0xda);
+        buf.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        buf.push(0xdb);
+        buf.extend_from_slice(&(n.min(u32::MAX as usize) as u32).to_be_bytes());
+    }
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn uint_into(buf: &mut Vec<u8>, v: u64) {
+    if v < 0x80 {
+        buf.push(v as u8);
+    } else if v < 0x100 {
+        buf.extend_from_slice(&[0xcc, v as u8]);
+    } else if v < 0x1_0000 {
+        buf.push(0xcd);
+        buf.extend_from_slice(&(v as u16).to_be_bytes());
+    } else if v < 0x1_0000_0000 {
+        buf.push(0xce);
+        buf.extend_from_slice(&(v as u32).to_be_bytes());
+    } else {
+        buf.push(0xcf);
+        buf.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod meta_tests {
+    use super::*;
+    use crate::codec::{Meta, to_map};
+
+    #[test]
+    fn meta_is_written_as_serde_writes_it_and_read_back() {
+        for count in [None, Some(7), Some(1 << 40)] {
+            let m = Meta {
+                process: "p-1".into(),
+                host: "h".into(),
+                count,
+                near: 3,
+                far: 3,
+            };
+            let mut mine = Vec::new();
+            write_meta(&mut mine, &m.process, &m.host, m.count, m.near, m.far);
+            assert_eq!(mine, to_map(&m).unwrap().to_vec());
+            let back = read_meta(&mine).unwrap();
+            assert_eq!(
+                (back.process, back.count, back.far),
+                (m.process, m.count, 3)
+            );
+            for cut in 0..mine.len() {
+                assert!(read_meta(&mine[..cut]).is_none());
+            }
+        }
     }
 }

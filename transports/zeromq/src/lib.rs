@@ -1066,15 +1066,15 @@ impl Shared {
     pub(crate) async fn deliver_topic(
         &self,
         topic: &str,
-        env: &Envelope,
+        mut env: Envelope,
         publisher: (&str, &str, Option<u64>),
         reach: Reach,
     ) -> usize {
         let parts: Vec<&str> = topic.split('.').collect();
+        // Few machines per process subscribe to one topic: a list, checked by scanning.
         let targets: Vec<Inbox> = {
             let subs = lock(&self.subs);
-            let mut seen: HashSet<&MachineId> = HashSet::new();
-            let mut v = Vec::new();
+            let mut v: Vec<Inbox> = Vec::new();
             for s in subs.map.values() {
                 if s.group.is_some()
                     || !s.topic.as_ref().is_some_and(|p| p.matches_segments(&parts))
@@ -1082,24 +1082,33 @@ impl Shared {
                     continue;
                 }
                 let loc = location_of(publisher.0, publisher.1, publisher.2, s.inbox.entry());
-                if !reach.covers(loc) || seen.contains(s.inbox.id()) {
+                if !reach.covers(loc) || v.iter().any(|i| i.id() == s.inbox.id()) {
                     continue;
                 }
                 if let Some(f) = &s.filter
-                    && !f(env)
+                    && !f(&env)
                 {
                     continue;
                 }
-                seen.insert(s.inbox.id());
                 v.push(s.inbox.clone());
             }
             v
         };
+        if targets.is_empty() {
+            return 0;
+        }
+        if env.carried_by != Some(NAME) {
+            env.carried_by = Some(NAME);
+        }
+        let plain = !env.headers.is_reply && env.headers.expires_at_us.is_none();
         let mut n = 0;
         for inbox in targets {
-            let mut e = env.clone();
-            e.carried_by = Some(NAME);
-            match inbox.deliver(e).await {
+            if plain && inbox.takes_refs() && inbox.deliver_ref(switchyard_core::EventRef::of(&env))
+            {
+                n += 1;
+                continue;
+            }
+            match inbox.deliver(env.clone()).await {
                 Ok(()) => n += 1,
                 Err(_) => inbox.count_dropped(),
             }
@@ -1167,7 +1176,7 @@ impl Shared {
             n += self
                 .deliver_topic(
                     &topic,
-                    &env,
+                    env.clone(),
                     (&from.host_id, &from.process_id, from.context),
                     reach,
                 )
@@ -1220,13 +1229,16 @@ impl Shared {
             waiter = Some(rx);
             Some(id)
         };
-        let meta = codec::to_map(&Meta {
-            process: me.1.to_string(),
-            host: me.0.to_string(),
-            count: count_id,
-            near: loc_byte(reach.nearest),
-            far: loc_byte(reach.farthest),
-        })?;
+        let mut meta = Vec::with_capacity(48 + me.0.len() + me.1.len());
+        fast::write_meta(
+            &mut meta,
+            &me.1,
+            &me.0,
+            count_id,
+            loc_byte(reach.nearest),
+            loc_byte(reach.farthest),
+        );
+        let meta = Bytes::from(meta);
         let mut msg = ZmqMessage::from(Bytes::copy_from_slice(topic.as_bytes()));
         msg.push_back(meta);
         msg.push_back(Bytes::from(bytes));

@@ -11,6 +11,7 @@
 /// - `orders.*` → `orders.` (a `*` needs a segment after the dot);
 /// - `orders.#` → `orders` (`#` matches zero segments, so `orders` itself matches);
 /// - `orders.#.eu` → `orders.` (at least the segment `eu` follows);
+/// - `orders.#.#` → `orders` (every `#` may match nothing);
 /// - `#`, `*.x` → the empty prefix (every topic).
 pub fn literal_prefix(pattern: &str) -> String {
     let segs: Vec<&str> = pattern.split('.').collect();
@@ -21,8 +22,9 @@ pub fn literal_prefix(pattern: &str) -> String {
         return String::new();
     }
     let mut p = segs[..first_wild].join(".");
-    let is_last_hash = segs[first_wild] == "#" && first_wild + 1 == segs.len();
-    if !is_last_hash {
+    // Only `#`s from here on can all match nothing: then the literal part itself matches.
+    let can_end_here = segs[first_wild..].iter().all(|s| *s == "#");
+    if !can_end_here {
         p.push('.');
     }
     p
@@ -39,6 +41,7 @@ mod tests {
         assert_eq!(literal_prefix("orders.*"), "orders.");
         assert_eq!(literal_prefix("orders.#"), "orders");
         assert_eq!(literal_prefix("orders.#.eu"), "orders.");
+        assert_eq!(literal_prefix("orders.#.#"), "orders");
         assert_eq!(literal_prefix("a.b.*.d"), "a.b.");
         assert_eq!(literal_prefix("#"), "");
         assert_eq!(literal_prefix("*.x"), "");

@@ -294,7 +294,7 @@ async fn on_send(
         };
         // The common shape is read in place: a borrowed handler gets it without an
         // envelope, anyone else an envelope whose payload shares the frame's bytes.
-        let fast = crate::fast::read(b).filter(|p| p.to == to);
+        let fast = crate::fast::read(b).filter(|p| !p.topic && p.to == to);
         let mut env = match fast {
             Some(p) => {
                 let plain = !p.headers.is_reply && p.headers.expires_at_us.is_none();

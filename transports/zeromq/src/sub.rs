@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use switchyard_core::{Address, Envelope, Name, Payload};
 use tokio::sync::mpsc;
 use zeromq::prelude::*;
 use zeromq::{SubSocket, ZmqMessage};
@@ -82,9 +83,15 @@ async fn on_message(s: &Arc<Shared>, msg: ZmqMessage) {
     let Ok(topic) = std::str::from_utf8(first) else {
         return drop_it("the topic is not UTF-8");
     };
-    let meta = match frames.get(1).map(|b| codec::from_map::<Meta>(b)) {
-        Some(Ok(m)) => m,
-        _ => return drop_it("no meta map in the second frame"),
+    let meta = match frames.get(1) {
+        Some(b) => match crate::fast::read_meta(b) {
+            Some(m) => m,
+            None => match codec::from_map::<Meta>(b) {
+                Ok(m) => m,
+                Err(_) => return drop_it("the meta map does not decode"),
+            },
+        },
+        None => return drop_it("no meta map in the second frame"),
     };
     let Some(b) = frames.get(2) else {
         return drop_it("no envelope in the third frame");
@@ -92,13 +99,24 @@ async fn on_message(s: &Arc<Shared>, msg: ZmqMessage) {
     if b.len() > s.cfg.max_message_size {
         return drop_it("the envelope is over the size limit");
     }
-    let env = match codec::decode_envelope(b) {
-        Ok(e) => e,
-        Err(_) => return drop_it("the envelope does not decode"),
+    // The writer's shape is read in place; the payload shares the frame's bytes.
+    let env = match crate::fast::read(b).filter(|p| p.topic) {
+        Some(p) => Envelope::with_headers(
+            p.id,
+            p.source.into(),
+            Address::Topic(p.to.into()),
+            Name::new(p.event),
+            Payload::from_msgpack(b.slice(p.payload)),
+            p.headers,
+        ),
+        None => match codec::decode_envelope(b) {
+            Ok(e) => e,
+            Err(_) => return drop_it("the envelope does not decode"),
+        },
     };
     let (host, process) = meta_publisher(&meta);
     let n = s
-        .deliver_topic(topic, &env, (host, process, None), meta_reach(&meta))
+        .deliver_topic(topic, env, (host, process, None), meta_reach(&meta))
         .await;
     let Some(id) = meta.count else { return };
     // The publisher waits for this answer; it goes back through its ROUTER.
