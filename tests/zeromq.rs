@@ -99,8 +99,10 @@ async fn two_hosts(
 /// keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_over_the_size_limit_are_refused_at_both_ends() {
-    let mut small = ZmqConfig::default();
-    small.max_message_size = 4096;
+    let small = ZmqConfig {
+        max_message_size: 4096,
+        ..ZmqConfig::default()
+    };
     let (sa, sb, _za, zb) = two_hosts(small.clone(), ZmqConfig::default()).await;
     let (tx, mut got) = tokio::sync::mpsc::unbounded_channel::<u32>();
     let _b = sb

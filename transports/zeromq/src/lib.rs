@@ -862,12 +862,11 @@ impl Shared {
             c.request(kind::HELLO, vec![body], self.cfg.peer_timeout)
                 .await
         };
-        let (said, synced) = tokio::join!(hello, self.sync_peers(vec![process.clone()]));
+        let (said, ()) = tokio::join!(hello, self.sync_peers(vec![process.clone()]));
         if let Err(d) = said {
             tracing::debug!(peer = %process, reason = %d.0, "zeromq: a peer did not answer HELLO");
             self.forget_peer(&process);
         }
-        let _ = synced;
         ready_tx.send_replace(true);
     }
 
@@ -1273,7 +1272,7 @@ impl Shared {
         self.wait_ready().await?;
         self.catch_up().await;
         // Members in a stable order: this process's, then each peer's by process id.
-        let mut members: Vec<(Option<(Arc<str>, String)>, u64)> = lock(&self.subs)
+        let mut members: Vec<(Option<Member>, u64)> = lock(&self.subs)
             .map
             .iter()
             .filter(|(_, s)| s.group.as_ref() == Some(group))
@@ -1352,6 +1351,9 @@ impl Shared {
         Ok(0)
     }
 }
+
+/// A group member's process (id, ROUTER endpoint); `None` in a member list is this process.
+type Member = (Arc<str>, String);
 
 /// A link to a machine in another process: its process's DEALER connection.
 struct ZmqLink {
@@ -1503,9 +1505,7 @@ struct LocalLink {
 impl Link for LocalLink {
     async fn send(&self, out: &mut dyn Outgoing) -> Result<()> {
         while let Some(env) = out.pop_by(NAME) {
-            if let Err(e) = self.inbox.deliver(env).await {
-                return Err(e);
-            }
+            self.inbox.deliver(env).await?;
         }
         Ok(())
     }
