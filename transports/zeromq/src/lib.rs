@@ -862,7 +862,7 @@ impl Shared {
             c.request(kind::HELLO, vec![body], self.cfg.peer_timeout)
                 .await
         };
-        let (said, ()) = tokio::join!(hello, self.sync_peers(vec![process.clone()]));
+        let (said, ()) = tokio::join!(hello, self.sync_peers(vec![process.clone()], true));
         if let Err(d) = said {
             tracing::debug!(peer = %process, reason = %d.0, "zeromq: a peer did not answer HELLO");
             self.forget_peer(&process);
@@ -908,9 +908,10 @@ impl Shared {
         }
     }
 
-    /// Makes sure each peer's PUB reaches this process's SUB with every prefix this
-    /// process subscribes, and that the peer knows this process's subscriptions.
-    async fn sync_peers(self: &Arc<Self>, processes: Vec<Arc<str>>) {
+    /// Makes sure each peer knows this process's subscriptions and, with `marker`, that each
+    /// peer's PUB has every prefix this process subscribes (not needed when only a group
+    /// membership or an unsubscribe changed).
+    async fn sync_peers(self: &Arc<Self>, processes: Vec<Arc<str>>, marker: bool) {
         let targets: Vec<(Arc<str>, String, String)> = {
             let peers = self.peers_mut();
             processes
@@ -942,7 +943,7 @@ impl Shared {
             return;
         }
         let Some(me) = self.me().cloned() else { return };
-        let marker = has_topics.then(|| format!("\0m{:016x}", fastrand::u64(..)));
+        let marker = (marker && has_topics).then(|| format!("\0m{:016x}", fastrand::u64(..)));
         let arrived = Arc::new(tokio::sync::Notify::new());
         if let Some(m) = &marker {
             lock(&self.markers).insert(
@@ -1682,13 +1683,15 @@ impl PubSub for ZmqTransport {
             };
             (id, new_prefix)
         };
+        let is_topic = prefix.is_some();
         if new_prefix && let Some(p) = prefix {
             s.sub_command(|d| SubCmd::Subscribe(p, d)).await?;
         }
-        // Peers that joined since: the registry is read again, then every peer is synced.
-        s.refresh_peers().await;
+        // Peers that joined since the registry was last read are introduced, then every peer
+        // learns the subscription (and, for a topic, its PUB gets the prefix).
+        s.catch_up().await;
         let all: Vec<Arc<str>> = s.peers_mut().keys().cloned().collect();
-        s.sync_peers(all).await;
+        s.sync_peers(all, is_topic).await;
         Ok(SubscriptionId(id))
     }
 
@@ -1731,7 +1734,7 @@ impl PubSub for ZmqTransport {
             let _ = s.sub_command(|d| SubCmd::Unsubscribe(p, d)).await;
         }
         let all: Vec<Arc<str>> = s.peers_mut().keys().cloned().collect();
-        s.sync_peers(all).await;
+        s.sync_peers(all, false).await;
         Ok(())
     }
 }

@@ -133,7 +133,7 @@ async fn handle(s: &Arc<Shared>, msg: ZmqMessage, tx: &mut RouterSendHalf, acks:
                             h.version,
                             &h.subs,
                         );
-                        s.sync_peers(vec![h.process.as_str().into()]).await;
+                        s.sync_peers(vec![h.process.as_str().into()], true).await;
                         ok()
                     }
                     Some(Ok(h)) => refused(
