@@ -157,3 +157,57 @@ async fn messages_over_the_size_limit_are_refused_at_both_ends() {
     );
     drop((zb, sb, sa));
 }
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Bind and advertised addresses are separate: peers are told the advertised endpoints
+/// (here a host name for the bound loopback address), read them from the registry entry
+/// and reach the machine through them. Binding every interface without saying what to
+/// advertise is a configuration error that says what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_reach_a_machine_through_its_advertised_endpoints() {
+    let (rp, pp) = (free_port(), free_port());
+    let advertised = ZmqConfig::default()
+        .bind(
+            format!("tcp://127.0.0.1:{rp}"),
+            format!("tcp://127.0.0.1:{pp}"),
+        )
+        .advertise(
+            format!("tcp://localhost:{rp}"),
+            format!("tcp://localhost:{pp}"),
+        );
+    let (sa, sb, _za, zb) = two_hosts(ZmqConfig::default(), advertised).await;
+    assert_eq!(zb.router_endpoint(), format!("tcp://localhost:{rp}"));
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let b = sb
+        .machine("b", "T")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev.name().to_string());
+        })
+        .build()
+        .await
+        .unwrap();
+    let _sub = b.subscribe("news.#").await.unwrap();
+    let a = sa.machine("a", "T").build().await.unwrap();
+    let (entry, loc) = a.locate(&"b".into()).await.unwrap();
+    assert_eq!(loc, Location::Remote);
+    assert_eq!(
+        entry.metadata.get(switchyard::zeromq::ROUTER_KEY),
+        Some(&format!("tcp://localhost:{rp}")),
+        "the registry entry carries the advertised endpoint"
+    );
+    a.send("b", "DIRECT", ()).await.unwrap();
+    assert_eq!(got.recv().await.as_deref(), Some("DIRECT"));
+    assert_eq!(a.publish("news.x", "NEWS", ()).await.unwrap(), 1);
+    assert_eq!(got.recv().await.as_deref(), Some("NEWS"));
+
+    let err = ZmqTransport::new(ZmqConfig::default().bind("tcp://0.0.0.0:0", "tcp://127.0.0.1:0"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("advertise")),
+        "{err}"
+    );
+}
