@@ -9,7 +9,7 @@
 //! whose connection drops, makes the connection dead: every waiting and later
 //! send fails at once, so nothing queues forever.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +36,9 @@ type Waiter = oneshot::Sender<Result<Reply, Dead>>;
 /// An outgoing connection to one peer process's ROUTER.
 pub(crate) struct Conn {
     pub(crate) endpoint: String,
-    tx: Arc<tokio::sync::Mutex<DealerSendHalf>>,
+    tx: Arc<tokio::sync::Mutex<Sending>>,
+    /// When it died (for [`Conn::died_within`]).
+    died_at: Mutex<Option<Instant>>,
     window: u64,
     peer_timeout: Duration,
     in_flight: AtomicU64,
@@ -61,15 +63,113 @@ pub(crate) enum TrySend {
     Busy,
 }
 
+/// The DEALER, or what waits for it while it connects.
+enum Sending {
+    /// Messages accepted before the connection was up, sent in order once it is.
+    Connecting(VecDeque<ZmqMessage>),
+    Ready(DealerSendHalf),
+}
+
+impl Sending {
+    async fn send(&mut self, msg: ZmqMessage) -> zeromq::ZmqResult<()> {
+        match self {
+            Sending::Connecting(q) => {
+                q.push_back(msg);
+                Ok(())
+            }
+            Sending::Ready(tx) => tx.send(msg).await,
+        }
+    }
+}
+
 impl Conn {
-    /// Connects a DEALER to `endpoint` (waiting at most `connect_timeout`).
-    pub(crate) async fn connect(
+    /// A connection to `endpoint`, made in the background: sends are accepted (within the
+    /// window) at once and go out in order when it is up; if it cannot be made within
+    /// `connect_timeout`, it dies and they are dropped. A caller that gives up (a request's
+    /// timeout) therefore never abandons a connection half made, nor what it sent.
+    pub(crate) fn start(
         endpoint: &str,
         window: u64,
         peer_timeout: Duration,
         connect_timeout: Duration,
         on_nack: Arc<dyn Fn(&Nack) + Send + Sync>,
-    ) -> Result<Arc<Conn>, Dead> {
+    ) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            endpoint: endpoint.to_string(),
+            tx: Arc::new(tokio::sync::Mutex::new(
+                Sending::Connecting(VecDeque::new()),
+            )),
+            died_at: Mutex::new(None),
+            window,
+            peer_timeout,
+            in_flight: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            progress: Notify::new(),
+            dead: AtomicBool::new(false),
+            why: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+            nacks: AtomicU64::new(0),
+            nacked: Mutex::new(HashSet::new()),
+            reader: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&conn);
+        let task = tokio::spawn(async move {
+            let Some(endpoint) = weak.upgrade().map(|c| c.endpoint.clone()) else {
+                return;
+            };
+            let made = Self::connect(&endpoint, connect_timeout).await;
+            let Some(c) = weak.upgrade() else { return };
+            let (tx, rx, monitor) = match made {
+                Ok(parts) => parts,
+                Err(d) => {
+                    c.kill(d);
+                    // What waited for the connection dies with it.
+                    if let Sending::Connecting(q) = &mut *c.tx.lock().await
+                        && !q.is_empty()
+                    {
+                        tracing::warn!(endpoint = %c.endpoint, lost = q.len(), reason = %c.why().0, "zeromq: messages sent while connecting are lost");
+                        q.clear();
+                    }
+                    return;
+                }
+            };
+            {
+                let mut g = c.tx.lock().await;
+                let queued = match &mut *g {
+                    Sending::Connecting(q) => std::mem::take(q),
+                    Sending::Ready(_) => VecDeque::new(),
+                };
+                let mut tx = tx;
+                for m in queued {
+                    if let Err(e) = tx.send(m).await {
+                        drop(g);
+                        c.kill(Dead(format!("send to {endpoint} failed: {e}")));
+                        return;
+                    }
+                }
+                *g = Sending::Ready(tx);
+            }
+            drop(c);
+            read_loop(weak, rx, monitor, on_nack).await;
+        });
+        *lock(&conn.reader) = Some(task);
+        conn
+    }
+
+    /// Connects a DEALER to `endpoint` (waiting at most `connect_timeout`).
+    async fn connect(
+        endpoint: &str,
+        connect_timeout: Duration,
+    ) -> Result<
+        (
+            DealerSendHalf,
+            zeromq::DealerRecvHalf,
+            impl futures_util::Stream<Item = SocketEvent> + Unpin + use<>,
+        ),
+        Dead,
+    > {
         let mut opts = SocketOptions::default();
         opts.connect_timeout(connect_timeout);
         let mut dealer = DealerSocket::with_options(opts);
@@ -86,26 +186,12 @@ impl Conn {
             }
         }
         let (tx, rx) = dealer.split();
-        let conn = Arc::new(Conn {
-            endpoint: endpoint.to_string(),
-            tx: Arc::new(tokio::sync::Mutex::new(tx)),
-            window,
-            peer_timeout,
-            in_flight: AtomicU64::new(0),
-            progress_ms: AtomicU64::new(0),
-            born: Instant::now(),
-            progress: Notify::new(),
-            dead: AtomicBool::new(false),
-            why: Mutex::new(None),
-            pending: Mutex::new(HashMap::new()),
-            next_req: AtomicU64::new(1),
-            nacks: AtomicU64::new(0),
-            nacked: Mutex::new(HashSet::new()),
-            reader: Mutex::new(None),
-        });
-        let task = tokio::spawn(read_loop(Arc::downgrade(&conn), rx, monitor, on_nack));
-        *lock(&conn.reader) = Some(task);
-        Ok(conn)
+        Ok((tx, rx, monitor))
+    }
+
+    /// Whether it died less than `d` ago (a peer that just failed is not tried again at once).
+    pub(crate) fn died_within(&self, d: Duration) -> bool {
+        lock(&self.died_at).is_some_and(|t| t.elapsed() < d)
     }
 
     /// Whether the connection can still carry messages.
@@ -131,6 +217,7 @@ impl Conn {
     }
 
     pub(crate) fn kill(&self, why: Dead) {
+        lock(&self.died_at).get_or_insert_with(Instant::now);
         {
             let mut w = lock(&self.why);
             if w.is_none() {
@@ -208,6 +295,11 @@ impl Conn {
             return Ok(TrySend::Busy);
         };
         self.charge(size);
+        let mut guard = guard;
+        if let Sending::Connecting(q) = &mut *guard {
+            q.push_back(msg);
+            return Ok(TrySend::Sent);
+        }
         let mut fut: Pin<Box<dyn Future<Output = zeromq::ZmqResult<()>> + Send>> =
             Box::pin(async move {
                 let mut g = guard;
@@ -342,8 +434,14 @@ async fn read_loop<M: futures_util::Stream<Item = SocketEvent> + Unpin>(
         tokio::select! {
             m = rx.recv() => {
                 let Some(c) = conn.upgrade() else { return };
+                if c.is_dead() {
+                    return;
+                }
                 match m {
-                    Ok(msg) => handle(&c, msg, &on_nack),
+                    Ok(msg) => {
+                        handle(&c, msg, &on_nack);
+                        tokio::task::coop::consume_budget().await;
+                    }
                     Err(e) => {
                         c.kill(Dead(format!("connection to {} failed: {e}", c.endpoint)));
                         return;

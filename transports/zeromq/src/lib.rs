@@ -586,7 +586,7 @@ fn byte_loc(b: u8) -> Location {
 }
 
 impl Shared {
-    fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
@@ -673,10 +673,15 @@ impl Shared {
             .or_default()
             .clone();
         let mut g = slot.lock().await;
-        if let Some(c) = g.as_ref()
-            && !c.is_dead()
-        {
-            return Ok(c.clone());
+        if let Some(c) = g.as_ref() {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+            // Just failed: say so rather than queue more for a peer that is not there; try
+            // again once `connect_timeout` has passed.
+            if c.died_within(self.cfg.connect_timeout) {
+                return Err(c.why());
+            }
         }
         let weak = Arc::downgrade(self);
         let on_nack: Arc<dyn Fn(&Nack) + Send + Sync> = Arc::new(move |n: &Nack| {
@@ -685,14 +690,13 @@ impl Shared {
             }
             tracing::debug!(to = %n.to, id = n.id, code = %n.code, "zeromq peer refused an event: {}", n.message);
         });
-        let c = Conn::connect(
+        let c = Conn::start(
             endpoint,
             self.cfg.window as u64,
             self.cfg.peer_timeout,
             self.cfg.connect_timeout,
             on_nack,
-        )
-        .await?;
+        );
         *g = Some(c.clone());
         Ok(c)
     }

@@ -41,8 +41,17 @@ pub(crate) async fn run(shared: Weak<Shared>, mut rx: RouterRecvHalf, mut tx: Ro
         tokio::select! {
             m = rx.recv() => {
                 let Some(s) = shared.upgrade() else { return };
+                // A stream that never lets this task wait would never see its abort: stop here.
+                if s.is_closed() {
+                    return;
+                }
                 match m {
-                    Ok(msg) => handle(&s, msg, &mut tx, &mut acks).await,
+                    Ok(msg) => {
+                        handle(&s, msg, &mut tx, &mut acks).await;
+                        // The socket's channels do not count towards tokio's budget: give
+                        // the worker back now and then.
+                        tokio::task::coop::consume_budget().await;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "zeromq ROUTER receive failed");
                         // Not a busy loop if the socket keeps failing.

@@ -53,8 +53,14 @@ pub(crate) async fn run(
             },
             m = sub.recv() => {
                 let Some(s) = shared.upgrade() else { return };
+                if s.is_closed() {
+                    return;
+                }
                 match m {
-                    Ok(msg) => on_message(&s, msg).await,
+                    Ok(msg) => {
+                        on_message(&s, msg).await;
+                        tokio::task::coop::consume_budget().await;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "zeromq SUB receive failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
