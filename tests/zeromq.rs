@@ -211,3 +211,45 @@ async fn peers_reach_a_machine_through_its_advertised_endpoints() {
         "{err}"
     );
 }
+
+/// `ipc://` endpoints (unix sockets) work where the crate supports them: a machine bound
+/// on ipc endpoints is reached by its peers through them, sends and topics alike.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipc_endpoints_carry_sends_and_topics() {
+    let dir = std::env::temp_dir();
+    let tag = format!("{}-{:x}", std::process::id(), fastrand_like());
+    let (r, p) = (
+        dir.join(format!("sy-zmq-{tag}-r.sock")),
+        dir.join(format!("sy-zmq-{tag}-p.sock")),
+    );
+    let on_ipc = ZmqConfig::default().bind(
+        format!("ipc://{}", r.display()),
+        format!("ipc://{}", p.display()),
+    );
+    let (sa, sb, _za, zb) = two_hosts(ZmqConfig::default(), on_ipc).await;
+    assert!(zb.router_endpoint().starts_with("ipc://"));
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let b = sb
+        .machine("b", "T")
+        .handler(move |_, ev| {
+            let _ = tx.send(ev.name().to_string());
+        })
+        .build()
+        .await
+        .unwrap();
+    let _sub = b.subscribe("news.*").await.unwrap();
+    let a = sa.machine("a", "T").build().await.unwrap();
+    a.send("b", "OVER_IPC", ()).await.unwrap();
+    assert_eq!(got.recv().await.as_deref(), Some("OVER_IPC"));
+    assert_eq!(a.publish("news.x", "NEWS", ()).await.unwrap(), 1);
+    assert_eq!(got.recv().await.as_deref(), Some("NEWS"));
+    drop((sa, sb));
+    let _ = std::fs::remove_file(r);
+    let _ = std::fs::remove_file(p);
+}
+
+fn fastrand_like() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}

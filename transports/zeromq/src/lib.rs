@@ -25,8 +25,10 @@
 //!   unacknowledged (the receiving ROUTER answers `ACK`); a sender past it waits.
 //!   Bytes unacknowledged for [`ZmqConfig::peer_timeout`], or a dropped
 //!   connection, end the connection: sends fail with `Error::TargetGone` within
-//!   that bound instead of queuing forever. The next send connects again, so a
-//!   peer that comes back is reached again.
+//!   that bound instead of queuing forever. Connections are made in the
+//!   background (sends are taken, within the window, while one is being made);
+//!   a peer that just failed is refused for [`ZmqConfig::connect_timeout`], then
+//!   connected to again, so a peer that comes back is reached again.
 //! - *Topics.* ZeroMQ filters by byte prefix; a `*`/`#` pattern is subscribed by
 //!   its longest literal prefix ([`literal_prefix`]) and matched whole by the
 //!   subscriber. Subscriptions are also announced to every peer process (`SUBS`),
