@@ -253,3 +253,50 @@ fn fastrand_like() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
+
+/// By configuration zeromq also carries sends and topics between processes of one host
+/// (`same_machine`): two sessions with the same host id, no ipc, the selector computes
+/// `SameMachine` and picks zeromq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_machine_by_configuration() {
+    let registry: Arc<dyn Registry> = Arc::new(LocalRegistry::new(Duration::from_secs(60)));
+    let session = |zmq: &Arc<ZmqTransport>| {
+        let r = registry.clone();
+        switchyard::builder()
+            .zeromq(zmq)
+            .session(|s| s.registry(r).host_id("one-host"))
+            .build()
+            .unwrap()
+    };
+    let cfg = ZmqConfig::default().same_machine(true);
+    let (za, zb) = (
+        ZmqTransport::new(cfg.clone()).unwrap(),
+        ZmqTransport::new(cfg).unwrap(),
+    );
+    assert!(za.capabilities().reaches(Location::SameMachine));
+    let (sa, sb) = (session(&za), session(&zb));
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel::<(String, &'static str)>();
+    let b = sb
+        .machine("b", "T")
+        .handler(move |_, ev| {
+            let _ = tx.send((ev.name().to_string(), ev.carried_by.unwrap_or("?")));
+        })
+        .build()
+        .await
+        .unwrap();
+    let _sub = b.subscribe("local.#").await.unwrap();
+    let a = sa.machine("a", "T").build().await.unwrap();
+    let (_, loc) = a.locate(&"b".into()).await.unwrap();
+    assert_eq!(loc, Location::SameMachine);
+    a.send("b", "HI", ()).await.unwrap();
+    assert_eq!(got.recv().await, Some(("HI".to_string(), "zeromq")));
+    assert_eq!(a.publish("local.x", "TOPIC", ()).await.unwrap(), 1);
+    assert_eq!(got.recv().await, Some(("TOPIC".to_string(), "zeromq")));
+    // Without it, the same host is not zeromq's: nothing reaches SameMachine.
+    assert!(
+        !ZmqTransport::new(ZmqConfig::default())
+            .unwrap()
+            .capabilities()
+            .reaches(Location::SameMachine)
+    );
+}
