@@ -14,6 +14,7 @@
 //! | `memory` (default) | [`memory`] transport | same thread, same process |
 //! | `ipc` (default) | [`ipc`] transport | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
 //! | `rabbitmq` | [`rabbitmq`] transport (RabbitMQ broker, at-least-once) | other hosts; added with [`Builder::rabbitmq`] |
+//! | `zeromq` (default) | [`zeromq`] transport (brokerless ROUTER/DEALER + PUB/SUB, no server) | other hosts (`Remote`); same host by configuration; added with [`Builder::zeromq`] |
 //! | `machine` (default) | [`machine`]: XState-style JSON statecharts bound to a [`Node`] | |
 //!
 //! ```
@@ -56,6 +57,8 @@ pub use switchyard_memory as memory;
 #[cfg(feature = "rabbitmq")]
 pub use switchyard_rabbitmq as rabbitmq;
 pub use switchyard_selector::{Selector, SelectorBuilder};
+#[cfg(feature = "zeromq")]
+pub use switchyard_zeromq as zeromq;
 
 /// What most programs need: `use switchyard::prelude::*;`.
 pub mod prelude {
@@ -79,10 +82,14 @@ pub mod transport {
     pub use switchyard_core::{Link, LocalValue};
 }
 
+/// Run on the built session (a transport that needs the session's registry).
+type AfterBuild = Box<dyn FnOnce(&Session) + Send>;
+
 /// A session builder with the enabled transports wired into the selector.
 pub struct Builder {
     session: switchyard_core::SessionBuilder,
     selector: SelectorBuilder,
+    after_build: Vec<AfterBuild>,
 }
 
 /// Starts a [`Builder`] with every transport enabled by cargo features: the one way to build a session.
@@ -100,6 +107,7 @@ pub fn builder() -> Builder {
     Builder {
         session: switchyard_core::SessionBuilder::new(),
         selector,
+        after_build: Vec::new(),
     }
 }
 
@@ -141,10 +149,34 @@ impl Builder {
         self.transport(Arc::new(t.clone()))
             .session(|s| s.entry_metadata(rabbitmq::META_NAMESPACE, ns))
     }
+    /// Adds the zeromq transport `zmq` (one per session) for `Remote` targets: its ROUTER and
+    /// PUB endpoints go into every machine's registry entry, and once the session is built the
+    /// transport gets the session's registry to find its peer processes. Sessions on several
+    /// hosts must share a registry that spans them.
+    #[cfg(feature = "zeromq")]
+    pub fn zeromq(mut self, zmq: &Arc<zeromq::ZmqTransport>) -> Self {
+        let meta = zmq.entry_metadata();
+        self.session = meta
+            .into_iter()
+            .fold(self.session, |s, (k, v)| s.entry_metadata(k, v));
+        let t = zmq.clone();
+        self.after_build.push(Box::new(move |session: &Session| {
+            t.attach(
+                session.registry().clone(),
+                session.host_id(),
+                session.process_id(),
+            );
+        }));
+        self.transport(zmq.clone())
+    }
     /// Builds the session; must run inside a tokio runtime. A selector preference naming a
     /// transport that is not configured is [`Error::Config`].
     pub fn build(self) -> Result<Session> {
         let selector = self.selector.build()?;
-        self.session.router(Arc::new(selector)).build()
+        let session = self.session.router(Arc::new(selector)).build()?;
+        for f in self.after_build {
+            f(&session);
+        }
+        Ok(session)
     }
 }

@@ -825,7 +825,12 @@ async fn running_out_of_file_descriptors_backs_off_and_recovers() {
         .iter()
         .filter(|l| l.contains("out of file descriptors"))
         .count();
-    assert_eq!(warnings, 1, "logged once per episode");
+    // Once per episode, not per retry. Under load the daemon may get a descriptor back
+    // between two hogs (an episode ends and a new one starts): allow a couple.
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} warnings for {failed} failed accepts: logged once per episode"
+    );
 }
 
 /// Resident memory of a process in KiB.

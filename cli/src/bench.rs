@@ -28,6 +28,7 @@ mod provider;
 mod rabbitmq;
 mod report;
 mod svg;
+mod zmq;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -58,7 +59,7 @@ const MAX_SIZE: usize = 1 << 20;
 /// Options of `switchyard bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Transports to measure, comma-separated: direct, memory, ipc, ipc-p2p (default: all of them).
+    /// Transports to measure, comma-separated: direct, memory, ipc, ipc-p2p, zeromq (default: all of them).
     #[arg(long, value_delimiter = ',', value_name = "NAMES", value_parser = parse_transport)]
     transports: Vec<String>,
     /// Payload size in bytes.
@@ -157,6 +158,7 @@ fn providers() -> Vec<Box<dyn Provider>> {
         all.push(Box::new(ipc::Ipc { p2p: false }));
         all.push(Box::new(ipc::Ipc { p2p: true }));
     }
+    all.push(Box::new(zmq::Zeromq));
     #[cfg(feature = "rabbitmq")]
     {
         all.push(Box::new(rabbitmq::Rabbit { durable: false }));

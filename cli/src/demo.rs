@@ -4,10 +4,12 @@
 //! reach: pinned to its own single-threaded context (`SameThread`), elsewhere in
 //! this process (`SameProcess`), in a second process that the demo starts from
 //! its own binary (`SameMachine`, through a bus daemon it runs in-process on a
-//! temporary socket). It sends by id, by type (`send_to_any_of_type`) and by
-//! topic; every receiver answers `SEEN` with the transport that carried the
-//! event (`Envelope::carried_by`), and the sender prints that beside the
-//! location the selector computed (`Node::locate`).
+//! temporary socket), and in a third process started with a host id of its own
+//! (`Remote`, over zeromq tcp on loopback; it finds the others through the same
+//! daemon's registry, which is why one host can play two). It sends by id, by
+//! type (`send_to_any_of_type`) and by topic; every receiver answers `SEEN` with
+//! the transport that carried the event (`Envelope::carried_by`), and the sender
+//! prints that beside the location the selector computed (`Node::locate`).
 //!
 //! `--amqp` / `--redis` are where remote machines will join; until those
 //! transports exist the demo checks that the broker answers and says so in one line.
@@ -19,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use switchyard::ipc::{Daemon, DaemonConfig, IpcBus, IpcConfig};
+use switchyard::zeromq::{ZmqConfig, ZmqTransport};
 use switchyard::{Envelope, Location, MachineId, Node, Session};
 use tokio::sync::mpsc;
 
@@ -41,7 +44,13 @@ pub struct DemoArgs {
     /// Internal: run as the demo's second process, on the bus daemon at this socket.
     #[arg(long, hide = true, value_name = "SOCKET")]
     child: Option<PathBuf>,
+    /// Internal: run as the demo's third process ("another host"), registry on this socket.
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    remote_child: Option<PathBuf>,
 }
+
+/// The host id of the demo's third process: not this host's, so the selector computes `Remote`.
+const REMOTE_HOST: &str = "switchyard-demo-remote-host";
 
 /// What a receiver reports back to the sender.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,6 +81,9 @@ pub async fn run(args: DemoArgs) -> CliResult {
     if let Some(socket) = &args.child {
         return run_child(socket).await;
     }
+    if let Some(socket) = &args.remote_child {
+        return run_remote_child(socket).await;
+    }
     // The bus daemon runs inside this process on a fresh socket, so the demo needs no server.
     let socket = switchyard::ipc::unique_socket_path(&std::env::temp_dir(), "switchyard-demo");
     let daemon = Daemon::start(DaemonConfig::new(&socket)).map_err(|e| {
@@ -88,14 +100,21 @@ pub async fn run(args: DemoArgs) -> CliResult {
 async fn run_parent(args: &DemoArgs, socket: &Path) -> CliResult {
     // The first registration waits for the connection (up to the client's request timeout).
     let bus = IpcBus::connect(IpcConfig::new(socket).client_id("switchyard-demo"))?;
-    let session = switchyard::builder().ipc(&bus).build()?;
-    let result = deployment(args, &session, socket).await;
+    // Remote machines are reached over zeromq tcp; its endpoints go into the registry entries.
+    let zmq = ZmqTransport::new(ZmqConfig::default())?;
+    let session = switchyard::builder().ipc(&bus).zeromq(&zmq).build()?;
+    let result = deployment(args, &session, socket, &zmq).await;
     session.shutdown();
     bus.close();
     result
 }
 
-async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliResult {
+async fn deployment(
+    args: &DemoArgs,
+    session: &Session,
+    socket: &Path,
+    zmq: &ZmqTransport,
+) -> CliResult {
     let ui_thread = session.context();
     let (tx, mut rx) = mpsc::channel::<Report>(64);
 
@@ -157,6 +176,22 @@ async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliRes
         ],
     )
     .await?;
+    // "Another host": a third process with a host id of its own, reached over zeromq.
+    let mut remote_child = Helper::start(
+        "demo's third process",
+        [
+            OsStr::new("demo"),
+            OsStr::new("--remote-child"),
+            socket.as_os_str(),
+        ],
+    )
+    .await?;
+    let remote_router = ui
+        .locate(&MachineId::from("shipping"))
+        .await
+        .ok()
+        .and_then(|(e, _)| e.metadata.get(switchyard::zeromq::ROUTER_KEY).cloned())
+        .unwrap_or_else(|| "?".into());
 
     let remote = remote_notes(args).await;
     let worker_count = ui.discover("Worker").await?.len();
@@ -178,6 +213,17 @@ async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliRes
         child.pid(),
         socket.display()
     );
+    say!(
+        "  third process (pid {}), host id `{REMOTE_HOST}`: worker-4, shipping, archive (subscribed to orders.#);",
+        remote_child.pid()
+    );
+    say!(
+        "    reached over zeromq tcp (its ROUTER {remote_router}, ours {}); a host of its own as far as the selector",
+        zmq.router_endpoint()
+    );
+    say!(
+        "    can tell. All three processes share the bus daemon's registry, which spans this one host: across real hosts, share one that spans them"
+    );
     say!();
     demo.by_id("display", "REFRESH").await?;
     demo.by_id("worker-1", "JOB").await?;
@@ -185,9 +231,11 @@ async fn deployment(args: &DemoArgs, session: &Session, socket: &Path) -> CliRes
         demo.by_type("Worker", "JOB").await?;
     }
     demo.by_id("billing", "INVOICE").await?;
-    // logger here, audit in the second process.
-    demo.by_topic("orders.created", "ORDER_CREATED", 2).await?;
+    demo.by_id("shipping", "SHIP").await?;
+    // logger here, audit in the second process, archive in the third.
+    demo.by_topic("orders.created", "ORDER_CREATED", 3).await?;
     child.stop().await;
+    remote_child.stop().await;
     say!();
     for line in remote {
         say!("{line}");
@@ -223,6 +271,40 @@ async fn run_child(socket: &Path) -> CliResult {
         .build()
         .await?;
     let _sub = audit.subscribe("orders.#").await?;
+    say!("{READY}");
+    until_parent_leaves().await;
+    session.shutdown();
+    bus.close();
+    Ok(())
+}
+
+/// The third process: `worker-4` (a Worker), `shipping` and `archive` (subscribed to `orders.#`),
+/// with a host id of its own, on the daemon's registry but without the ipc transport (the
+/// parent reaches it as `Remote`, over zeromq only), until stdin closes.
+async fn run_remote_child(socket: &Path) -> CliResult {
+    let bus = IpcBus::connect(IpcConfig::new(socket).client_id("switchyard-demo-remote"))?;
+    let zmq = ZmqTransport::new(ZmqConfig::default())?;
+    let registry = bus.registry();
+    let session = switchyard::builder()
+        .zeromq(&zmq)
+        .session(|s| s.registry(registry).host_id(REMOTE_HOST))
+        .build()?;
+    let _worker = session
+        .machine("worker-4", "Worker")
+        .handler(reporter)
+        .build()
+        .await?;
+    let _shipping = session
+        .machine("shipping", "Shipping")
+        .handler(reporter)
+        .build()
+        .await?;
+    let archive = session
+        .machine("archive", "Archive")
+        .handler(reporter)
+        .build()
+        .await?;
+    let _sub = archive.subscribe("orders.#").await?;
     say!("{READY}");
     until_parent_leaves().await;
     session.shutdown();

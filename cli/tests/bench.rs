@@ -85,7 +85,7 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
             );
         }
     }
-    for t in ["memory", "ipc", "ipc-p2p"] {
+    for t in ["memory", "ipc", "ipc-p2p", "zeromq"] {
         for w in [
             "one-way",
             "one-way send",
@@ -108,7 +108,7 @@ fn quick_bench_writes_one_json_object_per_transport_and_workload() {
         "one object per (transport, workload)"
     );
     // The table names each measured transport.
-    for t in ["| direct", "| memory", "| ipc", "| ipc-p2p"] {
+    for t in ["| direct", "| memory", "| ipc", "| ipc-p2p", "| zeromq"] {
         assert!(stdout.contains(t), "{t}: {stdout}");
     }
 }

@@ -45,10 +45,41 @@ fn demo_shows_each_location_with_the_transport_that_carried_it() {
         seen.contains(&("SameMachine".into(), "ipc".into())),
         "{stdout}"
     );
+    // The third process, with a host id of its own, reached over zeromq tcp: the selector
+    // computed Remote from the registry entries, nothing forced.
+    assert!(
+        seen.contains(&("Remote".into(), "zeromq".into())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("share the bus daemon's registry") && stdout.contains("zeromq tcp"),
+        "the output says how the remote process is found and reached: {stdout}"
+    );
     let mut locations: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
     locations.sort();
     locations.dedup();
-    assert!(locations.len() >= 3, "{locations:?}\n{stdout}");
+    assert_eq!(
+        locations,
+        ["Remote", "SameMachine", "SameProcess", "SameThread"],
+        "all four locations: {stdout}"
+    );
+    // Every location is carried by the transport of its rung, and no other.
+    for (loc, via) in &seen {
+        let expected = match loc.as_str() {
+            "SameThread" => "direct",
+            "SameProcess" => "memory",
+            "SameMachine" => "ipc",
+            "Remote" => "zeromq",
+            other => panic!("unexpected location {other}"),
+        };
+        assert_eq!(via, expected, "{loc}: {stdout}");
+    }
+    // The topic reached one subscriber at each distance (logger, audit, archive), once each.
+    let topic_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("ui -> ") && l.contains("by topic"))
+        .collect();
+    assert_eq!(topic_lines.len(), 3, "{stdout}");
     // Every exchange is by id, by type or by topic, and all three appear.
     for how in ["by id", "by type", "by topic"] {
         assert!(

@@ -190,6 +190,27 @@ impl Fixture {
         })
     }
 
+    /// Every machine on a host of its own, each session with its own zeromq transport
+    /// (ROUTER and PUB on loopback ports), all sharing the first session's in-process
+    /// registry: the selector computes `Remote` and picks zeromq with nothing forced.
+    #[cfg(feature = "zeromq")]
+    pub fn zeromq() -> Fixture {
+        use switchyard::zeromq::{ZmqConfig, ZmqTransport};
+        Fixture::new("zeromq", Location::Remote, true, |b, host| {
+            let zmq = ZmqTransport::new(ZmqConfig::default()).expect("zeromq binds on loopback");
+            let b = b
+                .zeromq(&zmq)
+                .session(|s| s.heartbeat_interval(Some(Duration::from_millis(250))));
+            match host.first_registry {
+                Some(r) => {
+                    let r = r.clone();
+                    b.session(|s| s.registry(r))
+                }
+                None => b,
+            }
+        })
+    }
+
     /// A world with default session settings.
     pub fn world(&self) -> World {
         self.world_with(|b| b)
