@@ -14,6 +14,7 @@
 //! | `memory` (default) | [`memory`] transport | same thread, same process |
 //! | `ipc` (default) | [`ipc`] transport | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
 //! | `rabbitmq` | [`rabbitmq`] transport (RabbitMQ broker, at-least-once) | other hosts; added with [`Builder::rabbitmq`] |
+//! | `redis` | [`redis`] registry spanning hosts, and transport (pub/sub + streams) | other hosts |
 //! | `zeromq` (default) | [`zeromq`] transport (brokerless ROUTER/DEALER + PUB/SUB, no server) | other hosts (`Remote`); same host by configuration; added with [`Builder::zeromq`] |
 //! | `machine` (default) | [`machine`]: XState-style JSON statecharts bound to a [`Node`] | |
 //!
@@ -56,6 +57,8 @@ pub use switchyard_machine as machine;
 pub use switchyard_memory as memory;
 #[cfg(feature = "rabbitmq")]
 pub use switchyard_rabbitmq as rabbitmq;
+#[cfg(feature = "redis")]
+pub use switchyard_redis as redis;
 pub use switchyard_selector::{Selector, SelectorBuilder};
 #[cfg(feature = "zeromq")]
 pub use switchyard_zeromq as zeromq;
