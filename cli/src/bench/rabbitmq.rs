@@ -5,8 +5,11 @@
 //! (transient) and durable mode (durable queue, persistent messages) are two providers.
 //!
 //! Ours runs two sessions with distinct host ids on one registry, so the selector
-//! computes `Remote` and the broker carries everything. Fan-out and any-of-type are not
-//! measured yet.
+//! computes `Remote` and the broker carries everything. Fan-out: ours publishes to the
+//! topic exchange and the receiving session hands each message to its N subscribers; raw
+//! lapin publishes to a topic exchange bound to one queue whose consumer counts each
+//! message N times. Any-of-type: ours picks one of N workers per send; raw lapin
+//! publishes to one queue whose consumer hands messages to N buckets in turn.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +18,11 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use switchyard::rabbitmq::{Mode, RabbitConfig, RabbitTransport, broker_answers};
 use switchyard::{Address, Envelope, Location, Name, Payload};
 
@@ -103,10 +107,8 @@ impl Provider for Rabbit {
         })
     }
     fn supports(&self, w: Workload) -> Result<(), &'static str> {
-        match w {
-            Workload::OneWay | Workload::OneWaySend | Workload::PingPong => Ok(()),
-            Workload::FanOut | Workload::AnyOfType => Err("not measured for rabbitmq yet"),
-        }
+        let _ = w;
+        Ok(())
     }
     fn run<'a>(
         &'a self,
@@ -122,7 +124,8 @@ impl Provider for Rabbit {
                         Workload::OneWay => ours::oneway(&dep, cfg, true).await,
                         Workload::OneWaySend => ours::oneway(&dep, cfg, false).await,
                         Workload::PingPong => ours::pingpong(&dep, cfg).await,
-                        _ => Err("not measured for rabbitmq yet".into()),
+                        Workload::FanOut => ours::fanout(&dep, cfg).await,
+                        Workload::AnyOfType => ours::any_of_type(&dep, cfg).await,
                     };
                     dep.senders.shutdown();
                     if let Some(r) = &dep.receivers {
@@ -131,9 +134,12 @@ impl Provider for Rabbit {
                     r
                 }
                 Side::Raw => match w {
-                    Workload::OneWay | Workload::OneWaySend => raw_oneway(self.durable, cfg).await,
+                    Workload::OneWay | Workload::OneWaySend => {
+                        raw_oneway(self.durable, cfg, 1).await
+                    }
+                    Workload::AnyOfType => raw_oneway(self.durable, cfg, cfg.workers.max(1)).await,
+                    Workload::FanOut => raw_fanout(self.durable, cfg, cfg.fanout.max(1)).await,
                     Workload::PingPong => raw_pingpong(self.durable, cfg).await,
-                    _ => Err("not measured for rabbitmq yet".into()),
                 },
             }
         })
@@ -209,10 +215,20 @@ async fn publish_confirmed(
     body: &[u8],
     durable: bool,
 ) -> BenchResult<()> {
+    publish_to(ch, "", queue, body, durable).await
+}
+
+async fn publish_to(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    durable: bool,
+) -> BenchResult<()> {
     let c = ch
         .basic_publish(
-            "".into(),
-            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()
@@ -280,14 +296,17 @@ async fn ack(d: &lapin::message::Delivery) {
     let _ = d.acker.ack(BasicAckOptions { multiple: true }).await;
 }
 
-async fn raw_oneway(durable: bool, cfg: &RunConfig) -> BenchResult<Sample> {
+/// One queue; its consumer hands messages to `buckets` receivers in turn.
+async fn raw_oneway(durable: bool, cfg: &RunConfig, buckets: usize) -> BenchResult<Sample> {
     let q = format!("sy-raw-{}-{:x}", std::process::id(), fastrand_u64());
     let side = raw_connect(durable, &[&q]).await?;
-    let probe = Probe::new(1, cfg)?;
+    let probe = Probe::new(buckets, cfg)?;
     let p = probe.clone();
+    let mut next = 0;
     let consumer = raw_consumer(side.consume.clone(), q.clone(), move |b| {
         if let Some(m) = read(b) {
-            p.received(0, &m);
+            p.received(next, &m);
+            next = (next + 1) % buckets;
         }
     });
     let clock = probe.start_clock();
@@ -299,6 +318,61 @@ async fn raw_oneway(durable: bool, cfg: &RunConfig) -> BenchResult<Sample> {
     let _ = side
         .consume
         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = side.conn.close(200, "done".into()).await;
+    consumer.abort();
+    r
+}
+
+/// A topic exchange bound to one queue; its consumer counts each message for `n` subscribers.
+async fn raw_fanout(durable: bool, cfg: &RunConfig, n: usize) -> BenchResult<Sample> {
+    let tag = format!("{}-{:x}", std::process::id(), fastrand_u64());
+    let (ex, q) = (format!("sy-raw-topics-{tag}"), format!("sy-raw-fan-{tag}"));
+    let side = raw_connect(durable, &[&q]).await?;
+    side.consume
+        .exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    side.consume
+        .queue_bind(
+            q.as_str().into(),
+            ex.as_str().into(),
+            "bench.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let probe = Probe::new(n, cfg)?;
+    let p = probe.clone();
+    let consumer = raw_consumer(side.consume.clone(), q.clone(), move |b| {
+        if let Some(m) = read(b) {
+            for i in 0..n {
+                p.received(i, &m);
+            }
+        }
+    });
+    let clock = probe.start_clock();
+    let (ch, exchange) = (side.publish.clone(), ex.clone());
+    let producer = super::ours::produce!(probe, |msg| {
+        publish_to(&ch, &exchange, "bench.fanout", &body(&msg)?, durable).await?
+    });
+    let r = finish(&probe, clock, producer, n as u64).await;
+    let _ = side
+        .consume
+        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = side
+        .consume
+        .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
         .await;
     let _ = side.conn.close(200, "done".into()).await;
     consumer.abort();
