@@ -190,21 +190,18 @@ impl LocalRegistry {
     /// Marks machines whose heartbeat is older than the TTL unhealthy and reports it on the watch stream.
     pub fn sweep(&self) {
         let now = Instant::now();
-        let mut changed = Vec::new();
-        {
-            let mut st = self.lock();
-            for r in st.records.values_mut() {
-                let healthy = now.duration_since(r.last_heartbeat) <= self.ttl;
-                if healthy != r.healthy {
-                    r.healthy = healthy;
-                    changed.push((r.entry.id.clone(), healthy));
-                }
+        // Events are sent under the lock (a broadcast send never waits), so a heartbeat
+        // racing this sweep cannot report "healthy" before the sweep's "unhealthy".
+        let mut st = self.lock();
+        for r in st.records.values_mut() {
+            let healthy = now.duration_since(r.last_heartbeat) <= self.ttl;
+            if healthy != r.healthy {
+                r.healthy = healthy;
+                let _ = self.events.send(RegistryEvent::HealthChanged {
+                    id: r.entry.id.clone(),
+                    healthy,
+                });
             }
-        }
-        for (id, healthy) in changed {
-            let _ = self
-                .events
-                .send(RegistryEvent::HealthChanged { id, healthy });
         }
     }
 
@@ -278,23 +275,27 @@ impl Registry for LocalRegistry {
                     healthy: true,
                 },
             );
+            // Hooks (route invalidation) first, then watchers, all under the lock so
+            // that a concurrent deregister cannot be seen before this join.
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let ev = RegistryEvent::Joined(entry.clone());
+            self.hooks.call(&ev);
+            let _ = self.events.send(ev);
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        let ev = RegistryEvent::Joined(entry.clone());
-        self.hooks.call(&ev);
-        let _ = self.events.send(ev);
         Ok(entry)
     }
 
     async fn deregister(&self, id: &MachineId) -> Result<()> {
-        let removed = self.lock().records.remove(id).is_some();
-        if !removed {
-            return Err(Error::UnknownTarget(id.clone()));
-        }
-        self.generation.fetch_add(1, Ordering::SeqCst);
         let ev = RegistryEvent::Left(id.clone());
-        self.hooks.call(&ev);
-        let _ = self.events.send(ev);
+        {
+            let mut st = self.lock();
+            if st.records.remove(id).is_none() {
+                return Err(Error::UnknownTarget(id.clone()));
+            }
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.hooks.call(&ev);
+            let _ = self.events.send(ev);
+        }
         Ok(())
     }
 
@@ -342,16 +343,13 @@ impl Registry for LocalRegistry {
     }
 
     async fn heartbeat(&self, id: &MachineId) -> Result<()> {
-        let revived = {
-            let mut st = self.lock();
-            let r = st
-                .records
-                .get_mut(id)
-                .ok_or_else(|| Error::UnknownTarget(id.clone()))?;
-            r.last_heartbeat = Instant::now();
-            !std::mem::replace(&mut r.healthy, true)
-        };
-        if revived {
+        let mut st = self.lock();
+        let r = st
+            .records
+            .get_mut(id)
+            .ok_or_else(|| Error::UnknownTarget(id.clone()))?;
+        r.last_heartbeat = Instant::now();
+        if !std::mem::replace(&mut r.healthy, true) {
             let _ = self.events.send(RegistryEvent::HealthChanged {
                 id: id.clone(),
                 healthy: true,
