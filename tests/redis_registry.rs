@@ -275,6 +275,16 @@ async fn heartbeats_keep_machines_healthy_and_their_absence_is_reported() {
     a.heartbeat(&id).await.unwrap();
     assert!(a.is_healthy(&id).await.unwrap());
     assert!(b.is_healthy(&id).await.unwrap());
+    // Housekeeping: a namespace nobody keeps alive expires (2 × TTL + grace).
+    let mut c = raw().await;
+    for key in ["m:m", "machines", "type:T", "types", "gen"] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{}{key}", a.key_prefix()))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(pttl > 0 && pttl <= 30_400, "{key} expires in {pttl} ms");
+    }
     for w in [&mut wa, &mut wb] {
         let healthy = next_matching(w, "unhealthy report", |ev| match ev {
             RegistryEvent::HealthChanged { id: i, healthy } if *i == id => Some(*healthy),

@@ -232,9 +232,9 @@ impl RedisRegistry {
             .await
             .map_err(|e| connect_error(&url, &e))?;
         let mut scripts = Scripts {
-            register: Lua::new(scripts::REGISTER.to_string()),
+            register: Lua::new(scripts::register()),
             deregister: Lua::new(scripts::deregister()),
-            heartbeat: Lua::new(scripts::HEARTBEAT.to_string()),
+            heartbeat: Lua::new(scripts::heartbeat()),
             sweep: Lua::new(scripts::sweep()),
             fetch_types: Lua::new(scripts::FETCH_TYPES.to_string()),
         };
@@ -800,9 +800,9 @@ mod tests {
     #[test]
     fn scripts_are_distinct() {
         let s = [
-            scripts::REGISTER.to_string(),
+            scripts::register(),
             scripts::deregister(),
-            scripts::HEARTBEAT.to_string(),
+            scripts::heartbeat(),
             scripts::sweep(),
             scripts::FETCH_TYPES.to_string(),
         ];

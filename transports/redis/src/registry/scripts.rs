@@ -11,7 +11,10 @@
 /// has_version (`0`/`1`), version, accepts (JSON), metadata (JSON), ttl_ms, grace_ms,
 /// origin, then 4 candidate 8-hex suffixes for a generated id.
 /// Returns `{"ok", id, gen}`, `{"dup", id, 0}` or `{"collide", "", 0}`.
-pub(crate) const REGISTER: &str = r#"
+pub(crate) fn register() -> String {
+    format!(
+        "{KEEP_FN}\n{}",
+        r#"
 local p = ARGV[1]
 local id = ARGV[2]
 local t = ARGV[3]
@@ -48,9 +51,28 @@ redis.call('SADD', p .. 'types', t)
 redis.call('SET', p .. 'alive:' .. id, ARGV[13], 'PX', tonumber(ARGV[11]))
 redis.call('DEL', p .. 'down:' .. id)
 local gen = redis.call('INCR', p .. 'gen')
+keep(p, id, t, 2 * tonumber(ARGV[11]) + tonumber(ARGV[12]))
 redis.call('PUBLISH', p .. 'events',
   cjson.encode({v = 1, kind = 'joined', origin = ARGV[13], gen = gen, entry = e}))
 return {'ok', id, gen}
+"#
+    )
+}
+
+/// Housekeeping: the keys a live machine needs expire `ms` after its last registration or
+/// heartbeat (2 × TTL + grace), so a namespace whose processes are all gone, and that no
+/// sweeper tidies any more, leaves nothing behind. Only ever extends an expiry.
+const KEEP_FN: &str = r#"
+local function keep(p, id, t, ms)
+  local keys = {p .. 'm:' .. id, p .. 'machines', p .. 'type:' .. t, p .. 'types',
+    p .. 'typeseq', p .. 'seq', p .. 'gen'}
+  for _, k in ipairs(keys) do
+    local cur = redis.call('PTTL', k)
+    if cur == -1 or (cur >= 0 and cur < ms) then
+      redis.call('PEXPIRE', k, ms)
+    end
+  end
+end
 "#;
 
 /// Removes one machine and its index entries; shared by deregister and the sweeper.
@@ -85,19 +107,26 @@ pub(crate) fn deregister() -> String {
 /// Heartbeat. ARGV: prefix, id, origin.
 /// Returns 0 when the machine is not registered, 1 when refreshed, 2 when it was reported
 /// unhealthy and is healthy again (then `health` true is published).
-pub(crate) const HEARTBEAT: &str = r#"
+pub(crate) fn heartbeat() -> String {
+    format!(
+        "{KEEP_FN}\n{}",
+        r#"
 local p = ARGV[1]
 local id = ARGV[2]
-local ttl = redis.call('HGET', p .. 'm:' .. id, 'ttl_ms')
-if not ttl then return 0 end
-redis.call('SET', p .. 'alive:' .. id, ARGV[3], 'PX', tonumber(ttl))
+local f = redis.call('HMGET', p .. 'm:' .. id, 'ttl_ms', 'grace_ms', 'type')
+if not f[1] then return 0 end
+local ttl = tonumber(f[1]) or 1000
+redis.call('SET', p .. 'alive:' .. id, ARGV[3], 'PX', ttl)
+keep(p, id, f[3] or '', 2 * ttl + (tonumber(f[2]) or 0))
 if redis.call('DEL', p .. 'down:' .. id) == 1 then
   redis.call('PUBLISH', p .. 'events',
     cjson.encode({v = 1, kind = 'health', origin = ARGV[3], id = id, healthy = true}))
   return 2
 end
 return 1
-"#;
+"#
+    )
+}
 
 /// One sweep. ARGV: prefix, origin, lock_ms.
 ///
@@ -122,7 +151,9 @@ for _, id in ipairs(ids) do
   if redis.call('EXISTS', p .. 'alive:' .. id) == 0 then
     local down = redis.call('GET', p .. 'down:' .. id)
     if not down then
-      redis.call('SET', p .. 'down:' .. id, tostring(now))
+      local f = redis.call('HMGET', p .. 'm:' .. id, 'ttl_ms', 'grace_ms')
+      local horizon = 2 * (tonumber(f[1]) or 0) + (tonumber(f[2]) or 0) + 1000
+      redis.call('SET', p .. 'down:' .. id, tostring(now), 'PX', horizon)
       redis.call('PUBLISH', p .. 'events',
         cjson.encode({v = 1, kind = 'health', origin = origin, id = id, healthy = false}))
       out[#out + 1] = 'down'
