@@ -311,6 +311,53 @@ async fn heartbeats_keep_machines_healthy_and_their_absence_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_swept_while_cut_off_registers_again_with_its_next_heartbeat() {
+    if !ready_for_tests() {
+        return;
+    }
+    let ns = unique_ns("again");
+    let reg = RedisRegistry::builder(cfg(&ns))
+        .ttl(Duration::from_millis(100))
+        .remove_after(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let watcher = registry(&ns).await;
+    let mut w = watcher.watch();
+    let mut e = entry("phoenix", "Bird");
+    e.metadata.insert("k".into(), "v".into());
+    let e = reg.register(e).await.unwrap();
+    // No heartbeats (as when this process cannot reach Redis): unhealthy, then removed.
+    next_matching(&mut w, "the leave", |ev| match ev {
+        RegistryEvent::Left(id) if *id == e.id => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(watcher.get(&e.id).await.unwrap().is_none());
+    reg.heartbeat(&e.id).await.unwrap();
+    let back = next_matching(&mut w, "the join again", |ev| match ev {
+        RegistryEvent::Joined(j) if j.id == e.id => Some(j.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(back, e, "the same entry comes back");
+    assert!(watcher.is_healthy(&e.id).await.unwrap());
+    // A machine deregistered on purpose does not come back.
+    let mut wr = reg.watch();
+    watcher.deregister(&e.id).await.unwrap();
+    next_matching(&mut wr, "the leave", |ev| match ev {
+        RegistryEvent::Left(id) if *id == e.id => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(matches!(
+        reg.heartbeat(&e.id).await,
+        Err(Error::UnknownTarget(_))
+    ));
+    purge(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_sees_joins_and_leaves_and_its_generation_moves() {
     if !ready_for_tests() {
         return;

@@ -508,7 +508,6 @@ impl Shared {
         while let (Some(kind), Some(id)) = (it.next(), it.next()) {
             let id = MachineId::from(id);
             let ev = if kind == "left" {
-                self.own().remove(&id);
                 RegistryEvent::Left(id)
             } else {
                 RegistryEvent::HealthChanged { id, healthy: false }
@@ -551,6 +550,7 @@ impl Shared {
                 "redis registry: event of a newer format; reading the fields it shares with v1"
             );
         }
+        let expired = w.reason.as_deref() == Some("expired");
         let ev = match (w.kind.as_str(), w.id, w.healthy, w.entry) {
             ("joined", _, _, Some(fields)) => match entry_from_fields(fields) {
                 Ok(s) => RegistryEvent::Joined(s.entry),
@@ -561,7 +561,11 @@ impl Shared {
             },
             ("left", Some(id), _, _) => {
                 let id = MachineId::from(id);
-                self.own().remove(&id);
+                // A machine of ours that expired comes back with its next heartbeat, if
+                // this process lives; one deregistered elsewhere does not.
+                if !expired {
+                    self.own().remove(&id);
+                }
                 RegistryEvent::Left(id)
             }
             ("health", Some(id), Some(healthy), _) => RegistryEvent::HealthChanged {

@@ -93,6 +93,9 @@ pub(crate) struct WireEvent {
     /// For `health`.
     #[serde(default)]
     pub(crate) healthy: Option<bool>,
+    /// For `left`: `deregistered`, or `expired` (removed by a sweeper).
+    #[serde(default)]
+    pub(crate) reason: Option<String>,
     /// For `joined`: the hash fields.
     #[serde(default)]
     pub(crate) entry: Option<HashMap<String, String>>,

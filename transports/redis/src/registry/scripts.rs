@@ -77,7 +77,7 @@ end
 
 /// Removes one machine and its index entries; shared by deregister and the sweeper.
 const REMOVE_FN: &str = r#"
-local function remove(p, id, origin)
+local function remove(p, id, origin, reason)
   local t = redis.call('HGET', p .. 'm:' .. id, 'type')
   if not t then
     redis.call('ZREM', p .. 'machines', id)
@@ -92,7 +92,7 @@ local function remove(p, id, origin)
   end
   local gen = redis.call('INCR', p .. 'gen')
   redis.call('PUBLISH', p .. 'events',
-    cjson.encode({v = 1, kind = 'left', origin = origin, gen = gen, id = id}))
+    cjson.encode({v = 1, kind = 'left', origin = origin, gen = gen, id = id, reason = reason}))
   return gen
 end
 "#;
@@ -100,7 +100,7 @@ end
 /// Deregisters a machine. ARGV: prefix, id, origin. Returns the new gen, or 0 when unknown.
 pub(crate) fn deregister() -> String {
     format!(
-        "{REMOVE_FN}\nlocal g = remove(ARGV[1], ARGV[2], ARGV[3])\nif g then return g end\nreturn 0\n"
+        "{REMOVE_FN}\nlocal g = remove(ARGV[1], ARGV[2], ARGV[3], 'deregistered')\nif g then return g end\nreturn 0\n"
     )
 }
 
@@ -161,7 +161,7 @@ for _, id in ipairs(ids) do
     else
       local grace = tonumber(redis.call('HGET', p .. 'm:' .. id, 'grace_ms') or '0') or 0
       if now - (tonumber(down) or 0) >= grace then
-        if remove(p, id, origin) then
+        if remove(p, id, origin, 'expired') then
           out[#out + 1] = 'left'
           out[#out + 1] = id
         end
