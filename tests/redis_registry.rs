@@ -469,6 +469,34 @@ async fn sessions_on_two_hosts_find_each_other_as_remote() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_finds_a_machine_registered_through_another_registry_as_remote() {
+    if !ready_for_tests() {
+        return;
+    }
+    let ns = unique_ns("hosts2");
+    // As two processes on two hosts would: a registry (and connections) each.
+    let reg_x: Arc<dyn Registry> = Arc::new(registry(&ns).await);
+    let reg_y: Arc<dyn Registry> = Arc::new(registry(&ns).await);
+    let x = switchyard::builder()
+        .session(|s| s.registry(reg_x).host_id("host-x"))
+        .build()
+        .unwrap();
+    let y = switchyard::builder()
+        .session(|s| s.registry(reg_y).host_id("host-y"))
+        .build()
+        .unwrap();
+    let on_x = x.machine("", "Client").build().await.unwrap();
+    let on_y = y.machine("", "Svc").build().await.unwrap();
+    let found = on_x.discover_pattern("sv?").await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, *on_y.id());
+    let (_, location) = on_x.locate(on_y.id()).await.unwrap();
+    assert_eq!(location, Location::Remote);
+    drop((on_x, on_y, x, y));
+    purge(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_state_sends_do_no_redis_round_trip() {
     if !ready_for_tests() {
         return;
