@@ -402,6 +402,52 @@ async fn another_process_sees_joins_and_leaves_and_its_generation_moves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_reports_changes_in_the_same_order_its_own_at_once() {
+    if !ready_for_tests() {
+        return;
+    }
+    const N: usize = 20;
+    let ns = unique_ns("order");
+    let a = Arc::new(registry(&ns).await);
+    let b = Arc::new(registry(&ns).await);
+    let (mut wa, mut wb) = (a.watch(), b.watch());
+    // Its own change is reported before the call returns, as with LocalRegistry.
+    let e = a.register(entry("first", "T")).await.unwrap();
+    assert_eq!(wa.try_recv().ok(), Some(RegistryEvent::Joined(e)));
+    let churn = |reg: Arc<RedisRegistry>, tag: &'static str| {
+        tokio::spawn(async move {
+            for i in 0..N {
+                let id = reg
+                    .register(entry(&format!("{tag}{i}"), "T"))
+                    .await
+                    .unwrap()
+                    .id;
+                reg.deregister(&id).await.unwrap();
+            }
+        })
+    };
+    let (ta, tb) = (churn(a.clone(), "a"), churn(b.clone(), "b"));
+    ta.await.unwrap();
+    tb.await.unwrap();
+    let mut seqs = Vec::new();
+    for w in [&mut wa, &mut wb] {
+        let mut v = Vec::new();
+        while v.len() < 4 * N {
+            let ev = next_matching(w, "a change", |ev| match ev {
+                RegistryEvent::Joined(e) if e.id.as_str() != "first" => Some(format!("+{}", e.id)),
+                RegistryEvent::Left(id) => Some(format!("-{id}")),
+                _ => None,
+            })
+            .await;
+            v.push(ev);
+        }
+        seqs.push(v);
+    }
+    assert_eq!(seqs[0], seqs[1], "both processes saw the same order");
+    purge(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_do_not_see_each_other() {
     if !ready_for_tests() {
         return;

@@ -47,7 +47,7 @@ use switchyard_core::{
     ChangeHook, ChangeHooks, Error, MachineEntry, MachineId, Registry, RegistryEvent, Result,
     glob_matches,
 };
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::RedisConfig;
@@ -122,7 +122,7 @@ struct Shared {
     prefix: String,
     channel: String,
     url: String,
-    /// Tags the changes this instance published, so it does not report them twice.
+    /// Names this instance in the events it causes and in liveness keys (for operators).
     origin: String,
     ttl: Duration,
     grace: Duration,
@@ -136,6 +136,18 @@ struct Shared {
     /// The machines registered through this instance: a heartbeat for one that was
     /// swept away (the process was cut off longer than TTL + grace) registers it again.
     own: Mutex<HashMap<MachineId, MachineEntry>>,
+    /// The last event reported and whether the subscription is up: a call that changed
+    /// the registry returns once its own event was reported (or the subscription is down).
+    seen: watch::Sender<Seen>,
+}
+
+/// How far the subscription got.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    /// Sequence number of the last event reported.
+    seq: u64,
+    /// Whether the subscription is up.
+    live: bool,
 }
 
 /// The registry on Redis: many processes on many hosts discover each other's machines.
@@ -270,6 +282,7 @@ impl RedisRegistry {
             round_trips: AtomicU64::new(1),
             reconnections: AtomicU64::new(0),
             own: Mutex::new(HashMap::new()),
+            seen: watch::channel(Seen::default()).0,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let mut tasks = vec![tokio::spawn(subscriber(shared.clone(), ready_tx))];
@@ -440,13 +453,30 @@ impl Shared {
         }
     }
 
-    /// Reports a change here: generation, hooks, then watchers.
+    /// Reports a change: generation, hooks, then watchers. Only the subscription task
+    /// calls it (one event after another), so every process reports the changes in the
+    /// order the server made them, its own included.
     fn emit(&self, ev: RegistryEvent) {
         if !matches!(ev, RegistryEvent::HealthChanged { .. }) {
             self.generation.fetch_add(1, Ordering::SeqCst);
         }
         self.hooks.call(&ev);
         let _ = self.events.send(ev);
+    }
+
+    /// Waits until the subscription reported event `seq` (this call's own change), so
+    /// that hooks and watchers heard of it before the call returns, as with the
+    /// in-process registry. Does not wait while the subscription is down: the `Resync`
+    /// after it comes back stands for the event.
+    async fn echo(&self, seq: u64) {
+        let mut rx = self.seen.subscribe();
+        let heard = rx.wait_for(|s| !s.live || s.seq >= seq);
+        if tokio::time::timeout(self.response_timeout, heard)
+            .await
+            .is_err()
+        {
+            tracing::debug!(seq, "redis registry: own event not heard back in time");
+        }
     }
 
     fn own(&self) -> std::sync::MutexGuard<'_, HashMap<MachineId, MachineEntry>> {
@@ -478,14 +508,14 @@ impl Shared {
         for _ in 0..4 {
             args.push(format!("{:08x}", fastrand::u32(..)));
         }
-        let (status, id, _gen): (String, String, i64) = self
+        let (status, id, _gen, seq): (String, String, i64, u64) = self
             .eval("register", false, &self.scripts.register, args)
             .await?;
         match status.as_str() {
             "ok" => {
                 entry.id = MachineId::from(id);
                 self.own().insert(entry.id.clone(), entry.clone());
-                self.emit(RegistryEvent::Joined(entry.clone()));
+                self.echo(seq).await;
                 Ok(entry)
             }
             "dup" => Err(Error::DuplicateId(entry.id)),
@@ -507,13 +537,11 @@ impl Shared {
         let mut it = flat.into_iter();
         while let (Some(kind), Some(id)) = (it.next(), it.next()) {
             let id = MachineId::from(id);
-            let ev = if kind == "left" {
+            out.push(if kind == "left" {
                 RegistryEvent::Left(id)
             } else {
                 RegistryEvent::HealthChanged { id, healthy: false }
-            };
-            self.emit(ev.clone());
-            out.push(ev);
+            });
         }
         Ok(out)
     }
@@ -541,9 +569,6 @@ impl Shared {
             tracing::warn!(channel = %self.channel, "redis registry: ignoring an event that is not JSON of the documented form");
             return;
         };
-        if w.origin == self.origin {
-            return;
-        }
         if w.v > 1 {
             tracing::debug!(
                 v = w.v,
@@ -551,6 +576,7 @@ impl Shared {
             );
         }
         let expired = w.reason.as_deref() == Some("expired");
+        let seq = w.seq;
         let ev = match (w.kind.as_str(), w.id, w.healthy, w.entry) {
             ("joined", _, _, Some(fields)) => match entry_from_fields(fields) {
                 Ok(s) => RegistryEvent::Joined(s.entry),
@@ -578,6 +604,9 @@ impl Shared {
             }
         };
         self.emit(ev);
+        if let Some(seq) = seq {
+            self.seen.send_modify(|s| s.seq = seq);
+        }
     }
 
     async fn subscribe(&self) -> Result<(PubSubSink, PubSubStream)> {
@@ -637,7 +666,9 @@ async fn subscriber(shared: Arc<Shared>, ready: oneshot::Sender<Result<()>>) {
                     }
                 }
                 backoff = Duration::from_millis(20);
+                shared.seen.send_modify(|s| s.live = true);
                 shared.pump(sink, stream).await;
+                shared.seen.send_modify(|s| s.live = false);
                 tracing::warn!(url = %shared.url, "redis registry: event subscription lost; reconnecting");
             }
             Err(e) => {
@@ -674,14 +705,14 @@ impl Registry for RedisRegistry {
     async fn deregister(&self, id: &MachineId) -> Result<()> {
         let s = &self.shared;
         let args = vec![s.prefix.clone(), id.as_str().to_string(), s.origin.clone()];
-        let generation: i64 = s
+        let (generation, seq): (i64, u64) = s
             .eval("deregister", true, &s.scripts.deregister, args)
             .await?;
         s.own().remove(id);
         if generation == 0 {
             return Err(Error::UnknownTarget(id.clone()));
         }
-        s.emit(RegistryEvent::Left(id.clone()));
+        s.echo(seq).await;
         Ok(())
     }
 
@@ -741,7 +772,7 @@ impl Registry for RedisRegistry {
     async fn heartbeat(&self, id: &MachineId) -> Result<()> {
         let s = &self.shared;
         let args = vec![s.prefix.clone(), id.as_str().to_string(), s.origin.clone()];
-        let r: i64 = s
+        let (r, seq): (i64, u64) = s
             .eval("heartbeat", true, &s.scripts.heartbeat, args)
             .await?;
         match r {
@@ -757,10 +788,7 @@ impl Registry for RedisRegistry {
                 }
             }
             2 => {
-                s.emit(RegistryEvent::HealthChanged {
-                    id: id.clone(),
-                    healthy: true,
-                });
+                s.echo(seq).await;
                 Ok(())
             }
             _ => Ok(()),

@@ -84,9 +84,9 @@ pub(crate) struct WireEvent {
     pub(crate) v: u32,
     /// `joined`, `left` or `health`.
     pub(crate) kind: String,
-    /// The registry instance that caused it (it reported the change itself).
+    /// Event sequence number: the order in which the server made the changes.
     #[serde(default)]
-    pub(crate) origin: String,
+    pub(crate) seq: Option<u64>,
     /// For `left` and `health`.
     #[serde(default)]
     pub(crate) id: Option<String>,

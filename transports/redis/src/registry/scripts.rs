@@ -10,10 +10,10 @@
 /// ARGV: prefix, id (empty: generate), type, host, process, context (empty: none),
 /// has_version (`0`/`1`), version, accepts (JSON), metadata (JSON), ttl_ms, grace_ms,
 /// origin, then 4 candidate 8-hex suffixes for a generated id.
-/// Returns `{"ok", id, gen}`, `{"dup", id, 0}` or `{"collide", "", 0}`.
+/// Returns `{"ok", id, gen, event seq}`, `{"dup", id, 0, 0}` or `{"collide", "", 0, 0}`.
 pub(crate) fn register() -> String {
     format!(
-        "{KEEP_FN}\n{}",
+        "{KEEP_FN}\n{PUBLISH_FN}\n{}",
         r#"
 local p = ARGV[1]
 local id = ARGV[2]
@@ -27,9 +27,9 @@ if id == '' then
       break
     end
   end
-  if id == '' then return {'collide', '', 0} end
+  if id == '' then return {'collide', '', 0, 0} end
 elseif redis.call('EXISTS', p .. 'm:' .. id) == 1 then
-  return {'dup', id, 0}
+  return {'dup', id, 0, 0}
 end
 local seq = redis.call('INCR', p .. 'seq')
 local e = {
@@ -52,9 +52,8 @@ redis.call('SET', p .. 'alive:' .. id, ARGV[13], 'PX', tonumber(ARGV[11]))
 redis.call('DEL', p .. 'down:' .. id)
 local gen = redis.call('INCR', p .. 'gen')
 keep(p, id, t, 2 * tonumber(ARGV[11]) + tonumber(ARGV[12]))
-redis.call('PUBLISH', p .. 'events',
-  cjson.encode({v = 1, kind = 'joined', origin = ARGV[13], gen = gen, entry = e}))
-return {'ok', id, gen}
+local ev = publish(p, {kind = 'joined', origin = ARGV[13], gen = gen, entry = e})
+return {'ok', id, gen, ev}
 "#
     )
 }
@@ -65,7 +64,7 @@ return {'ok', id, gen}
 const KEEP_FN: &str = r#"
 local function keep(p, id, t, ms)
   local keys = {p .. 'm:' .. id, p .. 'machines', p .. 'type:' .. t, p .. 'types',
-    p .. 'typeseq', p .. 'seq', p .. 'gen'}
+    p .. 'typeseq', p .. 'seq', p .. 'gen', p .. 'evseq'}
   for _, k in ipairs(keys) do
     local cur = redis.call('PTTL', k)
     if cur == -1 or (cur >= 0 and cur < ms) then
@@ -75,7 +74,20 @@ local function keep(p, id, t, ms)
 end
 "#;
 
-/// Removes one machine and its index entries; shared by deregister and the sweeper.
+/// Publishes an event with the next event sequence number, which it returns: events are
+/// numbered in the order the server made the changes.
+const PUBLISH_FN: &str = r#"
+local function publish(p, ev)
+  local n = redis.call('INCR', p .. 'evseq')
+  ev.v = 1
+  ev.seq = n
+  redis.call('PUBLISH', p .. 'events', cjson.encode(ev))
+  return n
+end
+"#;
+
+/// Removes one machine and its index entries (returns the new gen and the event
+/// sequence number, or false when the machine was not registered); shared by deregister and the sweeper.
 const REMOVE_FN: &str = r#"
 local function remove(p, id, origin, reason)
   local t = redis.call('HGET', p .. 'm:' .. id, 'type')
@@ -91,39 +103,38 @@ local function remove(p, id, origin, reason)
     redis.call('SREM', p .. 'types', t)
   end
   local gen = redis.call('INCR', p .. 'gen')
-  redis.call('PUBLISH', p .. 'events',
-    cjson.encode({v = 1, kind = 'left', origin = origin, gen = gen, id = id, reason = reason}))
-  return gen
+  local ev = publish(p, {kind = 'left', origin = origin, gen = gen, id = id, reason = reason})
+  return gen, ev
 end
 "#;
 
-/// Deregisters a machine. ARGV: prefix, id, origin. Returns the new gen, or 0 when unknown.
+/// Deregisters a machine. ARGV: prefix, id, origin. Returns `{gen, event seq}`, or
+/// `{0, 0}` when the machine is not registered.
 pub(crate) fn deregister() -> String {
     format!(
-        "{REMOVE_FN}\nlocal g = remove(ARGV[1], ARGV[2], ARGV[3], 'deregistered')\nif g then return g end\nreturn 0\n"
+        "{PUBLISH_FN}\n{REMOVE_FN}\nlocal g, ev = remove(ARGV[1], ARGV[2], ARGV[3], 'deregistered')\nif g then return {{g, ev}} end\nreturn {{0, 0}}\n"
     )
 }
 
 /// Heartbeat. ARGV: prefix, id, origin.
-/// Returns 0 when the machine is not registered, 1 when refreshed, 2 when it was reported
-/// unhealthy and is healthy again (then `health` true is published).
+/// Returns `{0, 0}` when the machine is not registered, `{1, 0}` when refreshed,
+/// `{2, event seq}` when it was reported unhealthy and is healthy again (then `health`
+/// true is published).
 pub(crate) fn heartbeat() -> String {
     format!(
-        "{KEEP_FN}\n{}",
+        "{KEEP_FN}\n{PUBLISH_FN}\n{}",
         r#"
 local p = ARGV[1]
 local id = ARGV[2]
 local f = redis.call('HMGET', p .. 'm:' .. id, 'ttl_ms', 'grace_ms', 'type')
-if not f[1] then return 0 end
+if not f[1] then return {0, 0} end
 local ttl = tonumber(f[1]) or 1000
 redis.call('SET', p .. 'alive:' .. id, ARGV[3], 'PX', ttl)
 keep(p, id, f[3] or '', 2 * ttl + (tonumber(f[2]) or 0))
 if redis.call('DEL', p .. 'down:' .. id) == 1 then
-  redis.call('PUBLISH', p .. 'events',
-    cjson.encode({v = 1, kind = 'health', origin = ARGV[3], id = id, healthy = true}))
-  return 2
+  return {2, publish(p, {kind = 'health', origin = ARGV[3], id = id, healthy = true})}
 end
-return 1
+return {1, 0}
 "#
     )
 }
@@ -136,7 +147,7 @@ return 1
 /// Returns a flat list of `kind, id` pairs (`down` or `left`).
 pub(crate) fn sweep() -> String {
     format!(
-        "{REMOVE_FN}\n{}",
+        "{PUBLISH_FN}\n{REMOVE_FN}\n{}",
         r#"
 local p = ARGV[1]
 local origin = ARGV[2]
@@ -154,8 +165,7 @@ for _, id in ipairs(ids) do
       local f = redis.call('HMGET', p .. 'm:' .. id, 'ttl_ms', 'grace_ms')
       local horizon = 2 * (tonumber(f[1]) or 0) + (tonumber(f[2]) or 0) + 1000
       redis.call('SET', p .. 'down:' .. id, tostring(now), 'PX', horizon)
-      redis.call('PUBLISH', p .. 'events',
-        cjson.encode({v = 1, kind = 'health', origin = origin, id = id, healthy = false}))
+      publish(p, {kind = 'health', origin = origin, id = id, healthy = false})
       out[#out + 1] = 'down'
       out[#out + 1] = id
     else
