@@ -9,8 +9,13 @@
 //! - liveness as a key with a TTL that [`Registry::heartbeat`] refreshes: a process that
 //!   dies stops refreshing, a sweeper (one per registry, at most one sweep per interval
 //!   in the whole namespace does the work) reports it unhealthy once, then removes it;
-//! - a pub/sub channel of joins, leaves and health changes, read by a task that
-//!   reconnects by itself and then reports [`RegistryEvent::Resync`].
+//! - a pub/sub channel of joins, leaves and health changes, numbered in the order the
+//!   server made them; every process reports changes from it only (its own included,
+//!   before the call that made one returns), so all report them in the same order. A
+//!   task reads it, reconnects by itself and then reports [`RegistryEvent::Resync`].
+//!
+//! Sends do not look up the registry: sessions cache routes until a change marks them
+//! stale ([`RedisRegistry::round_trips`] lets a test prove it).
 //!
 //! docs/PROTOCOL.md §14 gives the key layout and the message format.
 //!
