@@ -244,7 +244,10 @@ impl RedisRegistry {
         let mcfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.response_timeout))
             .set_connection_timeout(Some(cfg.response_timeout))
-            .set_max_delay(MAX_BACKOFF);
+            .set_max_delay(MAX_BACKOFF)
+            // Each reconnection tries this often; a command after a failed one starts
+            // another, so a few are enough, and wrong credentials fail fast at connect.
+            .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client.clone(), mcfg)
             .await
             .map_err(|e| connect_error(&url, &e))?;
