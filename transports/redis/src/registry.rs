@@ -229,18 +229,7 @@ impl RedisRegistry {
                     .into(),
             ));
         }
-        if cfg.url.trim_start().starts_with("rediss://") {
-            return Err(Error::Config(format!(
-                "`{url}` asks for TLS, which this build of switchyard-redis does not include: \
-                 use a redis:// URL (through a TLS tunnel if the network is untrusted)"
-            )));
-        }
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
-            Error::Config(format!(
-                "cannot use the Redis URL `{url}`: {e}; write it as \
-                 redis://[user:password@]host:port[/db]"
-            ))
-        })?;
+        let client = open_client(&cfg, &url)?;
         let mcfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.response_timeout))
             .set_connection_timeout(Some(cfg.response_timeout))
@@ -367,6 +356,46 @@ impl Scripts {
             &mut self.sweep,
             &mut self.fetch_types,
         ]
+    }
+}
+
+/// A client for the URL of `cfg`: `redis://`, or `rediss://` with feature `tls` (server
+/// certificate checked against the system roots, or the CA of `tls_ca_file`).
+fn open_client(cfg: &RedisConfig, url: &str) -> Result<redis::Client> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::Config(format!(
+            "cannot use the Redis URL `{url}`: {e}; write it as \
+             redis://[user:password@]host:port[/db] (or rediss:// for TLS)"
+        ))
+    };
+    let tls = cfg.url.trim_start().starts_with("rediss://");
+    if !tls {
+        return redis::Client::open(cfg.url.as_str()).map_err(|e| bad(&e));
+    }
+    #[cfg(feature = "tls")]
+    {
+        let Some(path) = &cfg.tls_ca_file else {
+            return redis::Client::open(cfg.url.as_str()).map_err(|e| bad(&e));
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the CA file {} for `{url}`: {e}; give the PEM file of the CA \
+                 that signed the server's certificate",
+                path.display()
+            ))
+        })?;
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        redis::Client::build_with_tls(cfg.url.as_str(), certs).map_err(|e| bad(&e))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        Err(Error::Config(format!(
+            "`{url}` asks for TLS, which this build does not include: enable feature `tls` \
+             of switchyard-redis (`redis-tls` of switchyard), or use a redis:// URL"
+        )))
     }
 }
 
