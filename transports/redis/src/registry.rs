@@ -323,7 +323,8 @@ impl RedisRegistry {
 
     /// Runs one sweep now (unless another process of the namespace swept within the
     /// sweep interval): reports machines whose liveness expired, removes those past
-    /// their grace period. Returns the changes it made.
+    /// their grace period. Returns the changes it made (watchers hear of them from the
+    /// event channel, like every change).
     pub async fn sweep(&self) -> Result<Vec<RegistryEvent>> {
         self.shared.sweep(Duration::from_millis(1)).await
     }
