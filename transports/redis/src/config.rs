@@ -21,6 +21,9 @@ pub struct RedisConfig {
     pub namespace: String,
     /// How long a command waits for its answer before it fails.
     pub response_timeout: Duration,
+    /// For `rediss://` URLs: a PEM file of the CA that signed the server's certificate,
+    /// when it is not in the system's trust store (needs feature `tls`).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -29,6 +32,7 @@ impl Default for RedisConfig {
             url: DEFAULT_URL.to_string(),
             namespace: DEFAULT_NAMESPACE.to_string(),
             response_timeout: Duration::from_secs(5),
+            tls_ca_file: None,
         }
     }
 }
@@ -48,6 +52,12 @@ impl RedisConfig {
     /// Uses `url`.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = url.into();
+        self
+    }
+
+    /// Trusts the CA in this PEM file for `rediss://` servers (needs feature `tls`).
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
         self
     }
 

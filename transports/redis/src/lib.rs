@@ -1,6 +1,6 @@
 //! Switchyard on Redis: discovery that spans hosts, and a transport for machines on other hosts.
 //!
-//! - `RedisRegistry` implements the core `Registry` for many
+//! - [`RedisRegistry`] implements the core `Registry` for many
 //!   processes on many hosts: one hash per machine, an index per type, liveness as keys
 //!   with a TTL that heartbeats refresh, and a watch channel of joins, leaves and health
 //!   changes.
@@ -15,3 +15,4 @@ mod config;
 pub mod registry;
 
 pub use config::{DEFAULT_URL, RedisConfig, URL_ENV, ready_for_tests};
+pub use registry::{RedisRegistry, RedisRegistryBuilder};

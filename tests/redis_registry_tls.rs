@@ -1,0 +1,230 @@
+//! `RedisRegistry` over TLS (`rediss://`): a private `redis-server` with a TLS port and a
+//! certificate signed by a CA made for the test.
+//!
+//! Run: `cargo test --features redis-tls --test redis_registry_tls` (needs the
+//! `redis-server` and `openssl` programs; without them the test says so and returns).
+
+#![cfg(all(feature = "redis", feature = "redis-tls"))]
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard::redis::{RedisConfig, RedisRegistry};
+use switchyard::{Error, MachineEntry, MachineId, Registry, RegistryEvent};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A redis-server of this test's own, stopped (and its files removed) on drop.
+struct TlsServer {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(dir: &Path, program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1, starts redis-server with TLS only.
+fn start() -> Option<TlsServer> {
+    for p in ["redis-server", "openssl"] {
+        if !installed(p) {
+            eprintln!("skipped: `{p}` is not installed (the TLS test runs its own server)");
+            return None;
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("sy-redis-tls-{}-{nanos:x}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .ok()?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ok = run(
+        &dir,
+        "openssl",
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=switchyard-test-ca",
+            ],
+        ]
+        .concat(),
+    ) && run(
+        &dir,
+        "openssl",
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    ) && run(
+        &dir,
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    assert!(
+        ok,
+        "openssl made the test certificates in {}",
+        dir.display()
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let server = TlsServer { child, dir, port };
+    // A bounded wait for the listening port.
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < WAIT, "redis-server listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(server)
+}
+
+fn entry(id: &str, t: &str) -> MachineEntry {
+    MachineEntry {
+        id: MachineId::from(id),
+        machine_type: t.into(),
+        host_id: "host-tls".into(),
+        process_id: "proc-tls".into(),
+        context: None,
+        version: None,
+        accepts: Vec::new(),
+        metadata: BTreeMap::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_works_over_tls_and_checks_the_server_certificate() {
+    let Some(server) = start() else {
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{}/", server.port);
+    let cfg = RedisConfig::default()
+        .url(&url)
+        .namespace("sy-test-tls")
+        .tls_ca_file(server.dir.join("ca.crt"));
+    let a = RedisRegistry::connect(cfg.clone()).await.unwrap();
+    let b = RedisRegistry::connect(cfg.clone()).await.unwrap();
+    let mut wb = b.watch();
+    let e = a.register(entry("", "Secure")).await.unwrap();
+    assert_eq!(b.discover("Secure").await.unwrap(), vec![e.clone()]);
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(RegistryEvent::Joined(j)) = wb.recv().await {
+                break j;
+            }
+        }
+    })
+    .await
+    .expect("the join arrives over TLS");
+    assert_eq!(seen, e);
+    // Without the test CA the server's certificate is not trusted.
+    let untrusted = RedisConfig::default().url(&url).namespace("sy-test-tls");
+    let err = RedisRegistry::connect(untrusted).await.unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err}");
+    // A CA file that is not there is a configuration error naming it.
+    let missing = cfg.tls_ca_file(server.dir.join("nope.pem"));
+    let err = RedisRegistry::connect(missing).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("nope.pem")),
+        "{err}"
+    );
+}
