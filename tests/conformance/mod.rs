@@ -114,6 +114,25 @@ impl Fixture {
         .with_counts(Counts::Routed)
     }
 
+    /// Other hosts through Redis: each machine in a session of its own (own host id, own
+    /// transport), the sessions sharing one registry and one namespace per world. The server
+    /// comes from `SWITCHYARD_REDIS_URL` (default: the local one).
+    #[cfg(feature = "redis")]
+    pub fn redis() -> Fixture {
+        use switchyard::redis::{RedisTransport, RedisTransportConfig};
+        Fixture::new("redis", Location::Remote, true, |b, host| {
+            let cfg =
+                RedisTransportConfig::from_env().namespace(format!("sy-conf-{}", host.namespace));
+            let t = RedisTransport::start(cfg).expect("the redis transport starts");
+            let b = b
+                .selector(|s| s.prefer(Location::Remote, ["redis"]))
+                .redis(&t)
+                .session(|s| s.heartbeat_interval(Some(Duration::from_millis(250))));
+            redis_registry(b, host)
+        })
+        .with_counts(Counts::Routed)
+    }
+
     /// Same-thread: only the direct transport, every machine in one context.
     pub fn direct() -> Fixture {
         Fixture {
@@ -240,6 +259,19 @@ impl Fixture {
             adjust,
             hosts: std::sync::Mutex::new(Vec::new()),
         }
+    }
+}
+
+/// The registry the sessions of a redis world share: the one place that chooses it. For now
+/// the first session's in-process registry; `RedisRegistry` once it exists.
+#[cfg(feature = "redis")]
+fn redis_registry(b: Builder, host: &Host<'_>) -> Builder {
+    match host.first_registry {
+        Some(r) => {
+            let r = r.clone();
+            b.session(move |s| s.registry(r))
+        }
+        None => b,
     }
 }
 

@@ -15,3 +15,11 @@ mod config;
 pub mod registry;
 
 pub use config::{DEFAULT_URL, RedisConfig, URL_ENV, ready_for_tests};
+mod names;
+mod settings;
+mod transport;
+mod wire;
+
+pub use names::{FIELD, GROUP, escape as escape_glob, glob as topic_glob};
+pub use settings::RedisTransportConfig;
+pub use transport::{META_NAMESPACE, NAME, RedisTransport};
