@@ -27,8 +27,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, PushInfo, PushKind, RedisError, Value};
 use switchyard_core::{
     Address, Capabilities, DeliveryGuarantee, Envelope, Error, Filter, Inbox, Link, Location,
-    MachineEntry, MachineId, MessageOrdering, Outgoing, PubSub, Reach, Result, Subscription,
-    SubscriptionId, TopicPattern, Transport, TransportHealth,
+    MachineEntry, MachineId, MessageOrdering, Outgoing, OutgoingRef, PubSub, Reach, Result,
+    Subscription, SubscriptionId, TopicPattern, Transport, TransportHealth,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -134,10 +134,21 @@ struct TopicSub {
 #[derive(Default)]
 struct Topics {
     subs: HashMap<SubscriptionId, Arc<TopicSub>>,
+    /// `subs` in subscription order, rebuilt on change: what each message is matched against.
+    snapshot: Arc<Vec<Arc<TopicSub>>>,
     /// PSUBSCRIBE patterns of the session, with how many subscriptions use each.
     globs: HashMap<String, usize>,
     /// Group memberships.
     groups: HashMap<SubscriptionId, Membership>,
+}
+
+impl Topics {
+    fn rebuild(&mut self) {
+        let mut subs: Vec<(SubscriptionId, Arc<TopicSub>)> =
+            self.subs.iter().map(|(k, v)| (*k, v.clone())).collect();
+        subs.sort_by_key(|(k, _)| k.0);
+        self.snapshot = Arc::new(subs.into_iter().map(|(_, v)| v).collect());
+    }
 }
 
 struct PubReq {
@@ -173,7 +184,11 @@ struct Shared {
     delivered: AtomicU64,
     dropped: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The last publisher header built: (host, process, nearest, farthest, bytes).
+    header_cache: Mutex<Option<HeaderCache>>,
 }
+
+type HeaderCache = (Arc<str>, Arc<str>, u8, u8, Arc<[u8]>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -278,6 +293,7 @@ impl RedisTransport {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            header_cache: Mutex::new(None),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(supervise(weak.clone(), Role::Cmd, shared.stop.subscribe()));
@@ -1115,7 +1131,15 @@ async fn handle_entries(sh: &Arc<Shared>, key: &str, inbox: &Inbox, entries: Vec
             }
         }
     }
-    sh.ack(key, &acks).await;
+    if !acks.is_empty() {
+        // On a task: the reader reads on instead of waiting for the XACK round trip.
+        let (weak, key) = (Arc::downgrade(sh), key.to_string());
+        tokio::spawn(async move {
+            if let Some(sh) = weak.upgrade() {
+                sh.ack(&key, &acks).await;
+            }
+        });
+    }
 }
 
 /// Where a subscriber is relative to the publisher.
@@ -1168,37 +1192,50 @@ async fn dispatch_topic(sh: &Shared, data: Vec<Value>) {
         location_from(header.nearest),
         location_from(header.farthest),
     );
-    let subs: Vec<Arc<TopicSub>> = lock(&sh.topics).subs.values().cloned().collect();
+    let subs = lock(&sh.topics).snapshot.clone();
     let parts: Vec<&str> = topic.split('.').collect();
-    let mut first_glob: HashMap<&MachineId, &str> = HashMap::new();
-    for s in &subs {
-        if s.pattern.matches_segments(&parts) {
-            first_glob
-                .entry(s.inbox.id())
-                .and_modify(|g| {
-                    if s.glob.as_str() < *g {
-                        *g = s.glob.as_str();
-                    }
-                })
-                .or_insert(s.glob.as_str());
+    let matching: Vec<&Arc<TopicSub>> = subs
+        .iter()
+        .filter(|s| s.pattern.matches_segments(&parts))
+        .collect();
+    // Who gets it with this message: per machine, its first subscription (in order) whose
+    // glob is the smallest among its matching ones equal to the message's pattern, within
+    // reach and passing its filter.
+    let mut targets: Vec<&Arc<TopicSub>> = Vec::with_capacity(matching.len());
+    for s in &matching {
+        let id = s.inbox.id();
+        if targets.iter().any(|t| t.inbox.id() == id) {
+            continue;
         }
+        let smallest = matching
+            .iter()
+            .filter(|o| o.inbox.id() == id)
+            .map(|o| o.glob.as_str())
+            .min()
+            .unwrap_or(s.glob.as_str());
+        if smallest.as_bytes() != &pattern[..] {
+            continue;
+        }
+        if !reach.covers(location_of(&header.host, &header.process, s.inbox.entry())) {
+            continue;
+        }
+        // A machine's filters: the first subscription whose filter takes it delivers.
+        let Some(chosen) = matching
+            .iter()
+            .filter(|o| o.inbox.id() == id)
+            .find(|o| o.filter.as_ref().is_none_or(|f| f(&env)))
+        else {
+            continue;
+        };
+        targets.push(chosen);
     }
-    let mut done: HashSet<MachineId> = HashSet::new();
-    for s in &subs {
-        if done.contains(s.inbox.id())
-            || first_glob.get(s.inbox.id()).map(|g| g.as_bytes()) != Some(&pattern[..])
-            || !s.pattern.matches_segments(&parts)
-            || !reach.covers(location_of(&header.host, &header.process, s.inbox.entry()))
-        {
-            continue;
-        }
-        if let Some(f) = &s.filter
-            && !f(&env)
-        {
-            continue;
-        }
-        done.insert(s.inbox.id().clone());
-        match s.inbox.deliver(env.clone()).await {
+    let last = targets.len().saturating_sub(1);
+    let mut env = Some(env);
+    for (i, s) in targets.into_iter().enumerate() {
+        // The last one takes the envelope itself; the others a copy.
+        let ev = if i == last { env.take() } else { env.clone() };
+        let Some(ev) = ev else { break };
+        match s.inbox.deliver(ev).await {
             Ok(()) => {
                 sh.delivered.fetch_add(1, Ordering::Relaxed);
             }
@@ -1378,6 +1415,7 @@ impl Transport for RedisTransport {
         let left: Vec<Membership> = {
             let mut t = lock(&sh.topics);
             t.subs.clear();
+            t.snapshot = Arc::default();
             t.groups.drain().map(|(_, m)| m).collect()
         };
         // Memberships end now rather than when they expire: publishes go to the others at
@@ -1574,20 +1612,43 @@ impl RedisTransport {
         Ok(usize::from(n > 0))
     }
 
-    fn topic_body(
-        from: &MachineEntry,
-        env: &Envelope,
-        reach: Reach,
-        max: usize,
-    ) -> Result<Vec<u8>> {
-        let header = wire::TopicHeader {
-            format: wire::TOPIC_FORMAT,
-            host: from.host_id.to_string(),
-            process: from.process_id.to_string(),
-            nearest: reach.nearest as u8,
-            farthest: reach.farthest as u8,
+    /// The channel message of a publish: the publisher header (cached: a session publishes
+    /// from few machines and reaches) and the envelope, built in one buffer.
+    fn topic_body(&self, from: &MachineEntry, env: &Envelope, reach: Reach) -> Result<Vec<u8>> {
+        let sh = &self.shared;
+        let (near, far) = (reach.nearest as u8, reach.farthest as u8);
+        let header = {
+            let mut cache = lock(&sh.header_cache);
+            match &*cache {
+                Some((h, p, n, f, bytes))
+                    if h == &from.host_id && p == &from.process_id && *n == near && *f == far =>
+                {
+                    bytes.clone()
+                }
+                _ => {
+                    let bytes: Arc<[u8]> = wire::topic_header(&wire::TopicHeader {
+                        format: wire::TOPIC_FORMAT,
+                        host: from.host_id.to_string(),
+                        process: from.process_id.to_string(),
+                        nearest: near,
+                        farthest: far,
+                    })?
+                    .into();
+                    *cache = Some((
+                        from.host_id.clone(),
+                        from.process_id.clone(),
+                        near,
+                        far,
+                        bytes.clone(),
+                    ));
+                    bytes
+                }
+            }
         };
-        let body = wire::topic_message(&header, &env.encode()?)?;
+        let mut body = Vec::with_capacity(header.len() + 128);
+        body.extend_from_slice(&header);
+        wire::encode_into(&OutgoingRef::of(env), &mut Vec::new(), &mut body)?;
+        let max = sh.cfg.max_message;
         if body.len() > max {
             return Err(Error::TooLarge {
                 transport: NAME,
@@ -1621,7 +1682,7 @@ impl PubSub for RedisTransport {
         match &env.target {
             Address::Topic(t) => {
                 let channel = sh.names.channel(t);
-                let body = Self::topic_body(from, &env, reach, sh.cfg.max_message)?;
+                let body = self.topic_body(from, &env, reach)?;
                 let (tx, rx) = oneshot::channel();
                 self.queue_publish(PubReq {
                     channel,
@@ -1644,7 +1705,7 @@ impl PubSub for RedisTransport {
         match &env.target {
             Address::Topic(t) => {
                 let channel = sh.names.channel(t);
-                let body = Self::topic_body(from, &env, reach, sh.cfg.max_message)?;
+                let body = self.topic_body(from, &env, reach)?;
                 self.queue_publish(PubReq {
                     channel,
                     body,
@@ -1705,6 +1766,7 @@ impl PubSub for RedisTransport {
                     inbox: sub.inbox,
                 }),
             );
+            t.rebuild();
             let n = t.globs.entry(glob.clone()).or_insert(0);
             *n += 1;
             *n == 1
@@ -1749,6 +1811,7 @@ impl PubSub for RedisTransport {
             let Some(s) = t.subs.remove(&id) else {
                 return Ok(());
             };
+            t.rebuild();
             match t.globs.get_mut(&s.glob) {
                 Some(n) if *n > 1 => {
                     *n -= 1;

@@ -40,6 +40,36 @@ pub(crate) fn encode(ev: &OutgoingRef<'_>, scratch: &mut Vec<u8>) -> Result<Vec<
     rmp_serde::to_vec_named(&wire).map_err(|e| Error::Encode(e.to_string()))
 }
 
+/// Appends the envelope map of `ev` to `out` (after a topic header, say).
+pub(crate) fn encode_into(
+    ev: &OutgoingRef<'_>,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let payload: &[u8] = match ev.payload.as_msgpack() {
+        Some(b) => b,
+        None => {
+            scratch.clear();
+            ev.payload.write_msgpack(scratch)?;
+            scratch
+        }
+    };
+    let wire = WireRef {
+        id: ev.id,
+        source: ev.source,
+        target: ev.target,
+        event: ev.event,
+        payload,
+        headers: ev.headers,
+    };
+    rmp_serde::encode::write_named(out, &wire).map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// The header bytes of a topic message (see [`topic_message`]).
+pub(crate) fn topic_header(header: &TopicHeader) -> Result<Vec<u8>> {
+    rmp_serde::to_vec(header).map_err(|e| Error::Encode(e.to_string()))
+}
+
 /// Decodes an envelope map into an envelope carried by `redis`.
 pub(crate) fn decode(body: &[u8]) -> Result<Envelope> {
     let mut env = Envelope::decode(body)?;
@@ -63,6 +93,7 @@ pub(crate) struct TopicHeader {
 }
 
 /// A topic message: the header as a MessagePack array of 5, then the envelope map.
+#[cfg(test)]
 pub(crate) fn topic_message(header: &TopicHeader, envelope: &[u8]) -> Result<Vec<u8>> {
     let mut out = rmp_serde::to_vec(header).map_err(|e| Error::Encode(e.to_string()))?;
     out.extend_from_slice(envelope);
@@ -116,6 +147,18 @@ mod tests {
 
     #[test]
     fn topic_messages_round_trip() {
+        let env0 = env();
+        let mut built = topic_header(&TopicHeader {
+            format: TOPIC_FORMAT,
+            host: "h".into(),
+            process: "p".into(),
+            nearest: 3,
+            farthest: 3,
+        })
+        .unwrap();
+        encode_into(&OutgoingRef::of(&env0), &mut Vec::new(), &mut built).unwrap();
+        let (_, e) = split_topic_message(&built).unwrap();
+        assert_eq!(e.name(), "EV");
         let h = TopicHeader {
             format: TOPIC_FORMAT,
             host: "h".into(),
