@@ -780,6 +780,9 @@ fn parse_read(v: Value) -> Vec<(String, Vec<Entry>)> {
 /// its own, delivers, and acknowledges once handled; reconnects when the connection drops.
 async fn read_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
     let mut delay = Duration::ZERO;
+    // Handled entries to acknowledge with the next read; kept across a reconnection, so
+    // the first read on the new connection does not hand them out again.
+    let mut acks: Vec<(String, Vec<String>)> = Vec::new();
     loop {
         if !delay.is_zero() {
             tokio::select! {
@@ -860,11 +863,25 @@ async fn read_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
                 cmd.arg(cursors.get(k).map_or("0", |c| c.as_str()));
             }
             drop(sh);
+            // What the last read handled is acknowledged in the same round trip as the next
+            // read (XACKs first): no extra round trip, and a lost connection only means
+            // those entries are read again (at least once).
+            let mut pipe = redis::pipe();
+            for (key, ids) in &acks {
+                pipe.cmd("XACK").arg(key).arg(GROUP).arg(ids).ignore();
+            }
+            pipe.add_command(cmd);
             let reply = tokio::select! {
-                r = cmd.query_async::<Value>(&mut conn) => r,
+                r = pipe.query_async::<Vec<Value>>(&mut conn) => {
+                    r.map(|mut v| v.pop().unwrap_or(Value::Nil))
+                }
                 _ = stop.changed() => return,
             };
             let Some(sh) = weak.upgrade() else { return };
+            if !reply.as_ref().is_err_and(|e| e.is_unrecoverable_error()) {
+                // Sent: acknowledged (acknowledging again after a lost connection is harmless).
+                acks.clear();
+            }
             match reply {
                 Ok(v) => {
                     let got = parse_read(v);
@@ -882,7 +899,10 @@ async fn read_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
                             }
                         }
                         if let Some(inbox) = streams.get(&key) {
-                            handle_entries(&sh, &key, inbox, entries).await;
+                            let ids = handle_entries(&sh, &key, inbox, entries).await;
+                            if !ids.is_empty() {
+                                acks.push((key.clone(), ids));
+                            }
                         }
                     }
                     if history {
@@ -958,7 +978,8 @@ async fn adopt(sh: &Arc<Shared>, group: &str, dead: &str, inbox: &Inbox) {
                     claimed = entries.len(),
                     "took over what a group member that left or died had not acknowledged"
                 );
-                handle_entries(sh, &key, inbox, entries).await;
+                let acks = handle_entries(sh, &key, inbox, entries).await;
+                sh.ack(&key, &acks).await;
             }
         }
     }
@@ -979,7 +1000,8 @@ async fn adopt(sh: &Arc<Shared>, group: &str, dead: &str, inbox: &Inbox) {
         if entries.is_empty() {
             break;
         }
-        handle_entries(sh, &key, inbox, entries).await;
+        let acks = handle_entries(sh, &key, inbox, entries).await;
+        sh.ack(&key, &acks).await;
     }
     let mut del = redis::cmd("DEL");
     del.arg(&key);
@@ -1053,7 +1075,8 @@ async fn reclaim_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
                 Ok(v) => {
                     let entries = parse_entries(v);
                     tracing::info!(stream = %key, claimed = entries.len(), "claimed entries another consumer did not acknowledge");
-                    handle_entries(&sh, &key, &inbox, entries).await;
+                    let acks = handle_entries(&sh, &key, &inbox, entries).await;
+                    sh.ack(&key, &acks).await;
                 }
                 Err(e) => tracing::warn!(stream = %key, error = %e, "XCLAIM failed"),
             }
@@ -1092,10 +1115,15 @@ async fn deliver_entry(sh: &Shared, inbox: &Inbox, env: Envelope) -> Outcome {
     }
 }
 
-/// Delivers the entries read from one stream and acknowledges them: at once for what is
-/// handled (one XACK), after the handler ran for async handlers (on a task, so the reader
-/// keeps reading: the handler may wait for a reply that comes this way).
-async fn handle_entries(sh: &Arc<Shared>, key: &str, inbox: &Inbox, entries: Vec<Entry>) {
+/// Delivers the entries read from one stream. Returns the ids handled now, for the caller
+/// to acknowledge; an async handler's entry is acknowledged after its handler ran, on a
+/// task, so the reader keeps reading (the handler may wait for a reply that comes this way).
+async fn handle_entries(
+    sh: &Arc<Shared>,
+    key: &str,
+    inbox: &Inbox,
+    entries: Vec<Entry>,
+) -> Vec<String> {
     let mut acks = Vec::with_capacity(entries.len());
     for entry in entries {
         let env = match entry.body.as_deref().map(wire::decode) {
@@ -1131,15 +1159,7 @@ async fn handle_entries(sh: &Arc<Shared>, key: &str, inbox: &Inbox, entries: Vec
             }
         }
     }
-    if !acks.is_empty() {
-        // On a task: the reader reads on instead of waiting for the XACK round trip.
-        let (weak, key) = (Arc::downgrade(sh), key.to_string());
-        tokio::spawn(async move {
-            if let Some(sh) = weak.upgrade() {
-                sh.ack(&key, &acks).await;
-            }
-        });
-    }
+    acks
 }
 
 /// Where a subscriber is relative to the publisher.
