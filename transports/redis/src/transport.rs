@@ -553,23 +553,32 @@ impl Shared {
     /// Runs one command on the command connection, waiting out an outage (bounded) and
     /// trying again once the connection is back when it was lost under the command.
     async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
+        self.try_run(cmd).await?.map_err(|e| op_error(what, &e))
+    }
+
+    /// Like [`Shared::run`], with the server's answer (or error) as it came: the outer
+    /// error is the outage, the inner one what Redis said.
+    async fn try_run<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<std::result::Result<T, RedisError>> {
         let deadline = self.deadline();
         loop {
             let mut c = self.wait_conn(&self.cmd, deadline).await?;
             match cmd.query_async::<T>(&mut c).await {
-                Ok(v) => return Ok(v),
                 Err(e) if e.is_unrecoverable_error() && tokio::time::Instant::now() < deadline => {
                     lock(&self.last_error).replace(e.to_string());
-                    self.connection_lost(&self.cmd, &c);
+                    self.connection_lost(&self.cmd);
                 }
-                Err(e) => return Err(op_error(what, &e)),
+                r => return Ok(r),
             }
         }
     }
 
-    /// Marks `slot` down when it still holds the connection that failed, so waiters wait
-    /// for the supervisor's new one instead of failing on the dead one again.
-    fn connection_lost(&self, slot: &Conn, _dead: &MultiplexedConnection) {
+    /// Marks `slot` down after a command saw its connection fail, so waiters wait for the
+    /// supervisor's new connection instead of failing on the dead one again. (Should the
+    /// supervisor have replaced it already, it makes one more: harmless.)
+    fn connection_lost(&self, slot: &Conn) {
         slot.send_if_modified(|c| {
             if c.is_some() {
                 *c = None;
@@ -588,10 +597,11 @@ impl Shared {
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM");
-        match self.run::<Value>("XGROUP CREATE", &cmd).await {
+        match self.try_run::<Value>(&cmd).await? {
             Ok(_) => Ok(()),
-            Err(Error::Transport { reason, .. }) if reason.contains("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e),
+            // The group is there already (the stream is being read, or was before).
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(op_error("XGROUP CREATE", &e)),
         }
     }
 
@@ -1293,7 +1303,7 @@ async fn publish_loop(
                 }
                 pipe.query_async::<Vec<i64>>(&mut c).await.map_err(|e| {
                     if e.is_unrecoverable_error() {
-                        sh.connection_lost(&sh.cmd, &c);
+                        sh.connection_lost(&sh.cmd);
                     }
                     op_error("PUBLISH", &e)
                 })
@@ -1517,7 +1527,7 @@ async fn xadd_batch(
             }
             Err(e) if e.is_unrecoverable_error() => {
                 lock(&sh.last_error).replace(e.to_string());
-                sh.connection_lost(&sh.cmd, &conn);
+                sh.connection_lost(&sh.cmd);
                 if tokio::time::Instant::now() >= deadline {
                     let err = Error::Transport {
                         transport: NAME,
@@ -1803,7 +1813,7 @@ impl PubSub for RedisTransport {
                         if e.is_unrecoverable_error() && tokio::time::Instant::now() < deadline =>
                     {
                         // The supervisor subscribes everything again on its new connection.
-                        sh.connection_lost(&sh.sub, &c);
+                        sh.connection_lost(&sh.sub);
                     }
                     Err(e) => return Err(op_error("PSUBSCRIBE", &e)),
                 }
@@ -1858,5 +1868,71 @@ impl PubSub for RedisTransport {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.stop.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [bulk(k), bulk(v)])
+                    .collect(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn read_replies_parse_in_resp3_and_resp2() {
+        let entries = || {
+            Value::Array(vec![
+                entry("1-0", &[("e", "body")]),
+                entry("2-0", &[("x", "y")]),
+                Value::Array(vec![bulk("3-0"), Value::Nil]),
+            ])
+        };
+        let resp3 = Value::Map(vec![(bulk("k"), entries())]);
+        let resp2 = Value::Array(vec![Value::Array(vec![bulk("k"), entries()])]);
+        for v in [resp3, resp2] {
+            let got = parse_read(v);
+            assert_eq!(got.len(), 1);
+            let (key, e) = &got[0];
+            assert_eq!(key, "k");
+            let ids: Vec<&str> = e.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, ["1-0", "2-0", "3-0"]);
+            assert_eq!(e[0].body.as_deref(), Some(&b"body"[..]));
+            assert_eq!((e[1].body.is_none(), e[1].fields), (true, 1));
+            assert_eq!((e[2].body.is_none(), e[2].fields), (true, 0));
+        }
+        assert!(parse_read(Value::Nil).is_empty());
+        assert!(parse_entries(bulk("garbage")).is_empty());
+    }
+
+    #[test]
+    fn locations_follow_host_and_process() {
+        let mut e = MachineEntry {
+            id: "m".into(),
+            machine_type: "T".into(),
+            host_id: "h".into(),
+            process_id: "p".into(),
+            context: None,
+            version: None,
+            accepts: Vec::new(),
+            metadata: Default::default(),
+        };
+        assert_eq!(location_of("h", "p", &e), Location::SameProcess);
+        assert_eq!(location_of("h", "q", &e), Location::SameMachine);
+        e.host_id = "other".into();
+        assert_eq!(location_of("h", "p", &e), Location::Remote);
+        assert_eq!(location_from(9), Location::Remote);
     }
 }
