@@ -526,3 +526,58 @@ async fn bad_urls_and_a_missing_server_are_clear_errors() {
         "{err}"
     );
 }
+
+/// An async handler whose mailbox is full (policy `Wait`) holds back only its own stream:
+/// the other machines of its session keep getting their events, and the held ones arrive,
+/// in order, once the handler makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_does_not_stall_the_sessions_other_machines() {
+    if !ready_for_tests() {
+        return;
+    }
+    let ns = unique("sy-full");
+    let ta = transport(&ns, |c| c).await;
+    let tb = transport(&ns, |c| c).await;
+    let a = host(&ta, "a", None);
+    let b = host(&tb, "b", Some(a.registry().clone()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, mut got) = mpsc::unbounded_channel::<u32>();
+    let g = gate.clone();
+    let _slow = b
+        .machine("slow", "Slow")
+        .mailbox(1, switchyard::FullPolicy::Wait)
+        .handler_async(move |_, ev| {
+            let (g, tx) = (g.clone(), tx.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                let _ = tx.send(ev.data::<u32>().unwrap());
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let (_fast, mut rf) = recorder(&b, "fast").await;
+    let p = a.machine("p", "P").build().await.unwrap();
+    // 0 is in the handler, 1 in the mailbox, 2.. wait on the stream side.
+    for i in 0..6u32 {
+        p.send("slow", "E", i).await.unwrap();
+    }
+    for i in 0..3u32 {
+        p.send("fast", "F", i).await.unwrap();
+        assert_eq!(next(&mut rf).await.data::<u32>().unwrap(), i);
+    }
+    gate.add_permits(100);
+    for i in 0..6u32 {
+        let v = tokio::time::timeout(WAIT, got.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v, i, "in order once room came");
+    }
+    // And the slow stream is read again afterwards.
+    p.send("slow", "E", 6).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, got.recv()).await.unwrap(),
+        Some(6)
+    );
+}

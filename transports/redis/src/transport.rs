@@ -122,6 +122,9 @@ struct ReadSet {
     generation: u64,
     /// Streams read, with the inbox each feeds (a machine's, or a group member's).
     streams: BTreeMap<String, Inbox>,
+    /// Streams not read for now: their machine's mailbox is full (policy `Wait`) and a task
+    /// delivers what was read from them as room comes.
+    parked: HashSet<String>,
 }
 
 struct TopicSub {
@@ -836,12 +839,21 @@ async fn read_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
             if sh.closed.load(Ordering::Acquire) {
                 return;
             }
-            let (generation, streams) = {
+            let (generation, all, streams) = {
                 let rs = lock(&sh.read);
-                (rs.generation, rs.streams.clone())
+                let read: BTreeMap<String, Inbox> = rs
+                    .streams
+                    .iter()
+                    .filter(|(k, _)| !rs.parked.contains(*k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let all: HashSet<String> = rs.streams.keys().cloned().collect();
+                (rs.generation, all, read)
             };
             changed.borrow_and_update();
             sh.reader_seen.store(generation, Ordering::Release);
+            // A parked stream keeps its cursor: it is read on from there once unparked.
+            cursors.retain(|k, _| all.contains(k));
             if streams.is_empty() {
                 drop(sh);
                 tokio::select! {
@@ -850,11 +862,12 @@ async fn read_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 continue;
             }
-            cursors.retain(|k, _| streams.contains_key(k));
             for k in streams.keys() {
                 cursors.entry(k.clone()).or_insert_with(|| "0".to_string());
             }
-            let history = cursors.values().any(|c| c != ">");
+            let history = streams
+                .keys()
+                .any(|k| cursors.get(k).is_some_and(|c| c != ">"));
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(GROUP)
@@ -918,7 +931,7 @@ async fn read_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
                     if history {
                         // A stream in history mode that returned nothing has no more pending.
                         for (k, c) in cursors.iter_mut() {
-                            if c != ">" && !seen.contains(k) {
+                            if c != ">" && streams.contains_key(k) && !seen.contains(k) {
                                 *c = ">".to_string();
                             }
                         }
@@ -1125,9 +1138,57 @@ async fn deliver_entry(sh: &Shared, inbox: &Inbox, env: Envelope) -> Outcome {
     }
 }
 
+/// The envelope of an entry; a malformed entry is logged and counted (`None`: acknowledge
+/// and skip it).
+fn decode_entry(sh: &Shared, key: &str, entry: &Entry) -> Option<Envelope> {
+    match entry.body.as_deref().map(wire::decode) {
+        Some(Ok(env)) => Some(env),
+        other => {
+            sh.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                stream = key,
+                id = %entry.id,
+                fields = entry.fields,
+                error = %other.and_then(|r| r.err()).map_or_else(
+                    || format!("no `{FIELD}` field (or the entry was deleted)"),
+                    |e| e.to_string()
+                ),
+                "skipped a malformed entry (not a Switchyard envelope); acknowledged"
+            );
+            None
+        }
+    }
+}
+
+/// Records what became of entry `id`: acknowledge now (pushed to `acks`), after its async
+/// handler ran (on a task), or never (the machine is gone).
+fn settle(sh: &Arc<Shared>, key: &str, id: String, outcome: Outcome, acks: &mut Vec<String>) {
+    match outcome {
+        Outcome::Ack => acks.push(id),
+        Outcome::Leave => {}
+        Outcome::AckWhen(done) => {
+            let weak = Arc::downgrade(sh);
+            let key = key.to_string();
+            tokio::spawn(async move {
+                done.await;
+                if let Some(sh) = weak.upgrade() {
+                    sh.ack(&key, &[id]).await;
+                }
+            });
+        }
+    }
+}
+
+type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
 /// Delivers the entries read from one stream. Returns the ids handled now, for the caller
 /// to acknowledge; an async handler's entry is acknowledged after its handler ran, on a
 /// task, so the reader keeps reading (the handler may wait for a reply that comes this way).
+///
+/// When an async handler's mailbox is full and its policy is `Wait`, the reader does not
+/// wait with it (that would stall every other machine of the session): the stream is
+/// parked, and a task delivers the rest of the batch as room comes, acknowledges it and
+/// unparks the stream. Redis keeps what arrives meanwhile.
 async fn handle_entries(
     sh: &Arc<Shared>,
     key: &str,
@@ -1135,41 +1196,62 @@ async fn handle_entries(
     entries: Vec<Entry>,
 ) -> Vec<String> {
     let mut acks = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let env = match entry.body.as_deref().map(wire::decode) {
-            Some(Ok(env)) => env,
-            other => {
-                sh.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    stream = key,
-                    id = %entry.id,
-                    fields = entry.fields,
-                    error = %other.and_then(|r| r.err()).map_or_else(
-                        || format!("no `{FIELD}` field (or the entry was deleted)"),
-                        |e| e.to_string()
-                    ),
-                    "skipped a malformed entry (not a Switchyard envelope); acknowledged"
-                );
-                acks.push(entry.id);
-                continue;
-            }
+    let mut rest = entries.into_iter();
+    while let Some(entry) = rest.next() {
+        let Some(env) = decode_entry(sh, key, &entry) else {
+            acks.push(entry.id);
+            continue;
         };
-        match deliver_entry(sh, inbox, env).await {
-            Outcome::Ack => acks.push(entry.id),
-            Outcome::Leave => {}
-            Outcome::AckWhen(done) => {
-                let weak = Arc::downgrade(sh);
-                let key = key.to_string();
-                tokio::spawn(async move {
-                    done.await;
-                    if let Some(sh) = weak.upgrade() {
-                        sh.ack(&key, &[entry.id]).await;
-                    }
-                });
+        if inbox.is_sync() {
+            // Runs the handler here; never waits for room.
+            let outcome = deliver_entry(sh, inbox, env).await;
+            settle(sh, key, entry.id, outcome, &mut acks);
+            continue;
+        }
+        let (sh2, inbox2) = (sh.clone(), inbox.clone());
+        let mut delivery: Delivery =
+            Box::pin(async move { deliver_entry(&sh2, &inbox2, env).await });
+        match futures_util::FutureExt::now_or_never(&mut delivery) {
+            Some(outcome) => settle(sh, key, entry.id, outcome, &mut acks),
+            None => {
+                park(sh, key, inbox, (entry.id, delivery), rest.collect());
+                break;
             }
         }
     }
     acks
+}
+
+/// Stops reading `key` while a task finishes `waiting` and delivers `rest` (see
+/// [`handle_entries`]).
+fn park(sh: &Arc<Shared>, key: &str, inbox: &Inbox, waiting: (String, Delivery), rest: Vec<Entry>) {
+    lock(&sh.read).parked.insert(key.to_string());
+    let (weak, key, inbox) = (Arc::downgrade(sh), key.to_string(), inbox.clone());
+    tokio::spawn(async move {
+        let (id, delivery) = waiting;
+        let outcome = delivery.await;
+        let Some(sh) = weak.upgrade() else { return };
+        let mut acks = Vec::new();
+        settle(&sh, &key, id, outcome, &mut acks);
+        for entry in rest {
+            match decode_entry(&sh, &key, &entry) {
+                Some(env) => {
+                    let outcome = deliver_entry(&sh, &inbox, env).await;
+                    settle(&sh, &key, entry.id, outcome, &mut acks);
+                }
+                None => acks.push(entry.id),
+            }
+        }
+        sh.ack(&key, &acks).await;
+        let generation = {
+            let mut rs = lock(&sh.read);
+            rs.parked.remove(&key);
+            rs.generation += 1;
+            rs.generation
+        };
+        sh.read_changed.send_replace(generation);
+        sh.wake_reader(generation);
+    });
 }
 
 /// Where a subscriber is relative to the publisher.
