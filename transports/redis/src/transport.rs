@@ -7,8 +7,9 @@
 //! - `cmd`: every short command (XADD, XACK, PUBLISH, XGROUP, ...), multiplexed and
 //!   pipelined, with the configured response timeout;
 //! - `read`: one blocking `XREADGROUP` over every stream the session consumes (its
-//!   machines' inboxes and its group memberships), without a response timeout, since a
-//!   blocking read must outlive it (see CRATES.md);
+//!   machines' inboxes and its group memberships), without a response timeout: a
+//!   blocking read outlives any (redis-rs' default of 500 ms would fail it, and a
+//!   blocked multiplexed connection would hold up every other command on it);
 //! - `sub`: the pub/sub connection (RESP3 pushes) with one `PSUBSCRIBE` per distinct
 //!   pattern of the session.
 //!
@@ -16,6 +17,10 @@
 //! subscribes again, the reader first reads what it had read but not acknowledged
 //! (history from id `0`), then new entries. Sends wait up to `outage_wait` for the
 //! connection meanwhile.
+//!
+//! Consumer groups are round-robin: each member reads a stream of its own, and a
+//! server-side script picks the member of each publish (`GROUP_PUBLISH`); members
+//! keep an expiry fresh, and a member that expired is taken over by another.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -65,7 +65,7 @@ pub(crate) fn encode_into(
     rmp_serde::encode::write_named(out, &wire).map_err(|e| Error::Encode(e.to_string()))
 }
 
-/// The header bytes of a topic message (see [`topic_message`]).
+/// The header bytes of a topic message: the MessagePack array of 5 that precedes the envelope.
 pub(crate) fn topic_header(header: &TopicHeader) -> Result<Vec<u8>> {
     rmp_serde::to_vec(header).map_err(|e| Error::Encode(e.to_string()))
 }
