@@ -91,7 +91,7 @@ impl Provider for Redis {
                     t.close();
                     Ok(())
                 }
-                Err(e) => Err(format!("no Redis answers at {}: {e}", cfg.redacted_url())),
+                Err(e) => Err(e.to_string()),
             }
         })
     }

@@ -242,14 +242,12 @@ impl RedisTransport {
     /// the supervisors; a bad URL, refused credentials or an unreachable server is an error
     /// saying which. Must run inside a tokio runtime.
     pub async fn connect(cfg: RedisTransportConfig) -> Result<RedisTransport> {
-        let t = RedisTransport::start(cfg)?;
-        let sh = &t.shared;
-        let first = open(sh, "cmd", Some(sh.cfg.redis.response_timeout), None).await;
-        if let Err(e) = first {
-            t.close();
-            return Err(e);
-        }
-        t.ready(sh.cfg.outage_wait).await?;
+        let (shared, pub_rx) = RedisTransport::build(cfg)?;
+        // One attempt first, so a wrong URL or a server that is not there is this call's
+        // error, before anything runs in the background.
+        open(&shared, "probe", Some(shared.cfg.connect_timeout), None).await?;
+        let t = RedisTransport::spawn(shared, pub_rx);
+        t.ready(t.shared.cfg.outage_wait).await?;
         Ok(t)
     }
 
@@ -257,9 +255,15 @@ impl RedisTransport {
     /// (retried with backoff), and binds and sends wait up to `cfg.outage_wait` for them. A
     /// malformed URL is an error at once. Must run inside a tokio runtime.
     pub fn start(cfg: RedisTransportConfig) -> Result<RedisTransport> {
+        let (shared, pub_rx) = RedisTransport::build(cfg)?;
+        Ok(RedisTransport::spawn(shared, pub_rx))
+    }
+
+    /// The shared state of a transport, nothing started yet.
+    fn build(cfg: RedisTransportConfig) -> Result<(Arc<Shared>, mpsc::Receiver<PubReq>)> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config(
-                "RedisTransport::start must run inside a tokio runtime".into(),
+                "RedisTransport::start and ::connect must run inside a tokio runtime".into(),
             ));
         }
         let client = make_client(&cfg)?;
@@ -303,10 +307,15 @@ impl RedisTransport {
             last_error: Mutex::new(None),
             header_cache: Mutex::new(None),
         });
+        Ok((shared, pub_rx))
+    }
+
+    /// Starts the command connection's supervisor and the publisher.
+    fn spawn(shared: Arc<Shared>, pub_rx: mpsc::Receiver<PubReq>) -> RedisTransport {
         let weak = Arc::downgrade(&shared);
         tokio::spawn(supervise(weak.clone(), Role::Cmd, shared.stop.subscribe()));
         tokio::spawn(publish_loop(weak, pub_rx, shared.stop.subscribe()));
-        Ok(RedisTransport { shared })
+        RedisTransport { shared }
     }
 
     /// Waits until the command connection is up (or `timeout` passed: the last connection
