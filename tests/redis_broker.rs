@@ -581,3 +581,99 @@ async fn a_full_mailbox_does_not_stall_the_sessions_other_machines() {
         Some(6)
     );
 }
+
+/// A TCP proxy in front of the real server, which a test can take down and bring back on
+/// the same port: an outage of the server as the transport sees it.
+struct Proxy {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("the proxy listens");
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:6379").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            task: Some(task),
+        }
+    }
+
+    /// Closes every connection and stops listening (the JoinSet goes with the task).
+    fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The server goes away: sends wait `outage_wait`, then fail with a clear, retryable error;
+/// a send made during the outage completes once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_wait_out_an_outage_or_fail_clearly() {
+    if !ready_for_tests() || std::env::var("SWITCHYARD_REDIS_URL").is_ok() {
+        // The proxy forwards to the default local server only.
+        return;
+    }
+    let ns = unique("sy-outage");
+    let mut proxy = Proxy::start(0).await;
+    let port = proxy.port;
+    let ta = transport(&ns, |c| {
+        c.url(format!("redis://127.0.0.1:{port}/"))
+            .outage_wait(Duration::from_millis(1500))
+    })
+    .await;
+    let tb = transport(&ns, |c| c).await;
+    let a = host(&ta, "a", None);
+    let b = host(&tb, "b", Some(a.registry().clone()));
+    let sender = a.machine("sender", "S").build().await.unwrap();
+    let (_r, mut rx) = recorder(&b, "receiver").await;
+    sender.send("receiver", "BEFORE", 0u32).await.unwrap();
+    assert_eq!(next(&mut rx).await.name(), "BEFORE");
+
+    use switchyard::transport::Transport;
+    proxy.down();
+    eventually("the transport sees the outage", || {
+        let healthy = ta.health().healthy;
+        async move { !healthy }
+    })
+    .await;
+    let started = Instant::now();
+    let err = sender.send("receiver", "LOST", 1u32).await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "it waited"
+    );
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "not connected to Redis at redis://127.0.0.1:{port}/"
+        )),
+        "{err}"
+    );
+
+    // During an outage shorter than `outage_wait`, the send waits and then goes through.
+    let pending = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.send("receiver", "WAITED", 2u32).await }
+    });
+    let _proxy = Proxy::start(port).await;
+    pending
+        .await
+        .unwrap()
+        .expect("the send waited for the server");
+    assert_eq!(next(&mut rx).await.name(), "WAITED");
+}
