@@ -481,20 +481,17 @@ async fn supervise(weak: Weak<Shared>, role: Role, mut stop: watch::Receiver<boo
         if matches!(role, Role::Cmd) {
             slot.send_replace(Some(conn.clone()));
         }
+        // Seen from here on: a command that saw the connection fail marks the slot down.
+        let mut slot_rx = slot.subscribe();
+        slot_rx.borrow_and_update();
         let weak_sh = Arc::downgrade(&sh);
         drop(sh);
         // Until the connection drops: dispatch what it pushes.
         loop {
             let push = tokio::select! {
                 p = pushes.recv() => p,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                    // A command saw the connection fail and marked it down: make a new one.
-                    let Some(sh) = weak_sh.upgrade() else { return };
-                    let down = match role {
-                        Role::Cmd => sh.cmd.borrow().is_none(),
-                        Role::Sub => sh.sub.borrow().is_none(),
-                    };
-                    if down {
+                r = slot_rx.changed() => {
+                    if r.is_err() || slot_rx.borrow_and_update().is_none() {
                         break;
                     }
                     continue;
