@@ -14,7 +14,7 @@
 //! | `memory` (default) | [`memory`] transport | same thread, same process |
 //! | `ipc` (default) | [`ipc`] transport | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
 //! | `rabbitmq` | [`rabbitmq`] transport (RabbitMQ broker, at-least-once) | other hosts; added with [`Builder::rabbitmq`] |
-//! | `redis` | [`redis`] registry spanning hosts, and transport (pub/sub + streams) | other hosts |
+//! | `redis` | [`redis`] registry spanning hosts, and transport (pub/sub + streams, at-least-once on streams) | other hosts; added with [`Builder::redis`] |
 //! | `zeromq` (default) | [`zeromq`] transport (brokerless ROUTER/DEALER + PUB/SUB, no server) | other hosts (`Remote`); same host by configuration; added with [`Builder::zeromq`] |
 //! | `machine` (default) | [`machine`]: XState-style JSON statecharts bound to a [`Node`] | |
 //!
@@ -151,6 +151,16 @@ impl Builder {
         let ns = t.namespace().to_string();
         self.transport(Arc::new(t.clone()))
             .session(|s| s.entry_metadata(rabbitmq::META_NAMESPACE, ns))
+    }
+    /// Adds the Redis transport `t` (one per session) for `Remote` targets: every machine's
+    /// registry entry names the namespace it reads its inbox in, so senders on other hosts
+    /// can reach it. Sessions on several hosts must share a registry that spans them
+    /// (`switchyard::redis::RedisRegistry`).
+    #[cfg(feature = "redis")]
+    pub fn redis(self, t: &redis::RedisTransport) -> Self {
+        let ns = t.namespace().to_string();
+        self.transport(Arc::new(t.clone()))
+            .session(|s| s.entry_metadata(redis::META_NAMESPACE, ns))
     }
     /// Adds the zeromq transport `zmq` (one per session) for `Remote` targets: its ROUTER and
     /// PUB endpoints go into every machine's registry entry, and once the session is built the

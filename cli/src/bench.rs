@@ -26,6 +26,8 @@ mod ours;
 mod provider;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
+#[cfg(feature = "redis")]
+mod redis;
 mod report;
 mod svg;
 mod zmq;
@@ -59,7 +61,7 @@ const MAX_SIZE: usize = 1 << 20;
 /// Options of `switchyard bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Transports to measure, comma-separated: direct, memory, ipc, ipc-p2p, zeromq (default: all of them).
+    /// Transports to measure, comma-separated: direct, memory, ipc, ipc-p2p, zeromq, and rabbitmq, redis when built with their features (default: all of them).
     #[arg(long, value_delimiter = ',', value_name = "NAMES", value_parser = parse_transport)]
     transports: Vec<String>,
     /// Payload size in bytes.
@@ -164,6 +166,8 @@ fn providers() -> Vec<Box<dyn Provider>> {
         all.push(Box::new(rabbitmq::Rabbit { durable: false }));
         all.push(Box::new(rabbitmq::Rabbit { durable: true }));
     }
+    #[cfg(feature = "redis")]
+    all.push(Box::new(redis::Redis));
     all
 }
 
@@ -380,8 +384,13 @@ mod tests {
         ];
         let (chosen, not_built) = select(providers(), &names);
         let chosen: Vec<&str> = chosen.iter().map(|p| p.name()).collect();
-        assert_eq!(chosen, ["memory", "direct"]);
-        assert_eq!(not_built, ["redis"]);
+        if cfg!(feature = "redis") {
+            assert_eq!(chosen, ["memory", "direct", "redis"]);
+            assert!(not_built.is_empty());
+        } else {
+            assert_eq!(chosen, ["memory", "direct"]);
+            assert_eq!(not_built, ["redis"]);
+        }
         assert!(parse_transport("carrier-pigeon").is_err());
     }
 }

@@ -114,6 +114,25 @@ impl Fixture {
         .with_counts(Counts::Routed)
     }
 
+    /// Other hosts through Redis: each machine in a session of its own (own host id, own
+    /// transport), the sessions sharing one registry and one namespace per world. The server
+    /// comes from `SWITCHYARD_REDIS_URL` (default: the local one).
+    #[cfg(feature = "redis")]
+    pub fn redis() -> Fixture {
+        use switchyard::redis::{RedisTransport, RedisTransportConfig};
+        Fixture::new("redis", Location::Remote, true, |b, host| {
+            let cfg =
+                RedisTransportConfig::from_env().namespace(format!("sy-conf-{}", host.namespace));
+            let t = RedisTransport::start(cfg).expect("the redis transport starts");
+            let b = b
+                .selector(|s| s.prefer(Location::Remote, ["redis"]))
+                .redis(&t)
+                .session(|s| s.heartbeat_interval(Some(Duration::from_millis(250))));
+            redis_registry(b, host)
+        })
+        .with_counts(Counts::Routed)
+    }
+
     /// Same-thread: only the direct transport, every machine in one context.
     pub fn direct() -> Fixture {
         Fixture {
@@ -241,6 +260,32 @@ impl Fixture {
             hosts: std::sync::Mutex::new(Vec::new()),
         }
     }
+}
+
+/// The registry the sessions of a redis world share: a `RedisRegistry` in a namespace of
+/// the world's own, made by its first host and shared by the others, so the selector of
+/// each session finds the others' machines in Redis and computes `Remote` itself.
+#[cfg(feature = "redis")]
+fn redis_registry(b: Builder, host: &Host<'_>) -> Builder {
+    use switchyard::redis::{RedisConfig, RedisRegistry};
+    let registry: Arc<dyn switchyard::Registry> = match host.first_registry {
+        Some(r) => r.clone(),
+        None => {
+            let cfg = RedisConfig::from_env().namespace(format!("sy-conf-{}", host.namespace));
+            // The fixture hook is synchronous; the multi-thread test runtime can block here.
+            let reg = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(
+                    RedisRegistry::builder(cfg)
+                        .ttl(Duration::from_secs(1))
+                        .remove_after(Duration::from_secs(60))
+                        .connect(),
+                )
+            })
+            .expect("the redis registry connects");
+            Arc::new(reg)
+        }
+    };
+    b.session(move |s| s.registry(registry))
 }
 
 fn fastrand_u64() -> u64 {

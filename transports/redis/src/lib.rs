@@ -12,7 +12,14 @@
 //! Redis never see each other. docs/PROTOCOL.md gives the key and channel layout.
 
 mod config;
+mod names;
 pub mod registry;
+mod settings;
+mod transport;
+mod wire;
 
 pub use config::{DEFAULT_URL, RedisConfig, URL_ENV, ready_for_tests};
+pub use names::{FIELD, GROUP, escape as escape_glob, glob as topic_glob};
 pub use registry::{RedisRegistry, RedisRegistryBuilder};
+pub use settings::RedisTransportConfig;
+pub use transport::{META_NAMESPACE, NAME, RedisTransport};
