@@ -232,3 +232,57 @@ async fn registry_works_over_tls_and_checks_the_server_certificate() {
         "{err}"
     );
 }
+
+/// The transport over TLS too: two hosts find each other in the registry and ping-pong
+/// through the TLS server; without the CA the transport refuses the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_works_over_tls() {
+    use switchyard::redis::{RedisTransport, RedisTransportConfig};
+    use switchyard::{Envelope, Location, Node};
+    let Some(server) = start() else {
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{}/", server.port);
+    let cfg = RedisConfig::default()
+        .url(&url)
+        .namespace("sy-test-tls-transport")
+        .tls_ca_file(server.dir.join("ca.crt"));
+    let registry: std::sync::Arc<dyn Registry> =
+        std::sync::Arc::new(RedisRegistry::connect(cfg.clone()).await.unwrap());
+    let mut sessions = Vec::new();
+    for host in ["tls-host-a", "tls-host-b"] {
+        let t = RedisTransport::connect(RedisTransportConfig::new(cfg.clone()))
+            .await
+            .expect("the transport connects over TLS");
+        let r = registry.clone();
+        sessions.push(
+            switchyard::builder()
+                .selector(|s| s.prefer(Location::Remote, ["redis"]))
+                .redis(&t)
+                .session(move |s| s.registry(r).host_id(host))
+                .build()
+                .unwrap(),
+        );
+    }
+    let _pong = sessions[1]
+        .machine("pong", "Pong")
+        .handler(|n: &Node, ev: Envelope| {
+            let _ = n.post_reply(&ev, "PONG", ev.data::<u32>().unwrap_or(0));
+        })
+        .build()
+        .await
+        .unwrap();
+    let ping = sessions[0].machine("ping", "Ping").build().await.unwrap();
+    let r = ping.request("pong", "PING", 7u32, WAIT).await.unwrap();
+    assert_eq!((r.name(), r.data::<u32>().unwrap()), ("PONG", 7));
+    assert_eq!(r.carried_by, Some("redis"));
+    let untrusted = RedisConfig::default()
+        .url(&url)
+        .namespace("sy-test-tls-transport");
+    assert!(
+        RedisTransport::connect(RedisTransportConfig::new(untrusted))
+            .await
+            .is_err(),
+        "a server whose certificate is not trusted is refused"
+    );
+}

@@ -221,10 +221,12 @@ fn make_client(cfg: &RedisTransportConfig) -> Result<redis::Client> {
             cfg.redis.redacted_url()
         ))
     })?;
-    if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    #[cfg(not(feature = "tls"))]
+    if tls {
         return Err(Error::Config(format!(
-            "`{}` asks for TLS (rediss://), which this build of switchyard-redis does not \
-             include: use a redis:// URL or a TLS tunnel to the server",
+            "`{}` asks for TLS (rediss://), which this build does not include: enable feature \
+             `tls` of switchyard-redis (`redis-tls` of switchyard), or use a redis:// URL",
             cfg.redis.redacted_url()
         )));
     }
@@ -233,8 +235,27 @@ fn make_client(cfg: &RedisTransportConfig) -> Result<redis::Client> {
         .clone()
         .set_protocol(redis::ProtocolVersion::RESP3);
     let info = info.set_redis_settings(settings);
-    redis::Client::open(info)
-        .map_err(|e| Error::Config(format!("bad Redis URL `{}`: {e}", cfg.redis.redacted_url())))
+    let bad = |e: redis::RedisError| {
+        Error::Config(format!("bad Redis URL `{}`: {e}", cfg.redis.redacted_url()))
+    };
+    #[cfg(feature = "tls")]
+    if tls && let Some(path) = &cfg.redis.tls_ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the CA file {} for `{}`: {e}; give the PEM file of the CA that \
+                 signed the server's certificate",
+                path.display(),
+                cfg.redis.redacted_url()
+            ))
+        })?;
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        return redis::Client::build_with_tls(info, certs).map_err(bad);
+    }
+    let _ = tls;
+    redis::Client::open(info).map_err(bad)
 }
 
 impl RedisTransport {
