@@ -677,3 +677,50 @@ async fn sends_wait_out_an_outage_or_fail_clearly() {
         .expect("the send waited for the server");
     assert_eq!(next(&mut rx).await.name(), "WAITED");
 }
+
+/// An inbox stream lives while its session renews its lease, and is removed by Redis once
+/// the session is gone without unbinding (its runtime dropped, as when a process dies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_sessions_inboxes_expire_with_their_lease() {
+    if !ready_for_tests() {
+        return;
+    }
+    let ns = unique("sy-lease");
+    let lease = Duration::from_millis(600);
+    let key = format!("{ns}:in:leased");
+    // The "process": a runtime of its own, dropped without unbinding anything.
+    let (ns2, key2) = (ns.clone(), key.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("a runtime");
+        rt.block_on(async {
+            let t = transport(&ns2, |c| c.inbox_lease(Some(lease))).await;
+            let s = host(&t, "dying", None);
+            let (_node, _rx) = recorder(&s, "leased").await;
+            // Three leases pass: the session keeps renewing it.
+            tokio::time::sleep(lease * 3).await;
+            let mut c = raw().await;
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&key2)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert!(
+                ttl > 0 && ttl <= lease.as_millis() as i64,
+                "a bound inbox has a renewed lease: {ttl} ms"
+            );
+            std::mem::forget(s);
+            std::mem::forget(t);
+        });
+        drop(rt);
+    })
+    .join()
+    .expect("the dying session ran");
+    let mut c = raw().await;
+    eventually("the dead session's inbox to expire", || {
+        let mut c = c.clone();
+        let key = key.clone();
+        async move { !c.exists::<_, bool>(&key).await.unwrap_or(true) }
+    })
+    .await;
+    let _: () = c.del(&key).await.unwrap_or(());
+}

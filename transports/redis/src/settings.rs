@@ -29,6 +29,12 @@ pub struct RedisTransportConfig {
     pub read_count: usize,
     /// Longest single blocking read; binds wake the reader earlier.
     pub block: Duration,
+    /// How long a machine's inbox stream outlives the last refresh by its session (every
+    /// third of it, while the machine is bound): the inboxes of a process that died without
+    /// unbinding are removed by Redis after this, with what they held, so dead deployments
+    /// do not fill the server. `None` keeps them until a machine of the same id binds and
+    /// leaves again.
+    pub inbox_lease: Option<Duration>,
 }
 
 impl RedisTransportConfig {
@@ -45,12 +51,19 @@ impl RedisTransportConfig {
             claim_idle: Duration::from_secs(30),
             read_count: 256,
             block: Duration::from_secs(2),
+            inbox_lease: Some(Duration::from_secs(3600)),
         }
     }
 
     /// Defaults, with the server of [`RedisConfig::from_env`] (`SWITCHYARD_REDIS_URL`).
     pub fn from_env() -> RedisTransportConfig {
         RedisTransportConfig::new(RedisConfig::from_env())
+    }
+
+    /// Sets [`RedisTransportConfig::inbox_lease`].
+    pub fn inbox_lease(mut self, lease: Option<Duration>) -> Self {
+        self.inbox_lease = lease;
+        self
     }
 
     /// Uses `namespace` as the prefix of every key and channel.

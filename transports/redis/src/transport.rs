@@ -633,10 +633,40 @@ impl Shared {
             .arg("0")
             .arg("MKSTREAM");
         match self.try_run::<Value>(&cmd).await? {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             // The group is there already (the stream is being read, or was before).
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(op_error("XGROUP CREATE", &e)),
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(op_error("XGROUP CREATE", &e)),
+        }
+        if let Some(lease) = self.cfg.inbox_lease {
+            let mut cmd = redis::cmd("PEXPIRE");
+            cmd.arg(key).arg(lease.as_millis().max(1) as u64);
+            self.run::<Value>("PEXPIRE", &cmd).await?;
+        }
+        Ok(())
+    }
+
+    /// Renews the lease of every inbox stream this session reads, in one round trip.
+    async fn renew_leases(&self) {
+        let Some(lease) = self.cfg.inbox_lease else {
+            return;
+        };
+        let keys: Vec<String> = lock(&self.read).streams.keys().cloned().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let Ok(mut c) = self.wait_conn(&self.cmd, self.deadline()).await else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("PEXPIRE")
+                .arg(k)
+                .arg(lease.as_millis().max(1) as u64)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut c).await {
+            tracing::warn!(error = %e, "renewing the inbox leases failed; retried at the next round");
         }
     }
 
@@ -1071,7 +1101,10 @@ async fn adopt(sh: &Arc<Shared>, group: &str, dead: &str, inbox: &Inbox) {
 async fn reclaim_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let period = match weak.upgrade() {
-            Some(sh) => (sh.cfg.claim_idle / 3).max(Duration::from_millis(50)),
+            Some(sh) => {
+                let lease = sh.cfg.inbox_lease.unwrap_or(Duration::MAX);
+                (sh.cfg.claim_idle.min(lease) / 3).max(Duration::from_millis(50))
+            }
             None => return,
         };
         tokio::select! {
@@ -1082,6 +1115,7 @@ async fn reclaim_loop(weak: Weak<Shared>, mut stop: watch::Receiver<bool>) {
         if sh.closed.load(Ordering::Acquire) {
             return;
         }
+        sh.renew_leases().await;
         let members: Vec<Membership> = lock(&sh.topics).groups.values().cloned().collect();
         for m in members {
             match sh.heartbeat(&m.group, &m.member).await {
