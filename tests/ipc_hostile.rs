@@ -1123,3 +1123,61 @@ async fn child_main(role: &str, socket: PathBuf) {
         other => panic!("unknown role {other}"),
     }
 }
+
+/// One sender streaming round-robin to four machines of one slow receiving process: their
+/// windows share half the daemon's queue for that process, so the sender waits instead of
+/// filling it, and nothing is refused (`NACK full`) or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_sender_to_several_machines_of_one_process_loses_nothing() {
+    let (_dir, socket) = socket_path("share");
+    let mut d = daemon_child(&socket, &[("QUEUE_LIMIT", "1048576")]).await;
+    let (rx_session, _rx_bus) = session(&socket);
+    let counts: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new(
+        (0..4)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
+    );
+    let mut workers = Vec::new();
+    for w in 0..4usize {
+        let counts = counts.clone();
+        workers.push(
+            rx_session
+                .machine(format!("worker-{w}"), "Worker")
+                .handler(move |node: &Node, ev: Envelope| {
+                    if ev.name() == "SYNC" {
+                        let _ = node.post_reply(&ev, "DONE", ());
+                        return;
+                    }
+                    let n = counts[w].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // A receiver slower than its sender: the daemon's queue for it fills
+                    // unless the sender holds back.
+                    if n % 20 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let (tx_session, _tx_bus) = session(&socket);
+    let src = tx_session.machine("src", "Source").build().await.unwrap();
+    const N: u64 = 40_000;
+    let payload = vec![7u8; 200];
+    for i in 0..N {
+        src.send(format!("worker-{}", i % 4), "JOB", payload.clone())
+            .await
+            .unwrap();
+    }
+    for w in 0..4 {
+        src.request(format!("worker-{w}"), "SYNC", (), WAIT)
+            .await
+            .expect("each worker answers after its jobs");
+    }
+    let got: Vec<u64> = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    assert_eq!(got, vec![N / 4; 4], "every job reached its worker");
+    assert_eq!(d.health("nacked_full").await, 0, "nothing was refused");
+}

@@ -753,8 +753,9 @@ impl Client {
         self.acked.store(0, Ordering::Release);
         *lock(&self.epoch) = Arc::from(welcome.server_id.as_str());
         lock(&self.pair_nacks).clear();
-        // At most half the daemon's per-connection queue in flight to any one target: a fast
-        // sender waits for its receiver instead of filling that queue and losing events.
+        // At most half the daemon's per-connection queue in flight, shared by the targets
+        // with sends in flight (never less than 64 KiB each): a fast sender waits for its
+        // receivers instead of filling a receiving process's queue and losing events.
         outbox.start_tracking(
             welcome
                 .queue_limit

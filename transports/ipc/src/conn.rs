@@ -270,7 +270,12 @@ struct Tracker {
     inflight: Vec<(Box<str>, usize)>,
     target_at: rustc_hash::FxHashMap<Box<str>, usize>,
     last_target: usize,
+    /// Targets with bytes in flight: they share the window (below).
+    active: usize,
 }
+
+/// Smallest share of the window a target gets, however many share it.
+const MIN_WINDOW: usize = 64 * 1024;
 
 impl Tracker {
     fn pair(&mut self, source: &str, to: &str) -> &mut u64 {
@@ -320,14 +325,41 @@ impl Tracker {
     #[inline]
     fn one(&mut self, to: &str, source: &str, total: usize, check: bool) -> bool {
         if let Some(limit) = self.window {
-            let n = self.target(to);
-            if check && *n > limit / 2 && *n + total > limit {
+            let limit = self.share(limit);
+            let n = *self.target(to);
+            if check && n > limit / 2 && n + total > limit {
                 return false;
             }
-            *n += total;
+            self.add_inflight(to, total);
         }
         *self.pair(source, to) += 1;
         true
+    }
+
+    /// The window of one target: the whole window shared by the targets with bytes in
+    /// flight. Several target machines may live in one receiving process, behind one queue
+    /// of the daemon; sharing keeps a single sender's total below that queue's bound
+    /// instead of one window per machine overfilling it (and getting `NACK full`).
+    fn share(&self, limit: usize) -> usize {
+        (limit / self.active.max(1)).max(MIN_WINDOW.min(limit))
+    }
+
+    fn add_inflight(&mut self, to: &str, bytes: usize) {
+        let n = self.target(to);
+        let was_idle = *n == 0;
+        *n += bytes;
+        if was_idle && bytes > 0 {
+            self.active += 1;
+        }
+    }
+
+    fn settle(&mut self, to: &str, bytes: usize) {
+        let n = self.target(to);
+        let was_busy = *n > 0;
+        *n = n.saturating_sub(bytes);
+        if was_busy && *n == 0 {
+            self.active = self.active.saturating_sub(1);
+        }
     }
 
     /// Counts the frames of `new`; with `check`, first refuses (counting nothing) when a
@@ -367,6 +399,7 @@ impl Tracker {
             });
             // Only past half the window: the daemon acknowledges in steps of a quarter, so a
             // sender that waits always gets the credits that free it.
+            let limit = self.share(limit);
             for (to, b) in per {
                 let n = *self.target(to);
                 if n > limit / 2 && n + b > limit {
@@ -388,7 +421,7 @@ impl Tracker {
             {
                 *self.pair(source, to) += 1;
                 if windowed {
-                    *self.target(to) += total;
+                    self.add_inflight(to, total);
                 }
             }
             true
@@ -671,7 +704,7 @@ impl Outbox {
     fn window_room(&self, to: &str) -> Option<usize> {
         let mut st = lock(&self.st);
         let t = st.track.as_mut()?;
-        let limit = t.window?;
+        let limit = t.share(t.window?);
         Some(match *t.target(to) {
             n if n <= limit / 2 => (limit - n).max(1),
             n => limit.saturating_sub(n),
@@ -686,8 +719,7 @@ impl Outbox {
                 return;
             };
             for (t, b) in sends {
-                let n = tr.target(t);
-                *n = n.saturating_sub(usize::try_from(*b).unwrap_or(usize::MAX));
+                tr.settle(t, usize::try_from(*b).unwrap_or(usize::MAX));
             }
         }
         self.space.notify_waiters();
