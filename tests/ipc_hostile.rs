@@ -1151,7 +1151,7 @@ async fn a_single_sender_to_several_machines_of_one_process_loses_nothing() {
                     let n = counts[w].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     // A receiver slower than its sender: the daemon's queue for it fills
                     // unless the sender holds back.
-                    if n % 20 == 0 {
+                    if n.is_multiple_of(20) {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 })
