@@ -96,12 +96,8 @@ impl Provider for Redis {
         })
     }
     fn supports(&self, w: Workload) -> Result<(), &'static str> {
-        match w {
-            Workload::OneWay | Workload::OneWaySend | Workload::PingPong | Workload::FanOut => {
-                Ok(())
-            }
-            Workload::AnyOfType => Err("not measured for redis yet"),
-        }
+        let _ = w;
+        Ok(())
     }
     fn run<'a>(
         &'a self,
@@ -118,7 +114,7 @@ impl Provider for Redis {
                         Workload::OneWaySend => ours::oneway(&dep, cfg, false).await,
                         Workload::PingPong => ours::pingpong(&dep, cfg).await,
                         Workload::FanOut => ours::fanout(&dep, cfg).await,
-                        Workload::AnyOfType => Err("not measured for redis yet".into()),
+                        Workload::AnyOfType => ours::any_of_type(&dep, cfg).await,
                     };
                     dep.senders.shutdown();
                     if let Some(r) = &dep.receivers {
@@ -130,7 +126,7 @@ impl Provider for Redis {
                     Workload::OneWay | Workload::OneWaySend => raw_oneway(cfg).await,
                     Workload::PingPong => raw_pingpong(cfg).await,
                     Workload::FanOut => raw_fanout(cfg, cfg.fanout.max(1)).await,
-                    Workload::AnyOfType => Err("not measured for redis yet".into()),
+                    Workload::AnyOfType => raw_any_of_type(cfg, cfg.workers.max(1)).await,
                 },
             }
         })
@@ -295,6 +291,48 @@ async fn raw_oneway(cfg: &RunConfig) -> BenchResult<Sample> {
     let r = finish(&probe, clock, producer, 1).await;
     reader.abort();
     let _: Value = redis::cmd("DEL").arg(&stream).query_async(&mut c).await?;
+    r
+}
+
+/// One stream per worker, each read by its own consumer; the producer adds to them in turn
+/// (ours: one inbox stream per worker machine, picked round-robin by `send_to_any_of_type`).
+async fn raw_any_of_type(cfg: &RunConfig, n: usize) -> BenchResult<Sample> {
+    let tag = unique();
+    let streams: Vec<String> = (0..n).map(|i| format!("sy-raw-any-{tag}-{i}")).collect();
+    let probe = Probe::new(n, cfg)?;
+    let mut readers = Vec::with_capacity(n);
+    for (i, stream) in streams.iter().enumerate() {
+        let p = probe.clone();
+        readers.push(
+            raw_reader(stream.clone(), move |b| {
+                if let Some(m) = read(b) {
+                    p.received(i, &m);
+                }
+            })
+            .await?,
+        );
+    }
+    let mut c = connect(false).await?;
+    let clock = probe.start_clock();
+    let (mut pc, ss) = (c.clone(), streams.clone());
+    let mut next = 0usize;
+    let producer = produce!(probe, |msg| {
+        let i = next;
+        next = (next + 1) % ss.len();
+        xadd(
+            &mut pc,
+            &ss[i],
+            &body(&msg, Address::AnyOfType("BenchWorker".into()))?,
+        )
+        .await?
+    });
+    let r = finish(&probe, clock, producer, 1).await;
+    for reader in readers {
+        reader.abort();
+    }
+    for stream in &streams {
+        let _: Value = redis::cmd("DEL").arg(stream).query_async(&mut c).await?;
+    }
     r
 }
 
