@@ -222,7 +222,7 @@ async fn deployment(
         zmq.router_endpoint()
     );
     say!(
-        "    can tell. All three processes share the bus daemon's registry, which spans this one host: across real hosts, share one that spans them"
+        "    can tell. All three processes share the bus daemon's registry, which spans this one host: across real hosts, share one that spans them (switchyard::redis::RedisRegistry)"
     );
     say!();
     demo.by_id("display", "REFRESH").await?;
