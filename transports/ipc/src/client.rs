@@ -753,13 +753,14 @@ impl Client {
         self.acked.store(0, Ordering::Release);
         *lock(&self.epoch) = Arc::from(welcome.server_id.as_str());
         lock(&self.pair_nacks).clear();
-        // At most half the daemon's per-connection queue in flight, shared by the targets
-        // with sends in flight (never less than 64 KiB each): a fast sender waits for its
-        // receivers instead of filling a receiving process's queue and losing events.
+        // At most an eighth of the daemon's per-connection queue in flight, shared by the
+        // targets with sends in flight (never less than 64 KiB each): a fast sender waits
+        // for its receivers instead of filling a receiving process's queue and losing
+        // events, and up to eight sending processes fit in one receiver's queue.
         outbox.start_tracking(
             welcome
                 .queue_limit
-                .map(|q| usize::try_from(q / 2).unwrap_or(usize::MAX).max(1)),
+                .map(|q| usize::try_from(q / 8).unwrap_or(usize::MAX).max(1)),
         );
         // Snapshot before publishing the connection, so registrations made on it are not repeated.
         let entries: Vec<(MachineEntry, Option<u64>)> = lock(&self.registered).clone();

@@ -1134,7 +1134,7 @@ async fn serve(shared: Arc<Shared>, stream: Stream, conn: u64, stop: watch::Rece
     );
     let sink = hello
         .acks
-        .then(|| AckSink::new(&outbox, shared.cfg.outbox_limit / 8));
+        .then(|| AckSink::new(&outbox, shared.cfg.outbox_limit / 32));
     let watchdog = Arc::new(Watchdog {
         partial_since: AtomicU64::new(0),
         last_read: AtomicU64::new(shared.ms()),
