@@ -15,6 +15,7 @@
 //! | `ipc` (default) | [`ipc`] transport | same host, other process (bus daemon or peer-to-peer); added with [`Builder::ipc`] |
 //! | `rabbitmq` | [`rabbitmq`] transport (RabbitMQ broker, at-least-once) | other hosts; added with [`Builder::rabbitmq`] |
 //! | `redis` | [`redis`] registry spanning hosts, and transport (pub/sub + streams, at-least-once on streams) | other hosts; added with [`Builder::redis`] |
+//! | `rabbitmq-tls`, `redis-tls` | `amqps://` and `rediss://` URLs (rustls with ring) | |
 //! | `zeromq` (default) | [`zeromq`] transport (brokerless ROUTER/DEALER + PUB/SUB, no server) | other hosts (`Remote`); same host by configuration; added with [`Builder::zeromq`] |
 //! | `machine` (default) | [`machine`]: XState-style JSON statecharts bound to a [`Node`] | |
 //!

@@ -52,6 +52,9 @@ pub struct RabbitConfig {
     pub queue_expiry: Duration,
     /// Publishes that may wait for their confirm at once within one batch.
     pub confirm_window: usize,
+    /// PEM file of the CA that signed the broker's certificate, for `amqps://` when it is
+    /// not in the system's trust store (needs feature `tls`).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl RabbitConfig {
@@ -71,6 +74,7 @@ impl RabbitConfig {
             dead_letter_exchange: None,
             queue_expiry: Duration::from_secs(60),
             confirm_window: 512,
+            tls_ca_file: None,
         }
     }
 
@@ -82,6 +86,12 @@ impl RabbitConfig {
     /// Sets the namespace (prefix of every exchange and queue).
     pub fn namespace(mut self, ns: impl Into<String>) -> Self {
         self.namespace = ns.into();
+        self
+    }
+
+    /// Trusts the CA in this PEM file for `amqps://` brokers (needs feature `tls`).
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
         self
     }
 

@@ -27,6 +27,43 @@ impl Live {
     }
 }
 
+/// The TLS settings of an `amqps://` URL (`None` for `amqp://`): the system roots, or the
+/// CA of `tls_ca_file`. A build without feature `tls` refuses `amqps://`.
+fn tls_config(
+    cfg: &RabbitConfig,
+    amqps: bool,
+) -> Result<Option<lapin::tcp::OwnedTLSConfig>, Error> {
+    if !amqps {
+        return Ok(None);
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        Err(Error::Config(format!(
+            "`{}` asks for TLS (amqps://), which this build does not include: enable feature \
+             `tls` of switchyard-rabbitmq (`rabbitmq-tls` of switchyard), or use amqp://",
+            cfg.redacted_url()
+        )))
+    }
+    #[cfg(feature = "tls")]
+    {
+        let cert_chain = match &cfg.tls_ca_file {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                Error::Config(format!(
+                    "cannot read the CA file {} for `{}`: {e}; give the PEM file of the CA \
+                     that signed the broker's certificate",
+                    path.display(),
+                    cfg.redacted_url()
+                ))
+            })?),
+        };
+        Ok(Some(lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain,
+        }))
+    }
+}
+
 /// Parses the URL; a malformed one is [`Error::Config`] naming the expected form.
 pub(crate) fn parse_url(cfg: &RabbitConfig) -> Result<AMQPUri, Error> {
     cfg.url.parse::<AMQPUri>().map_err(|e| {
@@ -46,22 +83,23 @@ pub(crate) async fn connect(
     generation: u64,
 ) -> Result<Live, Error> {
     let uri = parse_url(cfg)?;
-    if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
-        // Not wired yet: lapin's `rustls--ring` would do it (as redis-tls does for Redis),
-        // once a test against a broker's TLS listener comes with it.
-        return Err(Error::Config(format!(
-            "`{}` asks for TLS (amqps://), which this build of switchyard-rabbitmq does not \
-             include: use amqp:// (e.g. through a local TLS tunnel such as stunnel), see \
-             docs/SEMANTICS.md",
-            cfg.redacted_url()
-        )));
-    }
+    let tls = tls_config(cfg, uri.scheme == lapin::uri::AMQPScheme::AMQPS)?;
     let work = async {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("switchyard {}", names.namespace()).into());
-        let conn = Connection::connect_uri(uri, props)
-            .await
-            .map_err(|e| connect_error(cfg, &e))?;
+        let conn = match tls {
+            None => Connection::connect_uri(uri, props).await,
+            Some(tls) => {
+                lapin::DefaultConnectionBuilder::new()
+                    .map_err(|e| connect_error(cfg, &e))?
+                    .with_uri(uri)
+                    .with_properties(props)
+                    .with_tls_config(tls)
+                    .connect()
+                    .await
+            }
+        }
+        .map_err(|e| connect_error(cfg, &e))?;
         let publish = conn
             .create_channel()
             .await
@@ -156,6 +194,13 @@ pub(crate) fn op_error(what: &str, e: &lapin::Error) -> Error {
 fn connect_error(cfg: &RabbitConfig, e: &lapin::Error) -> Error {
     let url = cfg.redacted_url();
     let (reason, retryable) = match e.kind() {
+        ErrorKind::IOError(io) if io.to_string().contains("certificate") => (
+            format!(
+                "the TLS certificate of RabbitMQ at {url} is not trusted: {io}; give the CA that \
+                 signed it with RabbitConfig::tls_ca_file, or check the host name in the URL"
+            ),
+            false,
+        ),
         ErrorKind::IOError(io) => (
             format!(
                 "cannot reach RabbitMQ at {url}: {io}; start the broker (e.g. `rabbitmq-server \
