@@ -10,9 +10,7 @@
 #![cfg(all(feature = "rabbitmq", feature = "ipc", unix))]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +20,10 @@ use switchyard::rabbitmq::{RabbitConfig, RabbitTransport, ready_for_tests};
 use switchyard::{Envelope, Location, Node, Session};
 use tokio::sync::mpsc;
 
+#[path = "support/child.rs"]
+mod child;
+use child::{Child, say, stdin_lines};
+
 const ROLE: &str = "SWITCHYARD_RABBIT_ROLE";
 const SOCKET: &str = "SWITCHYARD_RABBIT_SOCKET";
 const NAMESPACE: &str = "SWITCHYARD_RABBIT_NS";
@@ -29,78 +31,16 @@ const WAIT: Duration = Duration::from_secs(60);
 
 // ---------- parent side ----------
 
-struct Child {
-    name: String,
-    proc: std::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    stdin: Option<std::process::ChildStdin>,
-}
-
-impl Child {
-    fn spawn(role: &str, w: &World, env: &[(&str, &str)]) -> Child {
-        let exe = std::env::current_exe().expect("the test binary path");
-        let mut cmd = Command::new(exe);
-        cmd.args(["--exact", "rabbit_child", "--nocapture", "--test-threads=1"])
-            .env(ROLE, role)
-            .env(SOCKET, &w.socket)
-            .env(NAMESPACE, &w.namespace)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut proc = cmd.spawn().expect("the child process starts");
-        let stdout = proc.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = proc.stdin.take();
-        Child {
-            name: format!("{role} {env:?}"),
-            proc,
-            lines,
-            stdin,
-        }
-    }
-
-    /// Waits for a line containing `prefix`; returns what follows it.
-    async fn expect(&mut self, prefix: &str) -> String {
-        let name = self.name.clone();
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match self.lines.recv().await {
-                    Some(l) if l.contains(prefix) => {
-                        let at = l.find(prefix).unwrap_or(0) + prefix.len();
-                        return l[at..].trim().to_string();
-                    }
-                    Some(_) => continue,
-                    None => panic!("child {name} exited before printing {prefix}"),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("child {} did not print {prefix} in time", self.name))
-    }
-
-    fn tell(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        writeln!(stdin, "{line}").expect("the child reads its stdin");
-        stdin.flush().expect("flush");
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-    }
+/// Starts this binary's `rabbit_child` as `role`, in world `w`.
+fn spawn(role: &str, w: &World, env: &[(&str, &str)]) -> Child {
+    let socket = w.socket.to_string_lossy().into_owned();
+    let mut all = vec![
+        (ROLE, role),
+        (SOCKET, socket.as_str()),
+        (NAMESPACE, w.namespace.as_str()),
+    ];
+    all.extend_from_slice(env);
+    Child::spawn("rabbit_child", &all)
 }
 
 /// What the processes of one test share: a private bus daemon (the registry) and a
@@ -154,7 +94,7 @@ async fn ping_pong_between_two_processes() {
         return;
     }
     let w = world("rpp");
-    let mut pong = Child::spawn("pong", &w, &[("ID", "pong-1")]);
+    let mut pong = spawn("pong", &w, &[("ID", "pong-1")]);
     pong.expect("READY").await;
     let (s, _bus, _t) = session(&w.socket, &w.namespace, "host-ping").await;
     let ping = s.machine("ping", "PingService").build().await.unwrap();
@@ -178,7 +118,7 @@ async fn a_hundred_thousand_events_arrive_in_order() {
     }
     const N: u64 = 100_000;
     let w = world("rseq");
-    let mut sink = Child::spawn("sink", &w, &[("ID", "sink"), ("N", "100000")]);
+    let mut sink = spawn("sink", &w, &[("ID", "sink"), ("N", "100000")]);
     sink.expect("READY").await;
     let (s, _bus, _t) = session(&w.socket, &w.namespace, "host-src").await;
     let src = s.machine("source", "Source").build().await.unwrap();
@@ -210,7 +150,7 @@ async fn pub_sub_with_wildcards_between_processes() {
     let w = world("rps");
     let (s, _bus, _t) = session(&w.socket, &w.namespace, "host-pub").await;
     let p = s.machine("publisher", "Pub").build().await.unwrap();
-    let mut sub = Child::spawn("subscriber", &w, &[]);
+    let mut sub = spawn("subscriber", &w, &[]);
     sub.expect("READY").await;
     let topics = [
         "orders",
@@ -251,7 +191,7 @@ async fn any_of_type_spreads_across_both_processes() {
     }
     const N: u64 = 2_000;
     let w = world("rany");
-    let mut far = Child::spawn("worker", &w, &[("ID", "worker-far")]);
+    let mut far = spawn("worker", &w, &[("ID", "worker-far")]);
     far.expect("READY").await;
     let (s, _bus, _t) = session(&w.socket, &w.namespace, "host-near").await;
     let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
@@ -305,26 +245,6 @@ fn rabbit_child() {
 
 fn env(k: &str) -> String {
     std::env::var(k).unwrap_or_default()
-}
-
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-/// Lines from stdin, read on a thread.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 async fn child_main(role: &str, socket: PathBuf, namespace: String) {

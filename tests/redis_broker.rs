@@ -353,7 +353,8 @@ async fn child_member_that_dies() {
         .unwrap();
     n.join_group("work").await.unwrap();
     println!("JOINED");
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    // Lives until its first event ends the process (or the parent kills it).
+    std::future::pending::<()>().await;
 }
 
 /// A group member (another process) dies holding entries it read and did not acknowledge,

@@ -6,8 +6,6 @@
 //! variable naming the child's role; `redis_child` does nothing unless it is set.
 #![cfg(all(feature = "redis", unix))]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +13,10 @@ use switchyard::redis::{
     RedisConfig, RedisRegistry, RedisTransport, RedisTransportConfig, ready_for_tests,
 };
 use switchyard::{Envelope, Location, Node, Registry, Session};
-use tokio::sync::mpsc;
+
+#[path = "support/child.rs"]
+mod child;
+use child::{Child, say, stdin_lines};
 
 const ROLE: &str = "SWITCHYARD_REDIS_ROLE";
 const NAMESPACE: &str = "SWITCHYARD_REDIS_NS";
@@ -23,77 +24,11 @@ const WAIT: Duration = Duration::from_secs(30);
 
 // ---------- parent side ----------
 
-struct Child {
-    name: String,
-    proc: std::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    stdin: Option<std::process::ChildStdin>,
-}
-
-impl Child {
-    fn spawn(role: &str, namespace: &str, env: &[(&str, &str)]) -> Child {
-        let exe = std::env::current_exe().expect("the test binary path");
-        let mut cmd = Command::new(exe);
-        cmd.args(["--exact", "redis_child", "--nocapture", "--test-threads=1"])
-            .env(ROLE, role)
-            .env(NAMESPACE, namespace)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut proc = cmd.spawn().expect("the child process starts");
-        let stdout = proc.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = proc.stdin.take();
-        Child {
-            name: format!("{role} {env:?}"),
-            proc,
-            lines,
-            stdin,
-        }
-    }
-
-    /// Waits for a line containing `prefix`; returns what follows it.
-    async fn expect(&mut self, prefix: &str) -> String {
-        let name = self.name.clone();
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match self.lines.recv().await {
-                    Some(l) if l.contains(prefix) => {
-                        let at = l.find(prefix).unwrap_or(0) + prefix.len();
-                        return l[at..].trim().to_string();
-                    }
-                    Some(_) => continue,
-                    None => panic!("child {name} exited before printing {prefix}"),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("child {} did not print {prefix} in time", self.name))
-    }
-
-    fn tell(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        writeln!(stdin, "{line}").expect("the child reads its stdin");
-        stdin.flush().expect("flush");
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-    }
+/// Starts this binary's `redis_child` as `role`, in `namespace`.
+fn spawn(role: &str, namespace: &str, env: &[(&str, &str)]) -> Child {
+    let mut all = vec![(ROLE, role), (NAMESPACE, namespace)];
+    all.extend_from_slice(env);
+    Child::spawn("redis_child", &all)
 }
 
 /// A session on `host` that knows only the Redis URL (from the environment) and the namespace.
@@ -130,7 +65,7 @@ async fn two_processes_discover_each_other_by_type_and_ping_pong() {
         return;
     }
     let ns = namespace("pp");
-    let mut child = Child::spawn("player", &ns, &[("ID", "far-player")]);
+    let mut child = spawn("player", &ns, &[("ID", "far-player")]);
     child.expect("READY").await;
     let (s, _t) = session(&ns, "host-near").await;
     let near = s
@@ -184,26 +119,6 @@ fn redis_child() {
         .build()
         .expect("a runtime");
     rt.block_on(child_main(&role, namespace));
-}
-
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-/// Lines from stdin, read on a thread.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 async fn child_main(role: &str, namespace: String) {

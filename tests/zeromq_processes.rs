@@ -9,7 +9,6 @@
 //! killed when their handle drops.
 #![cfg(all(feature = "zeromq", feature = "ipc", unix))]
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -20,93 +19,22 @@ use switchyard::zeromq::{ZmqConfig, ZmqTransport};
 use switchyard::{Envelope, Error, Location, Node, Session};
 use tokio::sync::mpsc;
 
+#[path = "support/child.rs"]
+mod child;
+use child::{Child, say, stdin_lines};
+
 const ROLE: &str = "SWITCHYARD_ZMQ_ROLE";
 const SOCKET: &str = "SWITCHYARD_ZMQ_SOCKET";
 const WAIT: Duration = Duration::from_secs(30);
 
 // ---------- parent side ----------
 
-struct Child {
-    name: String,
-    proc: std::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    stdin: Option<std::process::ChildStdin>,
-}
-
-impl Child {
-    fn spawn(role: &str, socket: &Path, env: &[(&str, &str)]) -> Child {
-        let exe = std::env::current_exe().expect("the test binary path");
-        let mut cmd = Command::new(exe);
-        cmd.args(["--exact", "zmq_child", "--nocapture", "--test-threads=1"])
-            .env(ROLE, role)
-            .env(SOCKET, socket)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut proc = cmd.spawn().expect("the child process starts");
-        let stdout = proc.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = proc.stdin.take();
-        Child {
-            name: format!("{role} {env:?}"),
-            proc,
-            lines,
-            stdin,
-        }
-    }
-
-    /// Waits for a line containing `prefix`; returns what follows it.
-    async fn expect(&mut self, prefix: &str) -> String {
-        let name = self.name.clone();
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match self.lines.recv().await {
-                    Some(l) if l.contains(prefix) => {
-                        let at = l.find(prefix).unwrap_or(0) + prefix.len();
-                        return l[at..].trim().to_string();
-                    }
-                    Some(_) => continue,
-                    None => panic!("child {name} exited before printing {prefix}"),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("child {} did not print {prefix} in time", self.name))
-    }
-
-    fn tell(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        writeln!(stdin, "{line}").expect("the child reads its stdin");
-        stdin.flush().expect("flush");
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.id()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        // A stopped child must be able to die.
-        signal(self.pid(), "CONT");
-        self.kill();
-    }
+/// Starts this binary's `zmq_child` as `role`, with the registry at `socket`.
+fn spawn(role: &str, socket: &Path, env: &[(&str, &str)]) -> Child {
+    let socket = socket.to_string_lossy().into_owned();
+    let mut all = vec![(ROLE, role), (SOCKET, socket.as_str())];
+    all.extend_from_slice(env);
+    Child::spawn("zmq_child", &all)
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -150,7 +78,7 @@ fn session(socket: &Path, host: &str, cfg: ZmqConfig) -> (Session, IpcBus, Arc<Z
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_pong_between_two_processes() {
     let reg = registry("zpp");
-    let mut pong = Child::spawn("pong", &reg.socket, &[("ID", "pong-1")]);
+    let mut pong = spawn("pong", &reg.socket, &[("ID", "pong-1")]);
     pong.expect("READY").await;
     let (s, _bus, _zmq) = session(&reg.socket, "host-ping", ZmqConfig::default());
     let ping = s.machine("ping", "PingService").build().await.unwrap();
@@ -171,7 +99,7 @@ async fn ping_pong_between_two_processes() {
 async fn a_hundred_thousand_events_arrive_in_order() {
     const N: u64 = 100_000;
     let reg = registry("zseq");
-    let mut sink = Child::spawn("sink", &reg.socket, &[("ID", "sink"), ("N", "100000")]);
+    let mut sink = spawn("sink", &reg.socket, &[("ID", "sink"), ("N", "100000")]);
     sink.expect("READY").await;
     let (s, _bus, zmq) = session(&reg.socket, "host-src", ZmqConfig::default());
     let src = s.machine("source", "Source").build().await.unwrap();
@@ -210,7 +138,7 @@ async fn pub_sub_with_wildcards_between_processes() {
     let p = s.machine("publisher", "Pub").build().await.unwrap();
     // Subscribed after the publisher exists: the subscribe returns once the publisher's
     // PUB has the prefixes and the publisher knows the patterns.
-    let mut sub = Child::spawn("subscriber", &reg.socket, &[]);
+    let mut sub = spawn("subscriber", &reg.socket, &[]);
     sub.expect("READY").await;
     // one: orders.*   many: orders.#   eu: *.*.eu   (SUB prefixes "orders.", "orders", "")
     for (topic, n) in [
@@ -255,7 +183,7 @@ async fn pub_sub_with_wildcards_between_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_killed_mid_stream_fails_the_sender_within_the_bound() {
     let reg = registry("zkill");
-    let mut sink = Child::spawn("sink", &reg.socket, &[("ID", "victim"), ("N", "0")]);
+    let mut sink = spawn("sink", &reg.socket, &[("ID", "victim"), ("N", "0")]);
     sink.expect("READY").await;
     let cfg = ZmqConfig::default()
         .peer_timeout(Duration::from_secs(1))
@@ -298,7 +226,7 @@ async fn a_peer_killed_mid_stream_fails_the_sender_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_peer_fails_the_sender_after_the_timeout_with_bounded_memory() {
     let reg = registry("zstop");
-    let mut sink = Child::spawn("sink", &reg.socket, &[("ID", "stuck"), ("N", "0")]);
+    let mut sink = spawn("sink", &reg.socket, &[("ID", "stuck"), ("N", "0")]);
     sink.expect("READY").await;
     let cfg = ZmqConfig::default()
         .peer_timeout(Duration::from_millis(800))
@@ -348,7 +276,7 @@ async fn a_peer_that_comes_back_is_reached_again() {
     };
     let router = format!("tcp://127.0.0.1:{port}");
     let env = [("ID", "pong-b"), ("ROUTER", router.as_str())];
-    let mut pong = Child::spawn("pong", &reg.socket, &env);
+    let mut pong = spawn("pong", &reg.socket, &env);
     pong.expect("READY").await;
     let cfg = ZmqConfig::default().connect_timeout(Duration::from_millis(500));
     let (s, _bus, _zmq) = session(&reg.socket, "host-ping", cfg);
@@ -373,7 +301,7 @@ async fn a_peer_that_comes_back_is_reached_again() {
     .await
     .expect("the dead peer is noticed");
     eprintln!("while down: {err}");
-    let mut pong = Child::spawn("pong", &reg.socket, &env);
+    let mut pong = spawn("pong", &reg.socket, &env);
     pong.expect("READY").await;
     let r = tokio::time::timeout(WAIT, async {
         loop {
@@ -410,26 +338,6 @@ fn zmq_child() {
 
 fn env(k: &str) -> String {
     std::env::var(k).unwrap_or_default()
-}
-
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-/// Lines from stdin, read on a thread.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 async fn child_main(role: &str, socket: PathBuf) {
