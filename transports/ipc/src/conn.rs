@@ -304,6 +304,12 @@ impl Tracker {
     }
 
     fn target(&mut self, to: &str) -> &mut usize {
+        let i = self.target_index(to);
+        &mut self.inflight[i].1
+    }
+
+    /// Where `to`'s bytes in flight are counted (the last target is checked first).
+    fn target_index(&mut self, to: &str) -> usize {
         let i = match self.inflight.get(self.last_target) {
             Some((t, _)) if crate::codec::same(t.as_bytes(), to.as_bytes()) => self.last_target,
             _ => match self.target_at.get(to) {
@@ -317,7 +323,7 @@ impl Tracker {
             },
         };
         self.last_target = i;
-        &mut self.inflight[i].1
+        i
     }
 
     /// Counts one `SEND` of `total` bytes from `source` to `to`; with `check`, refuses it
@@ -326,11 +332,12 @@ impl Tracker {
     fn one(&mut self, to: &str, source: &str, total: usize, check: bool) -> bool {
         if let Some(limit) = self.window {
             let limit = self.share(limit);
-            let n = *self.target(to);
+            let i = self.target_index(to);
+            let n = self.inflight[i].1;
             if check && n > limit / 2 && n + total > limit {
                 return false;
             }
-            self.add_inflight(to, total);
+            self.add_inflight_at(i, total);
         }
         *self.pair(source, to) += 1;
         true
@@ -345,12 +352,16 @@ impl Tracker {
     }
 
     fn add_inflight(&mut self, to: &str, bytes: usize) {
-        let n = self.target(to);
-        let was_idle = *n == 0;
-        *n += bytes;
-        if was_idle && bytes > 0 {
+        let i = self.target_index(to);
+        self.add_inflight_at(i, bytes);
+    }
+
+    fn add_inflight_at(&mut self, i: usize, bytes: usize) {
+        let n = &mut self.inflight[i].1;
+        if *n == 0 && bytes > 0 {
             self.active += 1;
         }
+        *n += bytes;
     }
 
     fn settle(&mut self, to: &str, bytes: usize) {
