@@ -7,19 +7,23 @@
 #![cfg(feature = "rabbitmq-tls")]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use switchyard::rabbitmq::{RabbitConfig, RabbitTransport, ready_for_tests};
 use switchyard::{Envelope, Error, Location, Node};
 
+#[path = "support/certs.rs"]
+mod certs;
+use certs::TestCa;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The proxy and its certificate files, stopped and removed on drop.
 struct TlsProxy {
     child: Child,
-    dir: PathBuf,
+    ca: TestCa,
     port: u16,
 }
 
@@ -27,115 +31,18 @@ impl Drop for TlsProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn run(dir: &Path, program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn installed(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
 }
 
 /// Makes a CA and a certificate for 127.0.0.1, then starts the proxy in front of the broker
 /// at `host:port`.
 fn start(host: &str, port: u16) -> Option<TlsProxy> {
-    for p in ["openssl", "python3"] {
-        if !installed(p) {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI needs `{p}` installed: the TLS test makes its own certificates and proxy"
-            );
-            eprintln!("skipped: `{p}` is not installed (the TLS test needs it)");
-            return None;
-        }
-    }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("sy-amqp-tls-{}-{nanos:x}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    std::fs::write(
-        dir.join("server.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .expect("writes the extensions file");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca = [
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=switchyard-test-ca",
-        ],
-    ]
-    .concat();
-    let csr = [
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    ]
-    .concat();
-    let sign = [
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-    ];
-    assert!(
-        run(&dir, "openssl", &ca) && run(&dir, "openssl", &csr) && run(&dir, "openssl", &sign),
-        "openssl made the test certificates in {}",
-        dir.display()
-    );
+    let ca = TestCa::make("amqp-tls", &["python3"])?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tls_proxy.py");
     let mut child = Command::new("python3")
         .arg(script)
-        .arg(dir.join("server.crt"))
-        .arg(dir.join("server.key"))
+        .arg(ca.dir.join("server.crt"))
+        .arg(ca.dir.join("server.key"))
         .arg(port.to_string())
         .arg(host)
         .stdout(Stdio::piped())
@@ -147,7 +54,7 @@ fn start(host: &str, port: u16) -> Option<TlsProxy> {
         .read_line(&mut line)
         .expect("the proxy prints its port");
     let port = line.trim().parse().expect("a port number");
-    Some(TlsProxy { child, dir, port })
+    Some(TlsProxy { child, ca, port })
 }
 
 /// Two hosts reach each other through the broker over TLS; a certificate from an unknown
@@ -179,7 +86,7 @@ async fn the_transport_works_over_tls_and_checks_the_certificate() {
     let ns = format!("sy-tls-{}-{nanos:x}", std::process::id());
     let cfg = RabbitConfig::new(&url)
         .namespace(ns)
-        .tls_ca_file(proxy.dir.join("ca.crt"));
+        .tls_ca_file(proxy.ca.ca_cert());
     let a = RabbitTransport::connect(cfg.clone())
         .await
         .expect("connects over TLS");
@@ -227,7 +134,7 @@ async fn the_transport_works_over_tls_and_checks_the_certificate() {
         "says what to do: {err}"
     );
     // A CA file that is not there is a configuration error naming it.
-    let missing = cfg.tls_ca_file(proxy.dir.join("nope.pem"));
+    let missing = cfg.tls_ca_file(proxy.ca.dir.join("nope.pem"));
     let err = RabbitTransport::connect(missing).await.unwrap_err();
     assert!(
         matches!(&err, Error::Config(m) if m.contains("nope.pem")),

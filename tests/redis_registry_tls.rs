@@ -8,19 +8,22 @@
 
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard::redis::{RedisConfig, RedisRegistry};
 use switchyard::{Error, MachineEntry, MachineId, Registry, RegistryEvent};
 
+#[path = "support/certs.rs"]
+mod certs;
+use certs::TestCa;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A redis-server of this test's own, stopped (and its files removed) on drop.
 struct TlsServer {
     child: Child,
-    dir: PathBuf,
+    ca: TestCa,
     port: u16,
 }
 
@@ -28,119 +31,12 @@ impl Drop for TlsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn run(dir: &Path, program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn installed(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
 }
 
 /// Makes a CA and a server certificate for 127.0.0.1, starts redis-server with TLS only.
 fn start() -> Option<TlsServer> {
-    for p in ["redis-server", "openssl"] {
-        if !installed(p) {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI needs `{p}` installed: the TLS test runs a server of its own"
-            );
-            eprintln!("skipped: `{p}` is not installed (the TLS test runs its own server)");
-            return None;
-        }
-    }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("sy-redis-tls-{}-{nanos:x}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    std::fs::write(
-        dir.join("server.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .ok()?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ok = run(
-        &dir,
-        "openssl",
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=switchyard-test-ca",
-            ],
-        ]
-        .concat(),
-    ) && run(
-        &dir,
-        "openssl",
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        ]
-        .concat(),
-    ) && run(
-        &dir,
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
-    assert!(
-        ok,
-        "openssl made the test certificates in {}",
-        dir.display()
-    );
+    let ca = TestCa::make("redis-tls", &["redis-server"])?;
     let port = TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
@@ -167,12 +63,12 @@ fn start() -> Option<TlsServer> {
             "--appendonly",
             "no",
         ])
-        .current_dir(&dir)
+        .current_dir(&ca.dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let server = TlsServer { child, dir, port };
+    let server = TlsServer { child, ca, port };
     // A bounded wait for the listening port.
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -204,7 +100,7 @@ async fn registry_works_over_tls_and_checks_the_server_certificate() {
     let cfg = RedisConfig::default()
         .url(&url)
         .namespace("sy-test-tls")
-        .tls_ca_file(server.dir.join("ca.crt"));
+        .tls_ca_file(server.ca.ca_cert());
     let a = RedisRegistry::connect(cfg.clone()).await.unwrap();
     let b = RedisRegistry::connect(cfg.clone()).await.unwrap();
     let mut wb = b.watch();
@@ -225,7 +121,7 @@ async fn registry_works_over_tls_and_checks_the_server_certificate() {
     let err = RedisRegistry::connect(untrusted).await.unwrap_err();
     assert!(matches!(err, Error::Transport { .. }), "{err}");
     // A CA file that is not there is a configuration error naming it.
-    let missing = cfg.tls_ca_file(server.dir.join("nope.pem"));
+    let missing = cfg.tls_ca_file(server.ca.dir.join("nope.pem"));
     let err = RedisRegistry::connect(missing).await.unwrap_err();
     assert!(
         matches!(&err, Error::Config(m) if m.contains("nope.pem")),
@@ -246,7 +142,7 @@ async fn transport_works_over_tls() {
     let cfg = RedisConfig::default()
         .url(&url)
         .namespace("sy-test-tls-transport")
-        .tls_ca_file(server.dir.join("ca.crt"));
+        .tls_ca_file(server.ca.ca_cert());
     let registry: std::sync::Arc<dyn Registry> =
         std::sync::Arc::new(RedisRegistry::connect(cfg.clone()).await.unwrap());
     let mut sessions = Vec::new();
