@@ -19,6 +19,19 @@ use tokio::sync::mpsc;
 /// How long a test waits for an event before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Waits (up to [`WAIT`]) until `cond` holds: for states no event announces, such as
+/// a counter of the receiving side that moves when an event arrives from another process.
+pub async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Where a session of a world runs: what a fixture's `configure` gets.
 pub struct Host<'a> {
     /// Unique per world: a fixture keys what the sessions of one world share by it (a
@@ -1369,9 +1382,6 @@ async fn full_mailbox(fx: Fixture, policy: FullPolicy, batch: bool) {
         .build()
         .await
         .unwrap();
-    // Lives beside `slow` (same process, same connection): its answer means everything sent
-    // to `slow` before it was handled by the receiving side.
-    let (_barrier, _) = w.ponger("barrier", "Barrier").await;
     let p = w.machine("p", "P").build().await.unwrap();
     let rest = async {
         if batch {
@@ -1387,11 +1397,13 @@ async fn full_mailbox(fx: Fixture, policy: FullPolicy, batch: bool) {
     };
     p.send("slow", "E", 0u32).await.unwrap();
     tokio::time::timeout(WAIT, started.recv()).await.unwrap();
-    // The handler holds event 0; the mailbox has room for 1 and 2, not for 3.
-    let barrier = || async {
-        p.request("barrier", "PING", 0u32, WAIT)
-            .await
-            .expect("the barrier answers");
+    // The handler holds event 0; the mailbox has room for 1 and 2, not for 3. Across
+    // processes event 3 has reached the receiver once it was dropped there (a machine
+    // elsewhere is no barrier: it may be reached by another path, and answer first).
+    let third_arrived = || {
+        until("event 3 reaches the full mailbox", || {
+            slow.stats().dropped == 1
+        })
     };
     let expected: Vec<u32> = match policy {
         FullPolicy::Wait => {
@@ -1409,13 +1421,13 @@ async fn full_mailbox(fx: Fixture, policy: FullPolicy, batch: bool) {
         }
         FullPolicy::DropNewest => {
             rest.await.unwrap();
-            barrier().await;
+            third_arrived().await;
             gate.add_permits(1);
             vec![0, 1, 2]
         }
         FullPolicy::DropOldest => {
             rest.await.unwrap();
-            barrier().await;
+            third_arrived().await;
             gate.add_permits(1);
             vec![0, 2, 3]
         }
@@ -1425,7 +1437,7 @@ async fn full_mailbox(fx: Fixture, policy: FullPolicy, batch: bool) {
                 assert!(matches!(r, Err(Error::MailboxFull(_))), "{r:?}");
             } else {
                 r.unwrap();
-                barrier().await;
+                third_arrived().await;
             }
             gate.add_permits(1);
             vec![0, 1, 2]
@@ -1748,7 +1760,7 @@ pub async fn semantics_priority(fx: Fixture) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let (tx, mut got) = mpsc::unbounded_channel::<String>();
     let g = gate.clone();
-    let _slow = w
+    let slow = w
         .machine("slow", "Slow")
         .handler_async(move |_, ev| {
             let (g, started_tx, tx) = (g.clone(), started_tx.clone(), tx.clone());
@@ -1763,7 +1775,6 @@ pub async fn semantics_priority(fx: Fixture) {
         .build()
         .await
         .unwrap();
-    let (_barrier, _) = w.ponger("barrier", "Barrier").await;
     let p = w.machine("p", "P").build().await.unwrap();
     p.send("slow", "FIRST", ()).await.unwrap();
     tokio::time::timeout(WAIT, started.recv()).await.unwrap();
@@ -1782,8 +1793,11 @@ pub async fn semantics_priority(fx: Fixture) {
         .send()
         .await
         .unwrap();
-    // Everything sent so far is queued at the receiver once the barrier answers.
-    p.request("barrier", "PING", 0u32, WAIT).await.unwrap();
+    // Everything sent so far is queued at the receiver (behind FIRST) before the gate opens.
+    until("six events queued behind FIRST", || {
+        slow.stats().queued == 6
+    })
+    .await;
     gate.add_permits(1);
     let mut seen = Vec::new();
     for _ in 0..7 {

@@ -54,6 +54,9 @@ pub struct NodeStats {
     /// Sends that failed after the call that made them had returned (a `post` finished in a
     /// task, a delayed send); each is also given to the [`MachineBuilder::on_error`] hook.
     pub failed_sends: u64,
+    /// Events waiting in the mailbox now (0 for a machine whose events run in the sender's
+    /// call): the backlog a monitor watches, and what a test awaits to know its events arrived.
+    pub queued: usize,
 }
 
 /// Called with every send failure the caller could not be told about directly.
@@ -138,6 +141,7 @@ impl Node {
             expired: self.0.expired.load(Ordering::Relaxed),
             dropped: self.0.dropped.load(Ordering::Relaxed),
             failed_sends: self.0.failed_sends.load(Ordering::Relaxed),
+            queued: self.0.mailbox.get().map_or(0, |m| m.len()),
         }
     }
 
