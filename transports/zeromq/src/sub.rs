@@ -12,7 +12,8 @@ use zeromq::prelude::*;
 use zeromq::{SubSocket, ZmqMessage};
 
 use crate::codec::{self, Meta, kind};
-use crate::{NAME, Shared, SubCmd, meta_publisher, meta_reach};
+use crate::topics::{meta_publisher, meta_reach};
+use crate::{NAME, Shared, SubCmd};
 
 pub(crate) async fn run(
     shared: Weak<Shared>,
