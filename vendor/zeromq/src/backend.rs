@@ -101,7 +101,7 @@ impl GenericSocketBackend {
     }
 
     pub(crate) async fn send_round_robin(&self, message: Message) -> ZmqResult<()> {
-        let message = match self
+        let mut message = match self
             .finish_cached_send(self.try_send_cached_single_peer(message, None))
             .await?
         {
@@ -132,9 +132,13 @@ impl GenericSocketBackend {
                     }
                 },
             };
-            let send_result = match self.peers.get_async(&next_peer_id).await {
-                Some(mut peer) => send_to_peer_queue(&mut peer.send_queue, message).await,
-                None => continue,
+            let send_result = match send_to_mapped_peer(&self.peers, &next_peer_id, message).await
+            {
+                Ok(result) => result,
+                Err(back) => {
+                    message = back;
+                    continue;
+                }
             };
             return match send_result {
                 Ok(()) => {
@@ -162,9 +166,9 @@ impl GenericSocketBackend {
             SendResolution::Miss(message) => message,
         };
 
-        let send_result = match self.peers.get_async(peer_id).await {
-            Some(mut peer) => send_to_peer_queue(&mut peer.send_queue, message).await,
-            None => return Err(ZmqError::Other("Destination client not found by identity")),
+        let send_result = match send_to_mapped_peer(&self.peers, peer_id, message).await {
+            Ok(result) => result,
+            Err(_) => return Err(ZmqError::Other("Destination client not found by identity")),
         };
         match send_result {
             Ok(()) => Ok(()),
@@ -247,14 +251,31 @@ impl GenericSocketBackend {
     }
 }
 
-async fn send_to_peer_queue(
-    send_queue: &mut mpsc::Sender<Message>,
+/// Sends to a peer's queue in the map, waiting for room; gives the message back when the
+/// peer is not in the map.
+///
+/// PATCH (switchyard): the map's bucket lock is taken synchronously and only inside one poll,
+/// never across an await, so a task waiting for room holds no lock, and no lock is handed to
+/// a task that is not running (which a thread blocked in `get_sync`/`remove_sync` could then
+/// wait on forever); see vendor/zeromq/PATCHES.md. `poll_ready` leaves the waker with the
+/// peer's own sender, so the queue's bound is kept (a cloned sender would get a free slot).
+async fn send_to_mapped_peer(
+    peers: &scc::HashMap<PeerIdentity, Peer>,
+    peer_id: &PeerIdentity,
     message: Message,
-) -> Result<(), mpsc::SendError> {
-    match send_queue.try_send(message) {
-        Ok(()) => Ok(()),
-        Err(error) if error.is_full() => send_queue.send(error.into_inner()).await,
-        Err(error) => Err(error.into_send_error()),
+) -> Result<Result<(), mpsc::SendError>, Message> {
+    let ready = futures::future::poll_fn(|cx| match peers.get_sync(peer_id) {
+        None => std::task::Poll::Ready(None),
+        Some(mut peer) => peer.send_queue.poll_ready(cx).map(Some),
+    })
+    .await;
+    match ready {
+        None => Err(message),
+        Some(Err(e)) => Ok(Err(e)),
+        Some(Ok(())) => match peers.get_sync(peer_id) {
+            None => Err(message),
+            Some(mut peer) => Ok(peer.send_queue.start_send(message)),
+        },
     }
 }
 
@@ -289,13 +310,12 @@ impl MultiPeerBackend for GenericSocketBackend {
         let (recv_queue, send_queue) = io.into_parts();
         let (queue_sender, queue_receiver) = mpsc::channel(PEER_SEND_QUEUE_CAPACITY);
         self.peers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 Peer {
                     send_queue: queue_sender,
                 },
-            )
-            .await;
+            );
         self.refresh_single_peer_cache();
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();

@@ -134,12 +134,15 @@ impl PubSocketBackend {
             None => return,
         };
 
-        let mut iter = self.subscribers.begin_async().await;
+        // PATCH (switchyard): synchronous walk. An asynchronous lock wait can be handed the
+        // bucket lock while the task is not running, and `message_received` then blocks a
+        // worker thread in `get_sync` on it; see vendor/zeromq/PATCHES.md.
+        let mut iter = self.subscribers.begin_sync();
         while let Some(subscriber) = iter {
             if subscription_matches(&subscriber.subscriptions, first_frame) {
                 send_to_subscriber(subscriber.send_queue.clone(), &message);
             }
-            iter = subscriber.next_async().await;
+            iter = subscriber.next_sync();
         }
     }
 
@@ -211,15 +214,14 @@ impl MultiPeerBackend for PubSocketBackend {
         let (sender, stop_receiver) = oneshot::channel();
         let old_subscriber = self
             .subscribers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 Subscriber {
                     subscriptions: vec![],
                     send_queue: queue_sender,
                     _subscription_coro_stop: sender,
                 },
-            )
-            .await;
+            );
         if old_subscriber.is_none() {
             self.subscriber_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -364,15 +366,14 @@ mod tests {
         let (stop_sender, _stop_receiver) = oneshot::channel();
         let old_subscriber = backend
             .subscribers
-            .upsert_async(
+            .upsert_sync(
                 peer_id,
                 Subscriber {
                     subscriptions,
                     send_queue: queue_sender,
                     _subscription_coro_stop: stop_sender,
                 },
-            )
-            .await;
+            );
         if old_subscriber.is_none() {
             backend.subscriber_count.fetch_add(1, Ordering::Relaxed);
         }

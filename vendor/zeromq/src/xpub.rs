@@ -95,14 +95,13 @@ impl MultiPeerBackend for XPubSocketBackend {
         let (recv_queue, send_queue) = io.into_parts();
 
         self.subscribers
-            .upsert_async(
+            .upsert_sync(
                 peer_id.clone(),
                 XPubSubscriber {
                     subscriptions: vec![],
                     send_queue: Arc::new(AsyncMutex::new(Box::pin(send_queue))),
                 },
-            )
-            .await;
+            );
 
         self.fair_queue_inner
             .lock()
@@ -136,7 +135,8 @@ impl SocketSend for XPubSocket {
             None => return Ok(()), // Empty message, nothing to publish
         };
         let mut targets = Vec::new();
-        let mut iter = self.backend.subscribers.begin_async().await;
+        // PATCH (switchyard): synchronous walk; see vendor/zeromq/PATCHES.md.
+        let mut iter = self.backend.subscribers.begin_sync();
         while let Some(subscriber) = iter {
             if subscriber.subscriptions.iter().any(|sub_filter| {
                 sub_filter.len() <= first_frame.len()
@@ -144,7 +144,7 @@ impl SocketSend for XPubSocket {
             }) {
                 targets.push((subscriber.key().clone(), subscriber.send_queue.clone()));
             }
-            iter = subscriber.next_async().await;
+            iter = subscriber.next_sync();
         }
 
         let mut dead_peers = Vec::new();
