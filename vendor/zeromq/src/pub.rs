@@ -105,8 +105,16 @@ fn spawn_pub_fanout_queue(backend: Arc<PubSocketBackend>) -> PubFanoutQueue {
     async_rt::task::spawn(async move {
         while wake_receiver.next().await.is_some() {
             loop {
+                let mut moved = 0u32;
                 while let Some(message) = worker_queue.pop() {
                     backend.fanout_message(message).await;
+                    // PATCH (switchyard): a publisher that never waits keeps this queue
+                    // non-empty, and the walk above never suspends: without a yield this
+                    // task holds its worker forever and the writers it feeds starve.
+                    moved += 1;
+                    if moved % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
                 }
 
                 worker_pending.store(false, Ordering::Release);
