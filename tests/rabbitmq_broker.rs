@@ -5,15 +5,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use switchyard::rabbitmq::{RabbitConfig, RabbitTransport, names, ready_for_tests};
 use switchyard::{Error, Location, Registry, Session, TopicPattern};
 use tokio::sync::mpsc;
+
+#[path = "support/wait.rs"]
+mod wait;
+use wait::until;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -247,33 +252,30 @@ async fn a_malformed_message_is_dead_lettered_and_the_consumer_goes_on() {
     );
     // The garbage and AFTER came over two connections: the broker may queue them in either
     // order, so the count is awaited rather than read once.
-    tokio::time::timeout(WAIT, async {
-        while m.stats().dropped == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the malformed message is counted");
+    until("the malformed message is counted", || m.stats().dropped > 0).await;
     assert_eq!(
         m.stats().dropped,
         1,
         "the malformed message is counted once"
     );
-    let dead_letter = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Some(msg) = ch
-                .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-            {
-                break msg;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the malformed message is dead-lettered");
-    assert_eq!(dead_letter.delivery.data, garbage);
+    let mut dead_letters = ch
+        .basic_consume(
+            dead.as_str().into(),
+            "dead-letter-check".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let dead_letter = tokio::time::timeout(WAIT, dead_letters.next())
+        .await
+        .expect("the malformed message is dead-lettered")
+        .expect("the consumer is open")
+        .unwrap();
+    assert_eq!(dead_letter.data, garbage);
     let _ = raw.close(200, "done".into()).await;
 }
 
@@ -335,6 +337,9 @@ async fn wildcards_route_on_the_broker_as_they_match_here() {
         .unwrap();
         queues.push(q);
     }
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     for t in topics {
         ch.basic_publish(
             ex.as_str().into(),
@@ -344,23 +349,22 @@ async fn wildcards_route_on_the_broker_as_they_match_here() {
             BasicProperties::default(),
         )
         .await
+        .unwrap()
+        .await
         .unwrap();
     }
-    // Publishes on one channel are routed in order: a marker after them arrives last.
+    // Every publish was confirmed, and the broker confirms a routed message once every queue
+    // it goes to has it: what each queue holds now is all it will get.
     for (p, q) in patterns.iter().zip(&queues) {
         let pat = TopicPattern::parse(p).unwrap();
         let expected: Vec<&str> = topics.iter().copied().filter(|t| pat.matches(t)).collect();
         let mut got = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while got.len() < expected.len() && Instant::now() < deadline {
-            match ch
-                .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-            {
-                Some(m) => got.push(String::from_utf8(m.delivery.data.clone()).unwrap()),
-                None => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
+        while let Some(m) = ch
+            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            got.push(String::from_utf8(m.delivery.data.clone()).unwrap());
         }
         assert_eq!(got, expected, "pattern {p}");
         assert!(

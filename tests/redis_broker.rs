@@ -13,6 +13,10 @@ use switchyard::redis::{RedisTransport, RedisTransportConfig, ready_for_tests};
 use switchyard::{Envelope, Error, Location, Node, Registry, Session, TopicPattern};
 use tokio::sync::mpsc;
 
+#[path = "support/wait.rs"]
+mod wait;
+use wait::eventually;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 fn unique(prefix: &str) -> String {
@@ -100,18 +104,6 @@ async fn kill_connections(c: &mut redis::aio::MultiplexedConnection, prefix: &st
         }
     }
     killed
-}
-
-/// Polls `cond` until it holds or `WAIT` passed.
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut cond: impl FnMut() -> F,
-) {
-    let until = Instant::now() + WAIT;
-    while !cond().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[test]

@@ -19,18 +19,9 @@ use tokio::sync::mpsc;
 /// How long a test waits for an event before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// Waits (up to [`WAIT`]) until `cond` holds: for states no event announces, such as
-/// a counter of the receiving side that moves when an event arrives from another process.
-pub async fn until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+#[path = "../support/wait.rs"]
+mod wait;
+pub use wait::until;
 
 /// Where a session of a world runs: what a fixture's `configure` gets.
 pub struct Host<'a> {
