@@ -32,7 +32,48 @@ pub struct OutgoingRef<'a> {
     pub headers: &'a Headers,
 }
 
+/// [`OutgoingRef`] as the envelope map of docs/PROTOCOL.md §2, borrowing every field.
+#[derive(Serialize)]
+struct WireRef<'a> {
+    id: u64,
+    source: &'a MachineId,
+    target: &'a Address,
+    event: &'a str,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+    headers: &'a Headers,
+}
+
 impl<'a> OutgoingRef<'a> {
+    /// Encodes the event as the envelope map [`Envelope::encode`] writes, without building
+    /// an envelope; `scratch` holds the payload's bytes when they are not encoded yet.
+    pub fn encode(&self, scratch: &mut Vec<u8>) -> crate::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(64 + self.event.len());
+        self.encode_into(scratch, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the envelope map of [`OutgoingRef::encode`] to `out` (after a header, say).
+    pub fn encode_into(&self, scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> crate::Result<()> {
+        let payload: &[u8] = match self.payload.as_msgpack() {
+            Some(b) => b,
+            None => {
+                scratch.clear();
+                self.payload.write_msgpack(scratch)?;
+                scratch
+            }
+        };
+        let wire = WireRef {
+            id: self.id,
+            source: self.source,
+            target: self.target,
+            event: self.event,
+            payload,
+            headers: self.headers,
+        };
+        rmp_serde::encode::write_named(out, &wire).map_err(|e| crate::Error::Encode(e.to_string()))
+    }
+
     /// Borrows an envelope.
     pub fn of(env: &'a Envelope) -> OutgoingRef<'a> {
         OutgoingRef {
@@ -347,6 +388,28 @@ mod tests {
             100,
             [("X", 1u32), ("Y", 2), ("Z", 3)].into_iter().collect(),
         )
+    }
+
+    #[test]
+    fn a_borrowed_event_encodes_as_its_envelope_does() {
+        let mut b = batch();
+        let mut scratch = Vec::new();
+        let borrowed = b.front().unwrap().encode(&mut scratch).unwrap();
+        let env = b.pop().unwrap();
+        assert_eq!(
+            borrowed,
+            env.encode().unwrap(),
+            "a payload encoded on the way"
+        );
+        let decoded = Envelope::decode(&borrowed).unwrap();
+        let again = OutgoingRef::of(&decoded).encode(&mut scratch).unwrap();
+        assert_eq!(again, borrowed, "a payload already encoded");
+        let mut after = b"hdr".to_vec();
+        OutgoingRef::of(&decoded)
+            .encode_into(&mut scratch, &mut after)
+            .unwrap();
+        assert_eq!(&after[..3], b"hdr");
+        assert_eq!(&after[3..], &borrowed[..]);
     }
 
     #[test]

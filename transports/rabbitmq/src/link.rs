@@ -54,7 +54,7 @@ impl Link for RabbitLink {
             let mut failed: Option<Error> = None;
             while inflight.len() < sh.cfg.confirm_window {
                 let Some(ev) = out.front() else { break };
-                let body = match wire::encode(&ev, &mut scratch) {
+                let body = match ev.encode(&mut scratch) {
                     Ok(b) => b,
                     Err(e) => {
                         failed = Some(e);

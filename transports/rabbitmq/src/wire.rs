@@ -3,8 +3,7 @@
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use serde::Serialize;
-use switchyard_core::{Address, Envelope, Error, Headers, MachineId, OutgoingRef, Result};
+use switchyard_core::{Envelope, Headers, Result};
 
 /// Header: host id of a topic publisher (subscribers on its own host are skipped).
 pub(crate) const H_HOST: &str = "sy-host";
@@ -12,38 +11,6 @@ pub(crate) const H_HOST: &str = "sy-host";
 pub(crate) const H_PROC: &str = "sy-proc";
 /// Header: nearest and farthest location (0..=3) the publish covers.
 pub(crate) const H_REACH: &str = "sy-reach";
-
-#[derive(Serialize)]
-struct WireRef<'a> {
-    id: u64,
-    source: &'a MachineId,
-    target: &'a Address,
-    event: &'a str,
-    #[serde(with = "serde_bytes")]
-    payload: &'a [u8],
-    headers: &'a Headers,
-}
-
-/// Encodes an event as the envelope map, reusing `scratch` for the payload bytes.
-pub(crate) fn encode(ev: &OutgoingRef<'_>, scratch: &mut Vec<u8>) -> Result<Vec<u8>> {
-    let payload: &[u8] = match ev.payload.as_msgpack() {
-        Some(b) => b,
-        None => {
-            scratch.clear();
-            ev.payload.write_msgpack(scratch)?;
-            scratch
-        }
-    };
-    let wire = WireRef {
-        id: ev.id,
-        source: ev.source,
-        target: ev.target,
-        event: ev.event,
-        payload,
-        headers: ev.headers,
-    };
-    rmp_serde::to_vec_named(&wire).map_err(|e| Error::Encode(e.to_string()))
-}
 
 /// Decodes a body into an envelope carried by `rabbitmq`.
 pub(crate) fn decode(body: &[u8]) -> Result<Envelope> {
@@ -116,7 +83,7 @@ pub(crate) fn header_reach(props: &BasicProperties) -> Option<(u8, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_core::{Name, Payload};
+    use switchyard_core::{Address, Name, OutgoingRef, Payload};
 
     #[test]
     fn encoded_events_decode_as_envelopes() {
@@ -127,7 +94,7 @@ mod tests {
             Name::new("EV"),
             Payload::new((1u32, "x".to_string())),
         );
-        let bytes = encode(&OutgoingRef::of(&env), &mut Vec::new()).unwrap();
+        let bytes = OutgoingRef::of(&env).encode(&mut Vec::new()).unwrap();
         assert_eq!(bytes, env.encode().unwrap(), "same bytes as the core codec");
         let back = decode(&bytes).unwrap();
         assert_eq!(back.data::<(u32, String)>().unwrap(), (1, "x".to_string()));

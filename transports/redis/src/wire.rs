@@ -3,67 +3,10 @@
 //! followed by that envelope map.
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::{Address, Envelope, Error, Headers, MachineId, OutgoingRef, Result};
+use switchyard_core::{Envelope, Error, Result};
 
 /// Version of the topic message header; a subscriber skips other versions.
 pub(crate) const TOPIC_FORMAT: u8 = 1;
-
-#[derive(Serialize)]
-struct WireRef<'a> {
-    id: u64,
-    source: &'a MachineId,
-    target: &'a Address,
-    event: &'a str,
-    #[serde(with = "serde_bytes")]
-    payload: &'a [u8],
-    headers: &'a Headers,
-}
-
-/// Encodes an event as the envelope map, reusing `scratch` for the payload bytes.
-pub(crate) fn encode(ev: &OutgoingRef<'_>, scratch: &mut Vec<u8>) -> Result<Vec<u8>> {
-    let payload: &[u8] = match ev.payload.as_msgpack() {
-        Some(b) => b,
-        None => {
-            scratch.clear();
-            ev.payload.write_msgpack(scratch)?;
-            scratch
-        }
-    };
-    let wire = WireRef {
-        id: ev.id,
-        source: ev.source,
-        target: ev.target,
-        event: ev.event,
-        payload,
-        headers: ev.headers,
-    };
-    rmp_serde::to_vec_named(&wire).map_err(|e| Error::Encode(e.to_string()))
-}
-
-/// Appends the envelope map of `ev` to `out` (after a topic header, say).
-pub(crate) fn encode_into(
-    ev: &OutgoingRef<'_>,
-    scratch: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    let payload: &[u8] = match ev.payload.as_msgpack() {
-        Some(b) => b,
-        None => {
-            scratch.clear();
-            ev.payload.write_msgpack(scratch)?;
-            scratch
-        }
-    };
-    let wire = WireRef {
-        id: ev.id,
-        source: ev.source,
-        target: ev.target,
-        event: ev.event,
-        payload,
-        headers: ev.headers,
-    };
-    rmp_serde::encode::write_named(out, &wire).map_err(|e| Error::Encode(e.to_string()))
-}
 
 /// The header bytes of a topic message: the MessagePack array of 5 that precedes the envelope.
 pub(crate) fn topic_header(header: &TopicHeader) -> Result<Vec<u8>> {
@@ -122,7 +65,7 @@ pub(crate) fn split_topic_message(msg: &[u8]) -> Result<(TopicHeader, Envelope)>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_core::{Name, Payload};
+    use switchyard_core::{Address, Name, OutgoingRef, Payload};
 
     fn env() -> Envelope {
         Envelope::new(
@@ -137,7 +80,7 @@ mod tests {
     #[test]
     fn encoded_events_decode_as_envelopes() {
         let env = env();
-        let bytes = encode(&OutgoingRef::of(&env), &mut Vec::new()).unwrap();
+        let bytes = OutgoingRef::of(&env).encode(&mut Vec::new()).unwrap();
         assert_eq!(bytes, env.encode().unwrap(), "same bytes as the core codec");
         let back = decode(&bytes).unwrap();
         assert_eq!(back.data::<(u32, String)>().unwrap(), (1, "x".to_string()));
@@ -156,7 +99,9 @@ mod tests {
             farthest: 3,
         })
         .unwrap();
-        encode_into(&OutgoingRef::of(&env0), &mut Vec::new(), &mut built).unwrap();
+        OutgoingRef::of(&env0)
+            .encode_into(&mut Vec::new(), &mut built)
+            .unwrap();
         let (_, e) = split_topic_message(&built).unwrap();
         assert_eq!(e.name(), "EV");
         let h = TopicHeader {

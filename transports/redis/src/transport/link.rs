@@ -92,7 +92,7 @@ impl Link for RedisLink {
             let mut failed = None;
             while bodies.len() < SEND_BATCH && (bodies.is_empty() || bytes < SEND_BYTES) {
                 let Some(ev) = out.front() else { break };
-                let body = match wire::encode(&ev, &mut scratch) {
+                let body = match ev.encode(&mut scratch) {
                     Ok(b) => b,
                     Err(e) => {
                         failed = Some(e);

@@ -232,7 +232,7 @@ impl RedisTransport {
         };
         let mut body = Vec::with_capacity(header.len() + 128);
         body.extend_from_slice(&header);
-        wire::encode_into(&OutgoingRef::of(env), &mut Vec::new(), &mut body)?;
+        OutgoingRef::of(env).encode_into(&mut Vec::new(), &mut body)?;
         let max = sh.cfg.max_message;
         if body.len() > max {
             return Err(Error::TooLarge {
